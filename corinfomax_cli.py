@@ -1,0 +1,53 @@
+"""The `corinfomax` command: one entry point, one subcommand per job.
+
+Each stage registers its own subcommands (``training.cli``, ``export.cli``, ``serving.cli``). Those
+modules import nothing heavy at module level, so ``corinfomax extract`` works in a serving-only
+environment without PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, bad option, bad file): printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from export import cli as export_cli
+    from serving import cli as serving_cli
+    from training import cli as training_cli
+
+    parser = argparse.ArgumentParser(
+        prog="corinfomax",
+        description="CorInfoMax image embeddings: train -> eval -> export -> extract -> index/probe -> serve.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (training_cli, export_cli, serving_cli):
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as err:
+        print(f"corinfomax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"corinfomax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

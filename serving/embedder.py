@@ -1,0 +1,109 @@
+"""The embedder every consumer shares (service, `corinfomax extract`, export's parity check):
+a model bundle loaded once into an onnxruntime session."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from serving.errors import BundleError
+from serving.preprocess import DEFAULT_MAX_PIXELS, ImageSource, load_image, to_model_input
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "corinfomax-bundle/1"
+CARD_FILE = "model.json"
+MODEL_FILE = "model.onnx"
+PROBE_FILE = "probe.npz"
+
+
+def read_card(bundle_dir: str | Path) -> dict[str, Any]:
+    """Read and check a bundle's model card."""
+    bundle = Path(bundle_dir)
+    card_path, model_path = bundle / CARD_FILE, bundle / MODEL_FILE
+    if not bundle.is_dir():
+        raise BundleError(f"model bundle {bundle} does not exist or is not a folder")
+    if not card_path.is_file() or not model_path.is_file():
+        raise BundleError(f"{bundle} is not a model bundle: it needs {CARD_FILE} and {MODEL_FILE} (see `corinfomax export`)")
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError) as err:
+        raise BundleError(f"unreadable model card {card_path}: {err}") from err
+    if card.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{card_path} has format {card.get('format')!r}; this version reads {BUNDLE_FORMAT!r}")
+    return card
+
+
+def default_providers() -> list[str]:
+    """CUDA when onnxruntime can use it, else CPU."""
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class Embedder:
+    """Turns images into L2-normalised float32 embeddings with a model bundle.
+
+    Args:
+        bundle_dir: folder with ``model.onnx`` and ``model.json``.
+        providers: onnxruntime execution providers (default: CUDA if present, else CPU).
+        threads: intra-op threads (default: onnxruntime's choice; set it when several processes share cores).
+        max_pixels: decompression-bomb guard for decoded images.
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.card = read_card(self.bundle_dir)
+        self.dim = int(self.card["embedding_dim"])
+        self.input_spec: dict[str, Any] = self.card["input"]
+        self.input_size: tuple[int, int] = tuple(self.input_spec["size"])  # type: ignore[assignment]
+        self.max_pixels = max_pixels
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(
+                str(self.bundle_dir / MODEL_FILE), options, providers=list(providers or default_providers())
+            )
+        except Exception as err:  # onnxruntime raises its own exception types for bad models
+            raise BundleError(f"onnxruntime cannot load {self.bundle_dir / MODEL_FILE}: {err}") from err
+        self.providers = self.session.get_providers()
+        log.info("loaded model %s:%s (%s, dim %d) on %s", self.card.get("name"), self.card.get("version"),
+                 self.card.get("precision"), self.dim, ",".join(self.providers))
+
+    def preprocess(self, source: ImageSource) -> np.ndarray:
+        """Decode one image and bring it to the model's input: uint8 ``[H, W, 3]``."""
+        return to_model_input(load_image(source, self.max_pixels), self.input_spec)
+
+    def embed_arrays(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Embed preprocessed uint8 ``[N, H, W, 3]`` pixels; return float32 ``[N, D]``."""
+        if pixels.ndim != 4 or tuple(pixels.shape[1:3]) != self.input_size or pixels.shape[3] != 3:
+            raise ValueError(f"expected uint8 [N, {self.input_size[0]}, {self.input_size[1]}, 3], got {pixels.shape}")
+        pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+        out = [
+            self.session.run(["embedding"], {"pixels": pixels[i : i + batch_size]})[0]
+            for i in range(0, len(pixels), batch_size)
+        ]
+        return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, self.dim), np.float32)
+
+    def embed_images(self, sources: Sequence[ImageSource]) -> np.ndarray:
+        """Decode, preprocess and embed images; return float32 ``[N, D]``."""
+        return self.embed_arrays(np.stack([self.preprocess(s) for s in sources]))
+
+
+def cpu_threads_per_worker(workers: int) -> int:
+    """Intra-op threads for one of ``workers`` processes sharing this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))

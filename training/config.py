@@ -1,0 +1,121 @@
+"""Training configuration: one dataclass, the paper's recipes as presets, every field overridable."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from corinfomax_cli import UserError
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(UserError):
+    """An unknown preset, an unknown field, or a value of the wrong kind."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved as ``config.json`` beside its checkpoint."""
+
+    data: str = ""
+    out: str = "runs/default"
+    preset: str = "cpu"
+    dataset_name: str = ""
+    # model
+    backbone: str = "tiny_resnet"
+    cifar_stem: bool = True
+    image_size: int = 32
+    projector: str = "1024-1024-64"
+    mean: tuple[float, float, float] = CIFAR10_MEAN
+    std: tuple[float, float, float] = CIFAR10_STD
+    # loss
+    alpha: float = 250.0
+    la_R: float = 0.01
+    la_mu: float = 0.01
+    eps: float = 1e-8
+    R_init: float = 1.0
+    # optimisation
+    optimizer: str = "sgd"  # sgd | lars
+    lr: float = 0.5
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 10.0
+    min_lr: float = 0.0
+    epochs: int = 1000
+    batch_size: int = 512
+    time_budget_min: float = 0.0  # stop cleanly after this many minutes (0: no budget)
+    # data pipeline
+    augment: str = "tensor"  # tensor: batched augmentation on the training device | pil: per-image PIL workers
+    workers: int = 4
+    # runtime
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on GPU
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0
+    max_bad_steps: int = 20
+    online_probe: bool = True
+    log_every: int = 20
+    knn_every: int = 0  # epochs between kNN evaluations on --val-data (0: only at the end)
+    val_data: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        values = dict(values)
+        for key in ("mean", "std"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+_CIFAR = dict(cifar_stem=True, image_size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+_IMAGENET = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+# The paper's recipes (arXiv:2209.07999, and its public code), plus a CPU budget.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cifar10": dict(
+        _CIFAR, dataset_name="cifar10", backbone="resnet18", projector="2048-2048-64", alpha=250.0,
+        lr=0.5, weight_decay=1e-4, batch_size=512, epochs=1000, warmup_epochs=10,
+    ),
+    "cifar100": dict(
+        _CIFAR, dataset_name="cifar100", backbone="resnet18", projector="4096-4096-128", alpha=1000.0,
+        lr=0.5, weight_decay=1e-4, batch_size=512, epochs=1000, warmup_epochs=10,
+        mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+    ),
+    "tiny-imagenet": dict(
+        _IMAGENET, dataset_name="tiny-imagenet", backbone="resnet50", cifar_stem=True, image_size=64,
+        projector="4096-4096-128", alpha=500.0, lr=0.5, weight_decay=1e-4, batch_size=1024, epochs=800,
+        warmup_epochs=10,
+    ),
+    "imagenet100": dict(
+        _IMAGENET, dataset_name="imagenet100", backbone="resnet18", cifar_stem=False, image_size=224,
+        projector="4096-4096-128", alpha=2000.0, optimizer="lars", lr=0.5, weight_decay=1e-4,
+        batch_size=256, epochs=400, warmup_epochs=10,
+    ),
+    # A CPU budget: a small ResNet on 32x32 images, a narrower projector, a time limit instead of epochs.
+    "cpu": dict(
+        _CIFAR, dataset_name="cifar10", backbone="tiny_resnet", projector="1024-1024-64", alpha=250.0,
+        lr=0.3, weight_decay=1e-4, batch_size=256, epochs=30, warmup_epochs=1, time_budget_min=50.0,
+        workers=0,
+    ),
+}
+
+
+def resolve(preset: str, overrides: dict[str, Any]) -> TrainConfig:
+    """Start from a preset, apply command-line overrides (only those given)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], "preset": preset, **{k: v for k, v in overrides.items() if v is not None}}
+    return TrainConfig.from_dict(values)
