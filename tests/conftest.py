@@ -1,0 +1,52 @@
+"""Shared fixtures: the shared CIFAR-10 folders, a tiny random-init checkpoint and its exported bundle."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR10 = Path(os.environ.get("CORINFOMAX_CIFAR10", REPO.parent / "shared" / "datasets" / "cifar10"))
+
+
+@pytest.fixture(scope="session")
+def cifar10() -> Path:
+    """Root of the shared CIFAR-10 image folders (train/ PNG, test/ JPEG q75)."""
+    if not (CIFAR10 / "test").is_dir():
+        pytest.fail(f"shared CIFAR-10 not found at {CIFAR10} (set CORINFOMAX_CIFAR10)")
+    return CIFAR10
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint of a randomly initialised tiny_resnet (CIFAR stem, 32x32, projector 64-32)."""
+    import torch
+
+    from training.checkpoint import save_checkpoint
+    from training.config import resolve
+    from training.loss import CorInfoMaxLoss
+    from training.models import CorInfoMaxModel
+
+    torch.manual_seed(0)
+    config = resolve("cpu", {"projector": "64-32", "epochs": 1})
+    model = CorInfoMaxModel(config.backbone, config.projector, config.cifar_stem)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
+    save_checkpoint(path, {
+        "config": config.to_dict(),
+        "model": model.state_dict(),
+        "loss": CorInfoMaxLoss(model.embedding_dim).state_dict(),
+        "epoch": 1,
+    })
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An fp32 model bundle exported from `tiny_checkpoint` (embedding dim 256, input 32x32)."""
+    from export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    export_bundle(tiny_checkpoint, out, precision="fp32", verify=False)
+    return out
