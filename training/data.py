@@ -1,0 +1,175 @@
+"""Image folders in, uint8 tensors out.
+
+A data folder is either a torchvision ``ImageFolder`` tree (one sub-folder per class; labels are used only
+for evaluation and the online probe) or a flat folder of unlabelled images (searched recursively). Small
+images are decoded once into a uint8 cache file so CPU epochs are not bound by PNG decoding. Unreadable
+files are skipped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from corinfomax_cli import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+CACHE_MAX_SIDE = 64  # images up to this size are decoded once into an in-memory uint8 cache
+
+
+class DataError(UserError):
+    """A data folder that is missing, empty, or holds no readable image."""
+
+
+@dataclass
+class ImageList:
+    """The image files of a data folder; ``labels[i] == -1`` where the folder has no classes."""
+
+    root: Path
+    paths: list[Path]
+    labels: list[int]
+    classes: list[str]
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes)
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def scan_images(root: str | Path) -> ImageList:
+    """List the images of an ImageFolder tree or a flat folder, in a stable sorted order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist or is not a folder")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    loose = [p for p in root.iterdir() if _is_image(p)]
+    if class_dirs and not loose:
+        paths, labels = [], []
+        for index, class_dir in enumerate(class_dirs):
+            files = sorted(p for p in class_dir.rglob("*") if _is_image(p))
+            paths += files
+            labels += [index] * len(files)
+        classes = [d.name for d in class_dirs]
+    else:
+        paths, classes = sorted(p for p in root.rglob("*") if _is_image(p)), []
+        labels = [-1] * len(paths)
+    if not paths:
+        raise DataError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return ImageList(root, paths, labels, classes)
+
+
+def decode_resized(path: Path, size: int) -> np.ndarray | None:
+    """Decode one image to RGB uint8 ``[size, size, 3]``: shorter side to ``size`` (bicubic), centre crop.
+
+    Returns None for a file PIL cannot read. The same rule as serving's preprocessing for small models.
+    """
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            width, height = image.size
+            scale = size / min(width, height)
+            new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+            if (new_w, new_h) != (width, height):
+                image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+            left, top = (new_w - size) // 2, (new_h - size) // 2
+            image = image.crop((left, top, left + size, top + size))
+            return np.asarray(image, dtype=np.uint8)
+    except Exception as err:  # any decoder error means "skip this file"
+        log.warning("skipping unreadable image %s: %s", path, err)
+        return None
+
+
+@dataclass
+class DecodedImages:
+    """A whole folder decoded to uint8 ``images [N, 3, S, S]`` with ``labels [N]`` (-1: none)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    skipped: int
+
+
+def _cache_path(images: ImageList, size: int) -> Path:
+    listing = hashlib.sha256()
+    listing.update(f"{images.root.resolve()}|{size}|{len(images.paths)}".encode())
+    for path in images.paths:
+        listing.update(str(path).encode())
+    for path in images.paths[:: max(1, len(images.paths) // 64)]:  # cheap change detector
+        stat = path.stat()
+        listing.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    cache_root = Path(os.environ.get("CORINFOMAX_CACHE", Path.home() / ".cache" / "corinfomax"))
+    return cache_root / f"images-{listing.hexdigest()[:20]}.npz"
+
+
+def _first_per_class(listing: ImageList, limit: int) -> ImageList:
+    """Keep the first ``limit`` images of each class (of the whole folder when unlabelled)."""
+    seen: dict[int, int] = {}
+    keep = []
+    for i, label in enumerate(listing.labels):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] <= limit:
+            keep.append(i)
+    return ImageList(listing.root, [listing.paths[i] for i in keep], [listing.labels[i] for i in keep], listing.classes)
+
+
+def decode_folder(
+    root: str | Path, size: int, limit_per_class: int | None = None, cache: bool = True, progress: bool = True
+) -> DecodedImages:
+    """Decode every image of a folder to ``size`` x ``size`` (cached on disk when ``cache``)."""
+    listing = scan_images(root)
+    if limit_per_class is not None:
+        listing = _first_per_class(listing, limit_per_class)
+    cache_file = _cache_path(listing, size) if cache else None
+    if cache_file is not None and cache_file.is_file():
+        with np.load(cache_file) as data:
+            return DecodedImages(torch.from_numpy(data["images"]), torch.from_numpy(data["labels"]),
+                                 listing.classes, int(data["skipped"]))
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        decoded = list(tqdm(pool.map(lambda p: decode_resized(p, size), listing.paths), total=len(listing.paths),
+                            desc=f"decoding {listing.root.name}", unit="img", disable=not progress))
+    ok = [i for i, image in enumerate(decoded) if image is not None]
+    skipped = len(decoded) - len(ok)
+    if not ok:
+        raise DataError(f"none of the {len(decoded)} files in {root} could be read as an image")
+    if skipped:
+        log.warning("skipped %d unreadable file(s) of %d in %s", skipped, len(decoded), root)
+    images = np.stack([decoded[i] for i in ok]).transpose(0, 3, 1, 2).copy()
+    labels = np.asarray([listing.labels[i] for i in ok], dtype=np.int64)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, images=images, labels=labels, skipped=skipped)
+        os.replace(tmp, cache_file)
+    return DecodedImages(torch.from_numpy(images), torch.from_numpy(labels), listing.classes, skipped)
+
+
+def load_labelled_images(
+    root: str | Path, image_size: int, limit_per_class: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """An ImageFolder tree as uint8 ``[N, 3, S, S]``, int64 labels and class names (for evaluation)."""
+    data = decode_folder(root, image_size, limit_per_class)
+    if not data.classes:
+        raise DataError(f"{root} has no class sub-folders; evaluation needs an ImageFolder tree with labels")
+    return data.images, data.labels, data.classes
+
+
+def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 ``[N, 3, H, W]`` -> float32 normalised with per-channel mean and std."""
+    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images.float().div_(255.0) - m) / s
