@@ -99,8 +99,9 @@ class CorInfoMaxLoss(nn.Module):
             raise ValueError("a batch of at least 2 samples is needed to estimate a covariance")
 
         with torch.autocast(device_type=z1.device.type, enabled=False):
-            z1 = F.normalize(z1.float(), dim=1)
-            z2 = F.normalize(z2.float(), dim=1)
+            dtype = torch.promote_types(z1.dtype, torch.float32)  # at least fp32; float64 stays float64
+            z1 = F.normalize(z1.to(dtype), dim=1)
+            z2 = F.normalize(z2.to(dtype), dim=1)
             n = _global_count(z1.shape[0], z1.device)
             sq_err = _global_sum((z1 - z2).pow(2).sum())
             attraction = self.alpha * sq_err / (n * self.dim)
@@ -113,7 +114,7 @@ class CorInfoMaxLoss(nn.Module):
             if self.training:
                 self.R1, self.mu1 = R1.detach(), mu1.detach()
                 self.R2, self.mu2 = R2.detach(), mu2.detach()
-            big_bang = big_bang.float()
+            big_bang = big_bang.to(dtype)
         return CorInfoMaxOutput(attraction + big_bang, attraction, big_bang)
 
     def _update(self, z: Tensor, n: int, R_old: Tensor, mu_old: Tensor) -> tuple[Tensor, Tensor]:
