@@ -1,0 +1,252 @@
+"""The paper's asymmetric two-view augmentation, in two interchangeable implementations.
+
+View 1 and view 2 share RandomResizedCrop (scale 0.08-1, bicubic), horizontal flip, colour jitter
+(0.4, 0.4, 0.2, 0.1) applied with p 0.8, grayscale with p 0.2; they differ in Gaussian blur
+(p 1.0 / 0.1) and solarisation (p 0 / 0.2).
+
+- `PilTwoView`: the reference, torchvision transforms on one PIL image at a time (DataLoader workers).
+- `BatchTwoView`: the same distributions on a whole uint8 batch at once, as tensor ops on the training
+  device (GPU or CPU), so augmentation no longer starves the model. Each op is a function taking
+  explicit per-sample parameters, so tests can compare it with the reference op for the same parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision import transforms as T
+
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+JITTER_P = 0.8
+GRAYSCALE_P = 0.2
+BLUR_SIGMA = (0.1, 2.0)
+BLUR_P = (1.0, 0.1)
+SOLARIZE_P = (0.0, 0.2)
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL and torchvision use
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """About 10% of the image side, odd, at least 3 (23 for 224 px as in BYOL; 3 for 32 px)."""
+    k = max(3, int(round(0.1 * image_size)))
+    return k if k % 2 == 1 else k + 1
+
+
+# --------------------------------------------------------------------------- reference (PIL)
+class PilTwoView:
+    """Reference two-view augmentation of one PIL image -> two normalised float tensors."""
+
+    def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.views = [self._view(image_size, mean, std, blur_p, sol_p) for blur_p, sol_p in zip(BLUR_P, SOLARIZE_P)]
+
+    @staticmethod
+    def _view(size: int, mean, std, blur_p: float, solarize_p: float) -> T.Compose:
+        return T.Compose([
+            T.RandomResizedCrop(size, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(*JITTER)], p=JITTER_P),
+            T.RandomGrayscale(p=GRAYSCALE_P),
+            T.RandomApply([T.GaussianBlur(blur_kernel_size(size), sigma=BLUR_SIGMA)], p=blur_p),
+            T.RandomSolarize(threshold=128, p=solarize_p),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ])
+
+    def __call__(self, image) -> tuple[Tensor, Tensor]:
+        return self.views[0](image), self.views[1](image)
+
+
+# --------------------------------------------------------------------------- batched ops
+def sample_crop_boxes(n: int, height: int, width: int, generator: torch.Generator | None = None,
+                      attempts: int = 10) -> Tensor:
+    """RandomResizedCrop boxes ``[n, 4]`` as (top, left, h, w), drawn as torchvision draws them:
+    up to ``attempts`` tries of (area scale, log-uniform ratio), else the centre crop at the clamped ratio."""
+    area = height * width
+    scale = torch.empty(n, attempts).uniform_(*CROP_SCALE, generator=generator) * area
+    log_ratio = torch.empty(n, attempts).uniform_(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]), generator=generator)
+    ratio = torch.exp(log_ratio)
+    w = torch.round(torch.sqrt(scale * ratio))
+    h = torch.round(torch.sqrt(scale / ratio))
+    ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    rows = torch.arange(n)
+    h_sel, w_sel = h[rows, first.clamp_min(0)], w[rows, first.clamp_min(0)]
+    u_top, u_left = torch.rand(n, generator=generator), torch.rand(n, generator=generator)
+    top = torch.floor(u_top * (height - h_sel + 1))
+    left = torch.floor(u_left * (width - w_sel + 1))
+    # Fallback (no valid try): centre crop with the ratio clamped into range, as torchvision does.
+    in_ratio = width / height
+    if in_ratio < CROP_RATIO[0]:
+        fw, fh = width, int(round(width / CROP_RATIO[0]))
+    elif in_ratio > CROP_RATIO[1]:
+        fh, fw = height, int(round(height * CROP_RATIO[1]))
+    else:
+        fw, fh = width, height
+    fallback = first < 0
+    h_sel = torch.where(fallback, torch.tensor(float(fh)), h_sel)
+    w_sel = torch.where(fallback, torch.tensor(float(fw)), w_sel)
+    top = torch.where(fallback, torch.tensor(float((height - fh) // 2)), top)
+    left = torch.where(fallback, torch.tensor(float((width - fw) // 2)), left)
+    return torch.stack([top, left, h_sel, w_sel], 1)
+
+
+def resized_crop(images: Tensor, boxes: Tensor, flip: Tensor, size: int) -> Tensor:
+    """Crop each ``(top, left, h, w)`` box, resize it to ``size`` (bicubic), mirror where ``flip``.
+
+    ``images`` float ``[N, C, H, W]``; one batched ``grid_sample`` does crop, resize and flip together.
+    """
+    n, _, height, width = images.shape
+    boxes = boxes.to(images.device, images.dtype)
+    top, left, h, w = boxes.unbind(1)
+    # Output pixel centres in input pixel coordinates, then to grid_sample's [-1, 1] (align_corners=False).
+    steps = (torch.arange(size, device=images.device, dtype=images.dtype) + 0.5) / size
+    xs = left[:, None] + steps[None] * w[:, None]
+    ys = top[:, None] + steps[None] * h[:, None]
+    xs = torch.where(flip.to(images.device)[:, None], xs.flip(1), xs)
+    gx = xs / width * 2 - 1
+    gy = ys / height * 2 - 1
+    grid = torch.stack([gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)], -1)
+    out = F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
+    return out.clamp_(0.0, 1.0)
+
+
+def _gray(x: Tensor) -> Tensor:
+    r, g, b = x.unbind(1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
+    return (x * factor.view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
+    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    f = factor.view(-1, 1, 1, 1)
+    return (f * x + (1 - f) * mean).clamp(0, 1)
+
+
+def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
+    f = factor.view(-1, 1, 1, 1)
+    return (f * x + (1 - f) * _gray(x)).clamp(0, 1)
+
+
+def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
+    """Rotate hue by ``shift`` (fraction of a turn, in [-0.5, 0.5]) through HSV, as torchvision does."""
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    h = (h + shift.view(-1, 1, 1)) % 1.0
+    # HSV -> RGB
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    v = maxc
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    i = i.long() % 6
+    r_out = torch.stack([v, q, p, p, t, v], 1).gather(1, i.unsqueeze(1))
+    g_out = torch.stack([t, v, v, q, p, p], 1).gather(1, i.unsqueeze(1))
+    b_out = torch.stack([p, p, t, v, v, q], 1).gather(1, i.unsqueeze(1))
+    return torch.cat([r_out, g_out, b_out], 1)
+
+
+@dataclass
+class JitterParams:
+    """Per-sample colour-jitter draws: factors, hue shift, the order of the four ops, and whether applied."""
+
+    brightness: Tensor
+    contrast: Tensor
+    saturation: Tensor
+    hue: Tensor
+    order: Tensor  # [N, 4] permutation of (0 brightness, 1 contrast, 2 saturation, 3 hue)
+    apply: Tensor  # [N] bool
+
+
+def sample_jitter(n: int, generator: torch.Generator | None = None) -> JitterParams:
+    b, c, s, h = JITTER
+    return JitterParams(
+        brightness=torch.empty(n).uniform_(1 - b, 1 + b, generator=generator),
+        contrast=torch.empty(n).uniform_(1 - c, 1 + c, generator=generator),
+        saturation=torch.empty(n).uniform_(1 - s, 1 + s, generator=generator),
+        hue=torch.empty(n).uniform_(-h, h, generator=generator),
+        order=torch.rand(n, 4, generator=generator).argsort(1),
+        apply=torch.rand(n, generator=generator) < JITTER_P,
+    )
+
+
+def color_jitter(x: Tensor, params: JitterParams) -> Tensor:
+    """Apply each sample's four jitter ops in that sample's own random order."""
+    ops = (
+        (adjust_brightness, params.brightness),
+        (adjust_contrast, params.contrast),
+        (adjust_saturation, params.saturation),
+        (adjust_hue, params.hue),
+    )
+    x = x.clone()
+    order = params.order.to(x.device)
+    apply = params.apply.to(x.device)
+    for position in range(4):
+        for op_index, (op, values) in enumerate(ops):
+            idx = torch.nonzero(apply & (order[:, position] == op_index)).flatten()
+            if idx.numel():
+                x[idx] = op(x[idx], values.to(x.device)[idx])
+    return x
+
+
+def grayscale(x: Tensor, apply: Tensor) -> Tensor:
+    return torch.where(apply.to(x.device).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, apply: Tensor, kernel_size: int) -> Tensor:
+    """Per-sample separable Gaussian blur with reflect padding (grouped convolution over the batch)."""
+    n, c, h, w = x.shape
+    half = kernel_size // 2
+    coords = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - half
+    kernel = torch.exp(-0.5 * (coords[None] / sigma.to(x.device, x.dtype)[:, None]) ** 2)
+    kernel = kernel / kernel.sum(1, keepdim=True)  # [N, k]
+    kernel = kernel.repeat_interleave(c, 0)  # [N*C, k]
+    y = F.pad(x.reshape(1, n * c, h, w), (half, half, half, half), mode="reflect")
+    y = F.conv2d(y, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
+    y = F.conv2d(y, kernel.view(n * c, 1, kernel_size, 1), groups=n * c)
+    return torch.where(apply.to(x.device).view(-1, 1, 1, 1), y.view(n, c, h, w), x)
+
+
+def solarize(x: Tensor, apply: Tensor) -> Tensor:
+    """Invert pixels at or above 128/255 where ``apply``."""
+    inverted = torch.where(x >= 128 / 255, 1.0 - x, x)
+    return torch.where(apply.to(x.device).view(-1, 1, 1, 1), inverted, x)
+
+
+class BatchTwoView:
+    """Batched two-view augmentation: uint8 ``[N, 3, H, W]`` (any device) -> two normalised float views."""
+
+    def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.size = image_size
+        self.kernel_size = blur_kernel_size(image_size)
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+
+    def view(self, x: Tensor, blur_p: float, solarize_p: float, generator: torch.Generator | None = None) -> Tensor:
+        n, _, height, width = x.shape
+        boxes = sample_crop_boxes(n, height, width, generator)
+        flip = torch.rand(n, generator=generator) < 0.5
+        out = resized_crop(x, boxes, flip, self.size)
+        out = color_jitter(out, sample_jitter(n, generator))
+        out = grayscale(out, torch.rand(n, generator=generator) < GRAYSCALE_P)
+        sigma = torch.empty(n).uniform_(*BLUR_SIGMA, generator=generator)
+        out = gaussian_blur(out, sigma, torch.rand(n, generator=generator) < blur_p, self.kernel_size)
+        out = solarize(out, torch.rand(n, generator=generator) < solarize_p)
+        return (out - self.mean.to(out.device)) / self.std.to(out.device)
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        x = images.float().div_(255.0)
+        return tuple(self.view(x, b, s, generator) for b, s in zip(BLUR_P, SOLARIZE_P))  # type: ignore[return-value]
