@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn  # differentiable collectives; not loaded by torch.distributed
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -35,7 +36,7 @@ def _global_sum(x: Tensor) -> Tensor:
     gradient averaging divides that back, so N ranks with batch B/N train exactly like one with B.
     """
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return torch.distributed.nn.functional.all_reduce(x, op=dist.ReduceOp.SUM)
+        return dist_fn.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
 
 
@@ -112,8 +113,11 @@ class CorInfoMaxLoss(nn.Module):
             big_bang = -(torch.logdet(R1 + self.eps * eye) + torch.logdet(R2 + self.eps * eye)) / self.dim
 
             if self.training:
-                self.R1, self.mu1 = R1.detach(), mu1.detach()
-                self.R2, self.mu2 = R2.detach(), mu2.detach()
+                # A non-finite batch (the trainer then skips the step) must not poison the running state;
+                # torch.where keeps the old state without a host sync.
+                finite = torch.isfinite(R1).all() & torch.isfinite(R2).all()
+                self.R1, self.mu1 = torch.where(finite, R1, self.R1).detach(), torch.where(finite, mu1, self.mu1).detach()
+                self.R2, self.mu2 = torch.where(finite, R2, self.R2).detach(), torch.where(finite, mu2, self.mu2).detach()
             big_bang = big_bang.to(dtype)
         return CorInfoMaxOutput(attraction + big_bang, attraction, big_bang)
 
