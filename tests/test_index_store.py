@@ -1,0 +1,188 @@
+"""IndexStore on real SQLite and real FAISS: the index format of docs/FORMATS.md section 5."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.errors import BadInput, NotFound
+from serving.index_store import DB_FILE, FAISS_FILE, FAISS_META, IndexMismatch, IndexStore, choose_kind
+
+DIM = 16
+
+
+def unit(n: int, seed: int = 0, dim: int = DIM) -> np.ndarray:
+    vectors = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> IndexStore:
+    with IndexStore(tmp_path / "index", dim=DIM, model_sha256="m1") as opened:
+        yield opened
+
+
+def test_add_get_search_finds_itself_first(store: IndexStore) -> None:
+    vectors = unit(50)
+    ids = store.add(vectors * 3.0, [{"n": i} for i in range(50)], ["odd" if i % 2 else None for i in range(50)])
+    assert ids == list(range(1, 51))
+    item = store.get(ids[7])
+    assert item.metadata == {"n": 7} and item.label == "odd"
+    np.testing.assert_allclose(np.linalg.norm(item.vector), 1.0, rtol=1e-5)  # stored normalised
+    hits = store.search(vectors[:5], k=3)
+    assert [h[0].id for h in hits] == ids[:5]
+    assert hits[0][0].score == pytest.approx(1.0, abs=1e-5) and hits[0][0].score >= hits[0][1].score
+    assert len(store.search(vectors[:1], k=1000)[0]) == 50  # k larger than the index: everything
+    assert store.stats()["count"] == 50 and store.stats()["labelled"] == 25
+
+
+def test_delete_and_ids_never_reused(store: IndexStore) -> None:
+    vectors = unit(10)
+    ids = store.add(vectors)
+    with pytest.raises(NotFound, match="999"):
+        store.delete([ids[0], 999])
+    assert store.count() == 10  # all-or-nothing
+    assert store.delete([ids[0], ids[1]]) == ids[:2]
+    with pytest.raises(NotFound):
+        store.get(ids[0])
+    assert all(h.id not in ids[:2] for h in store.search(vectors[0], k=10)[0])
+    assert store.add(unit(1, seed=5)) == [11]
+
+
+@pytest.mark.parametrize(
+    "vectors, message",
+    [
+        (np.ones((2, DIM + 1)), "shape"),
+        (np.full((1, DIM), np.nan), "NaN"),
+        (np.zeros((0, DIM)), "empty"),
+        (np.zeros((1, DIM)), "zero"),
+        ([["a"] * DIM], "numbers"),
+    ],
+)
+def test_bad_vectors_are_refused(store: IndexStore, vectors: object, message: str) -> None:
+    with pytest.raises(BadInput, match=message):
+        store.add(vectors)
+    with pytest.raises(BadInput, match=message):
+        store.search(vectors, k=1)
+    assert store.count() == 0
+
+
+def test_bad_parameters_are_refused(store: IndexStore) -> None:
+    store.add(unit(3))
+    for k in (0, -1, 10**6, 2.5, True):
+        with pytest.raises(BadInput, match="k must"):
+            store.search(unit(1), k=k)
+    with pytest.raises(BadInput, match="metadata"):
+        store.add(unit(1), metadata=["not a dict"])
+    with pytest.raises(BadInput, match="metadata"):
+        store.add(unit(1), metadata=[{"x": float("nan")}])
+    with pytest.raises(BadInput, match="labels"):
+        store.add(unit(1), labels=[3])
+    with pytest.raises(BadInput, match="2 vectors"):
+        store.add(unit(2), metadata=[{}])
+    with pytest.raises(BadInput, match="ids"):
+        store.delete([])
+    with pytest.raises(BadInput, match="integers"):
+        store.delete(["1"])
+    assert store.count() == 3
+
+
+def test_refuses_other_dim_or_model(tmp_path: Path) -> None:
+    IndexStore(tmp_path / "ix", dim=DIM, model_sha256="m1").close()
+    with pytest.raises(IndexMismatch, match="16-dim"):
+        IndexStore(tmp_path / "ix", dim=32)
+    with pytest.raises(IndexMismatch, match="another index folder"):
+        IndexStore(tmp_path / "ix", dim=DIM, model_sha256="m2")
+    with pytest.raises(BadInput, match="give the embedding dim"):
+        IndexStore(tmp_path / "missing")
+
+
+def test_cache_rebuilt_when_missing_corrupt_or_stale(tmp_path: Path) -> None:
+    folder = tmp_path / "ix"
+    vectors = unit(40)
+    with IndexStore(folder, dim=DIM) as store:
+        ids = store.add(vectors, labels=["a"] * 40)
+    meta = json.loads((folder / FAISS_META).read_text())
+    assert meta["generation"] == 1 and meta["count"] == 40 and meta["kind"] == "Flat"
+
+    def reopened_finds_all() -> None:
+        with IndexStore(folder, dim=DIM) as again:
+            assert [h[0].id for h in again.search(vectors, k=1)] == ids
+            assert again.stats()["faiss_ntotal"] == 40
+
+    (folder / FAISS_FILE).unlink()
+    reopened_finds_all()
+    (folder / FAISS_FILE).write_bytes(b"garbage" * 100)
+    reopened_finds_all()
+    # A crash after the SQLite commit but before the cache was saved: the cache is one generation behind.
+    crashed = IndexStore(folder, dim=DIM)
+    extra = crashed.add(unit(1, seed=9))  # never closed, cache not saved
+    with IndexStore(folder, dim=DIM) as again:
+        assert again.search(unit(1, seed=9), k=1)[0][0].id == extra[0]
+    crashed._db.close()
+
+
+def test_writes_visible_to_another_process_handle(tmp_path: Path) -> None:
+    writer = IndexStore(tmp_path / "ix", dim=DIM)
+    reader = IndexStore(tmp_path / "ix", dim=DIM)
+    assert reader.search(unit(1), k=1) == [[]]
+    ids = writer.add(unit(5))
+    assert reader.search(unit(5), k=1)[0][0].id == ids[0]
+    writer.delete([ids[0]])
+    assert reader.search(unit(5)[:1], k=1)[0][0].id != ids[0]
+    writer.close()
+    reader.close()
+
+
+def test_sqlite_is_the_format_of_the_contract(store: IndexStore) -> None:
+    store.add(unit(2), [{"path": "a.jpg"}, {}], ["cat", None])
+    db = sqlite3.connect(store.folder / DB_FILE)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    rows = db.execute("SELECT id, length(vector), metadata, label FROM items ORDER BY id").fetchall()
+    assert rows == [(1, DIM * 4, '{"path": "a.jpg"}', "cat"), (2, DIM * 4, "{}", None)]
+    info = dict(db.execute("SELECT key, value FROM info"))
+    assert info == {"embedding_dim": str(DIM), "model_sha256": "m1", "generation": "1"}
+    db.close()
+
+
+def test_labelled_and_labelled_only_search(store: IndexStore) -> None:
+    vectors = unit(30)
+    labels = [None if i < 10 else ("x" if i % 2 else "y") for i in range(30)]
+    store.add(vectors, labels=labels)
+    labelled = store.labelled()
+    assert labelled.vectors.shape == (20, DIM) and labelled.classes == ["x", "y"]
+    assert labelled.ids.tolist() == list(range(11, 31))
+    hits = store.search(vectors[:10], k=5, labelled_only=True)
+    assert all(h.label is not None for row in hits for h in row) and all(len(row) == 5 for row in hits)
+
+
+def test_choose_kind_by_size_and_memory() -> None:
+    assert choose_kind(1000, 256, 1 << 30) == "Flat"
+    assert choose_kind(500_000, 256, 8 << 30) == "HNSW32"
+    assert choose_kind(5_000_000, 256, 8 << 30).endswith(",Flat")
+    assert choose_kind(5_000_000, 256, 1 << 30).startswith("IVF") and ",PQ" in choose_kind(5_000_000, 256, 1 << 30)
+    with pytest.raises(BadInput, match="memory budget"):
+        choose_kind(10**9, 256, 1 << 20)
+
+
+@pytest.mark.parametrize("kind", ["IVF16,Flat", "HNSW32"])
+def test_rebuild_approximate_kinds(tmp_path: Path, kind: str) -> None:
+    vectors = unit(3000, dim=32)
+    with IndexStore(tmp_path / "ix", dim=32) as store:
+        added = store.add_many((vectors[i : i + 1000], None, None) for i in range(0, 3000, 1000))
+        assert added == 3000 and store.stats()["kind"] == "Flat"
+        figures = store.rebuild(kind=kind)
+        assert figures["kind"] == kind and figures["count"] == 3000 and figures["recall_at_10"] >= 0.9
+        assert [h[0].id for h in store.search(vectors[:20], k=1)] == list(range(1, 21))
+        store.delete([1])
+        assert store.search(vectors[0], k=3)[0][0].id != 1
+        ids = store.add(unit(1, seed=7, dim=32))
+        assert store.search(unit(1, seed=7, dim=32), k=1)[0][0].id == ids[0]
+    with IndexStore(tmp_path / "ix", dim=32) as again:  # the kind survives a reopen
+        assert again.stats()["kind"] == kind and again.stats()["count"] == 3000
+    with pytest.raises(BadInput, match="needs at least"):
+        IndexStore(tmp_path / "small", dim=32).rebuild(kind="IVF64,Flat")
