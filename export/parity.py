@@ -1,0 +1,93 @@
+"""The export check: the bundle, run by serving's own Embedder, must match PyTorch on real images.
+
+Thresholds follow the issue: fp32 is numerically the same model, fp16 nearly so, int8 close enough that
+kNN top-1 moves by at most one point.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from corinfomax_cli import UserError
+from export.graph import EmbeddingGraph
+from export.images import Sample
+from serving.embedder import Embedder
+
+log = logging.getLogger(__name__)
+
+THRESHOLDS: dict[str, dict[str, float]] = {
+    "fp32": {"min_cosine": 0.99999, "max_abs_diff": 1e-4},
+    "fp16": {"min_cosine": 0.999},
+    "int8": {"mean_cosine": 0.98, "knn_top1_drop": 0.01},
+}
+KNN_K = 20
+
+
+class ParityError(UserError):
+    """The exported model does not reproduce the PyTorch model closely enough."""
+
+
+def torch_embed(graph: EmbeddingGraph, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Reference embeddings from the PyTorch graph (CUDA when present, TF32 off so fp32 means fp32)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    graph = graph.to(device).eval()
+    out = []
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        for i in range(0, len(pixels), batch_size):
+            embedding, _ = graph(torch.from_numpy(pixels[i : i + batch_size]).to(device))
+            out.append(embedding.float().cpu().numpy())
+    graph.cpu()
+    return np.concatenate(out)
+
+
+def knn_top1(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, labels: np.ndarray,
+             k: int = KNN_K) -> float:
+    """Top-1 of a similarity-weighted k-nearest-neighbour vote (cosine; embeddings are L2-normalised)."""
+    sims = queries @ bank.T
+    k = min(k, len(bank))
+    nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    votes = np.zeros((len(queries), int(bank_labels.max()) + 1))
+    np.add.at(votes, (np.arange(len(queries))[:, None], bank_labels[nearest]), np.take_along_axis(sims, nearest, 1))
+    return float((votes.argmax(1) == labels).mean())
+
+
+def measure(graph: EmbeddingGraph, bundle: Path, precision: str, images: Sample, bank: Sample | None) -> dict[str, Any]:
+    """Compare the bundle with ``graph`` on ``images``; with a labelled ``bank``, also compare kNN top-1."""
+    embedder = Embedder(bundle)
+    reference = torch_embed(graph, images.pixels)
+    exported = embedder.embed_arrays(images.pixels)
+    cosine = np.sum(reference * exported, 1) / (
+        np.linalg.norm(reference, axis=1) * np.linalg.norm(exported, axis=1) + 1e-12)
+    figures: dict[str, Any] = {
+        "images": len(images.pixels),
+        "providers": embedder.providers,
+        "min_cosine": float(cosine.min()),
+        "mean_cosine": float(cosine.mean()),
+        "max_abs_diff": float(np.abs(reference - exported).max()),
+    }
+    if precision == "int8":
+        if bank is None or not bank.labelled or not images.labelled or bank.classes != images.classes:
+            raise ParityError("the int8 check compares kNN top-1 and needs labelled image folders (ImageFolder "
+                              "layout, same classes) for --verify-data and --calibration-data")
+        ref_top1 = knn_top1(torch_embed(graph, bank.pixels), bank.labels, reference, images.labels)
+        top1 = knn_top1(embedder.embed_arrays(bank.pixels), bank.labels, exported, images.labels)
+        figures.update(knn_k=KNN_K, knn_bank=len(bank.pixels), knn_top1_reference=ref_top1, knn_top1=top1,
+                       knn_top1_drop=ref_top1 - top1)
+    log.info("parity (%s): %s", precision, figures)
+    return figures
+
+
+def failures(precision: str, figures: dict[str, Any]) -> list[str]:
+    """The thresholds ``figures`` miss, as readable sentences (empty: the bundle passes)."""
+    missed = []
+    for key, limit in THRESHOLDS[precision].items():
+        value = figures[key]
+        bad = value > limit if key in ("max_abs_diff", "knn_top1_drop") else value < limit
+        if bad:
+            missed.append(f"{key} = {value:.6g} (limit {limit:g})")
+    return missed
