@@ -45,7 +45,7 @@ def _data_folder(given: str | Path | None, config: dict[str, Any], key: str, opt
                           f"pass {option} DIR (an ImageFolder tree, e.g. ../shared/datasets/cifar10/test)")
     if not Path(folder).is_dir():
         raise ExportError(f"{option} {folder} does not exist or is not a folder")
-    return Path(folder)
+    return Path(folder).resolve()
 
 
 def _install(tmp: Path, out: Path) -> None:

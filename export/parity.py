@@ -17,6 +17,7 @@ from corinfomax_cli import UserError
 from export.graph import EmbeddingGraph
 from export.images import Sample
 from serving.embedder import Embedder
+from training.evaluate import knn_top1
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,9 @@ def torch_embed(graph: EmbeddingGraph, pixels: np.ndarray, batch_size: int = 256
     return np.concatenate(out)
 
 
-def knn_top1(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, labels: np.ndarray,
-             k: int = KNN_K) -> float:
-    """Top-1 of a similarity-weighted k-nearest-neighbour vote (cosine; embeddings are L2-normalised)."""
-    sims = queries @ bank.T
-    k = min(k, len(bank))
-    nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-    votes = np.zeros((len(queries), int(bank_labels.max()) + 1))
-    np.add.at(votes, (np.arange(len(queries))[:, None], bank_labels[nearest]), np.take_along_axis(sims, nearest, 1))
-    return float((votes.argmax(1) == labels).mean())
+def _knn(bank_embeddings: np.ndarray, bank: Sample, embeddings: np.ndarray, images: Sample) -> float:
+    return knn_top1(torch.from_numpy(bank_embeddings), torch.from_numpy(bank.labels), torch.from_numpy(embeddings),
+                    torch.from_numpy(images.labels), len(bank.classes), k=KNN_K)
 
 
 def measure(graph: EmbeddingGraph, bundle: Path, precision: str, images: Sample, bank: Sample | None) -> dict[str, Any]:
@@ -74,8 +69,8 @@ def measure(graph: EmbeddingGraph, bundle: Path, precision: str, images: Sample,
         if bank is None or not bank.labelled or not images.labelled or bank.classes != images.classes:
             raise ParityError("the int8 check compares kNN top-1 and needs labelled image folders (ImageFolder "
                               "layout, same classes) for --verify-data and --calibration-data")
-        ref_top1 = knn_top1(torch_embed(graph, bank.pixels), bank.labels, reference, images.labels)
-        top1 = knn_top1(embedder.embed_arrays(bank.pixels), bank.labels, exported, images.labels)
+        ref_top1 = _knn(torch_embed(graph, bank.pixels), bank, reference, images)
+        top1 = _knn(embedder.embed_arrays(bank.pixels), bank, exported, images)
         figures.update(knn_k=KNN_K, knn_bank=len(bank.pixels), knn_top1_reference=ref_top1, knn_top1=top1,
                        knn_top1_drop=ref_top1 - top1)
     log.info("parity (%s): %s", precision, figures)
