@@ -1,0 +1,366 @@
+"""The BentoML service: embed, search, classify, and manage the index over HTTP.
+
+Three services, one job each (start with ``bentoml serve serving.service:CorInfoMax``):
+- ``Encoder`` (N workers): the ONNX model behind an adaptively batched API (``batchable=True``);
+- ``IndexOwner`` (1 worker): the only process that opens the index, so every write is seen by every
+  request and SQLite has a single writer;
+- ``CorInfoMax`` (N workers, the public entry): decodes images (files, URLs, base64), validates input,
+  applies the probe or a kNN vote, and calls the other two through ``bentoml.depends``.
+Configuration comes from the environment (``serving.service_config.Settings``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import inspect
+import logging
+import math
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Optional
+
+import bentoml
+import numpy as np
+from starlette.responses import JSONResponse
+
+from serving.embedder import Embedder, cpu_threads_per_worker, read_card
+from serving.errors import BadInput
+from serving.index_store import MAX_K, IndexStore, check_k, normalise
+from serving.service_config import Settings
+from serving.service_fetch import fetch_url
+from serving.service_http import GuardMiddleware
+
+log = logging.getLogger("corinfomax.service")
+SETTINGS = Settings.from_env()
+KNN_TEMPERATURE = 0.07  # softmax temperature of the weighted kNN vote (as in the usual kNN evaluation)
+
+
+# -- the model ------------------------------------------------------------------------------------
+
+
+@bentoml.service(workers=SETTINGS.workers, traffic={"timeout": 60})
+class Encoder:
+    """One onnxruntime session per worker, with threads sized so the workers share the cores."""
+
+    def __init__(self) -> None:
+        threads = cpu_threads_per_worker(SETTINGS.workers)
+        self.embedder = Embedder(SETTINGS.bundle_dir(), threads=threads, max_pixels=SETTINGS.max_pixels)
+        log.info("encoder on %s with %d intra-op threads", self.embedder.providers[0], threads)
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SETTINGS.batch_size,
+                 max_latency_ms=SETTINGS.batch_latency_ms)
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 ``[N, H, W, 3]`` -> float32 ``[N, D]`` unit embeddings; BentoML merges concurrent calls."""
+        return self.embedder.embed_arrays(pixels)
+
+
+# -- the index ------------------------------------------------------------------------------------
+
+
+def _envelope(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Return ``{"ok": result}`` or ``{"error", "status"}`` so a 4xx crosses the service boundary intact."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return {"ok": method(*args, **kwargs)}
+        except BadInput as err:
+            return {"error": str(err), "status": err.status}
+
+    wrapper.__signature__ = inspect.signature(method).replace(return_annotation=dict)  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _hits(rows: list[list[Any]]) -> list[list[dict[str, Any]]]:
+    return [[{"id": h.id, "score": round(h.score, 6), "metadata": h.metadata, "label": h.label} for h in row]
+            for row in rows]
+
+
+INDEX_ITEMS = bentoml.metrics.Gauge(name="corinfomax_index_items", documentation="Items in the vector index",
+                                    multiprocess_mode="livemostrecent")
+
+
+@bentoml.service(workers=1, traffic={"timeout": 600})
+class IndexOwner:
+    """Owns the IndexStore: the single writer, so all workers of the entry service see one index."""
+
+    def __init__(self) -> None:
+        bundle = SETTINGS.bundle_dir()
+        card = read_card(bundle)
+        self.store = IndexStore(SETTINGS.index, dim=int(card["embedding_dim"]),
+                                model_sha256=card.get("checkpoint_sha256"))
+        INDEX_ITEMS.set(self.store.count())
+        log.info("index %s: %s", SETTINGS.index, self.store.stats())
+
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        self.store.close()
+
+    @bentoml.api
+    @_envelope
+    def add(self, vectors: np.ndarray, metadata: Optional[list[dict[str, Any]]] = None,
+            labels: Optional[list[Optional[str]]] = None) -> list[int]:
+        ids = self.store.add(vectors, metadata, labels)
+        INDEX_ITEMS.set(self.store.count())
+        return ids
+
+    @bentoml.api
+    @_envelope
+    def delete(self, ids: list[int]) -> list[int]:
+        deleted = self.store.delete(ids)
+        INDEX_ITEMS.set(self.store.count())
+        return deleted
+
+    @bentoml.api
+    @_envelope
+    def get(self, id: int) -> dict[str, Any]:  # noqa: A002 - the API field is called "id"
+        item = self.store.get(id)
+        return {"id": item.id, "metadata": item.metadata, "label": item.label, "vector": item.vector.tolist()}
+
+    @bentoml.api
+    @_envelope
+    def vectors(self, ids: list[int]) -> list[list[float]]:
+        return self.store.vectors(ids).tolist()
+
+    @bentoml.api
+    @_envelope
+    def search(self, vectors: np.ndarray, k: int, labelled_only: bool = False) -> list[list[dict[str, Any]]]:
+        return _hits(self.store.search(vectors, k, labelled_only=labelled_only))
+
+    @bentoml.api
+    @_envelope
+    def stats(self) -> dict[str, Any]:
+        return self.store.stats()
+
+    @bentoml.api
+    @_envelope
+    def rebuild(self, kind: Optional[str] = None) -> dict[str, Any]:
+        return self.store.rebuild(kind)
+
+
+# -- the public API -------------------------------------------------------------------------------
+
+
+def _http_errors(api: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Answer BadInput (and subclasses) with its 4xx status and ``{"error": message}``."""
+
+    @functools.wraps(api)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await api(*args, **kwargs)
+        except BadInput as err:
+            return JSONResponse({"error": str(err)}, status_code=err.status)
+
+    return wrapper
+
+
+def _unwrap(answer: dict[str, Any]) -> Any:
+    if "error" in answer:
+        error = BadInput(answer["error"])
+        error.status = int(answer.get("status", 400))
+        raise error
+    return answer["ok"]
+
+
+def decode_b64(text: str, position: int) -> bytes:
+    """Base64 (optionally a ``data:...;base64,`` URL) -> bytes."""
+    if not isinstance(text, str):
+        raise BadInput(f"images_b64[{position}] must be a base64 string")
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise BadInput(f"images_b64[{position}] is not valid base64 ({err})") from err
+
+
+def knn_vote(hits: list[dict[str, Any]], top: int, temperature: float = KNN_TEMPERATURE) -> list[dict[str, Any]]:
+    """Weighted kNN vote: each neighbour adds ``exp(score / T)`` to its label; normalised to probabilities."""
+    weights: dict[str, float] = {}
+    for hit in hits:
+        weights[hit["label"]] = weights.get(hit["label"], 0.0) + math.exp((hit["score"] - 1.0) / temperature)
+    total = sum(weights.values()) or 1.0
+    ranked = sorted(weights.items(), key=lambda kv: -kv[1])[:top]
+    return [{"label": label, "probability": round(w / total, 6)} for label, w in ranked]
+
+
+@bentoml.service(workers=SETTINGS.workers, traffic={"timeout": 60})
+class CorInfoMax:
+    """Public API. Images come as multipart files (``images``), ``urls`` or base64 (``images_b64``)."""
+
+    encoder = bentoml.depends(Encoder)
+    index = bentoml.depends(IndexOwner)
+
+    def __init__(self) -> None:
+        from serving.probe import LinearProbe
+
+        self.bundle = SETTINGS.bundle_dir()
+        self.card = read_card(self.bundle)
+        self.dim = int(self.card["embedding_dim"])
+        # Only preprocessing runs here; the model runs in Encoder. Reuse the one preprocessing rule.
+        self.preprocessor = _Preprocessor(self.card, SETTINGS.max_pixels)
+        probe_path = SETTINGS.probe_path(self.bundle)
+        self.probe = LinearProbe.load(probe_path) if probe_path else None
+        if self.probe is not None and self.probe.dim != self.dim:
+            raise BadInput(f"probe {probe_path} takes {self.probe.dim}-dim embeddings, the model makes {self.dim}")
+        log.info("serving %s:%s, probe %s", self.card.get("name"), self.card.get("version"), probe_path)
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    async def _images(self, images: Optional[list[Path]], urls: Optional[list[str]],
+                      images_b64: Optional[list[str]]) -> list[bytes]:
+        """Collect raw bytes from the three ways an image can arrive; check the count."""
+        raw = [Path(p).read_bytes() for p in images or []]
+        raw += [decode_b64(text, i) for i, text in enumerate(images_b64 or [])]
+        max_bytes = SETTINGS.max_request_bytes
+        raw += await asyncio.gather(*(fetch_url(str(u), max_bytes, allow_private=SETTINGS.allow_private_urls)
+                                      for u in urls or []))
+        if not raw:
+            raise BadInput("no images: send multipart files named 'images', a list 'urls', or a list 'images_b64'")
+        if len(raw) > SETTINGS.max_images:
+            raise BadInput(f"{len(raw)} images in one request; the limit is {SETTINGS.max_images}")
+        return raw
+
+    async def _embed(self, raw: list[bytes]) -> np.ndarray:
+        pixels = await asyncio.to_thread(self.preprocessor.batch, raw)
+        return np.asarray(await self.encoder.to_async.encode(pixels), dtype=np.float32)
+
+    async def _query_vectors(self, images: Optional[list[Path]], urls: Optional[list[str]],
+                             images_b64: Optional[list[str]], vectors: Optional[list[list[float]]],
+                             ids: Optional[list[int]]) -> np.ndarray:
+        given = [name for name, value in (("images/urls/images_b64", images or urls or images_b64),
+                                          ("vectors", vectors), ("ids", ids)) if value]
+        if len(given) != 1:
+            raise BadInput("give exactly one kind of query: images (files, urls or images_b64), vectors, or ids"
+                           + (f"; got {', '.join(given)}" if given else ""))
+        if vectors:
+            return normalise(vectors, self.dim, "vectors")
+        if ids:
+            return np.asarray(_unwrap(await self.index.to_async.vectors(ids=ids)), dtype=np.float32)
+        return await self._embed(await self._images(images, urls, images_b64))
+
+    # -- APIs -------------------------------------------------------------------------------------
+
+    @bentoml.api
+    @_http_errors
+    async def embed(self, images: list[Path] = [], urls: Optional[list[str]] = None,
+                    images_b64: Optional[list[str]] = None) -> dict[str, Any]:
+        """Images -> L2-normalised embeddings."""
+        vectors = await self._embed(await self._images(images, urls, images_b64))
+        return {"embeddings": vectors.tolist(), "dim": self.dim, "model": self.card.get("name")}
+
+    @bentoml.api
+    @_http_errors
+    async def search(self, images: list[Path] = [], urls: Optional[list[str]] = None,
+                     images_b64: Optional[list[str]] = None, vectors: Optional[list[list[float]]] = None,
+                     ids: Optional[list[int]] = None, k: int = 10) -> dict[str, Any]:
+        """Top-k stored items per query (image, vector or stored id), with scores, metadata and labels."""
+        check_k(k)
+        queries = await self._query_vectors(images, urls, images_b64, vectors, ids)
+        return {"results": _unwrap(await self.index.to_async.search(vectors=queries, k=k))}
+
+    @bentoml.api
+    @_http_errors
+    async def classify(self, images: list[Path] = [], urls: Optional[list[str]] = None,
+                       images_b64: Optional[list[str]] = None, k: int = 5, method: str = "auto",
+                       neighbours: int = 20) -> dict[str, Any]:
+        """Top-k labels per image, by the linear probe or by a weighted kNN vote over labelled items."""
+        check_k(k)
+        if method not in ("auto", "probe", "knn"):
+            raise BadInput(f"method must be 'auto', 'probe' or 'knn', got {method!r}")
+        if method == "auto":
+            method = "probe" if self.probe is not None else "knn"
+        if method == "probe" and self.probe is None:
+            raise BadInput("no linear probe loaded (set CORINFOMAX_PROBE or put probe.npz in the bundle); use method 'knn'")
+        if method == "knn" and not 1 <= neighbours <= MAX_K:
+            raise BadInput(f"neighbours must be between 1 and {MAX_K}, got {neighbours}")
+        vectors = await self._embed(await self._images(images, urls, images_b64))
+        if method == "probe":
+            assert self.probe is not None
+            probs = self.probe.predict_proba(vectors)
+            order = np.argsort(-probs, axis=1)[:, :k]
+            predictions = [[{"label": self.probe.classes[j], "probability": round(float(p[j]), 6)} for j in row]
+                           for p, row in zip(probs, order)]
+        else:
+            rows = _unwrap(await self.index.to_async.search(vectors=vectors, k=neighbours, labelled_only=True))
+            if not any(rows):
+                raise BadInput("kNN classification needs labelled items in the index; add some with labels first")
+            predictions = [knn_vote(row, k) for row in rows]
+        return {"method": method, "predictions": predictions}
+
+    @bentoml.api
+    @_http_errors
+    async def add(self, images: list[Path] = [], urls: Optional[list[str]] = None,
+                  images_b64: Optional[list[str]] = None, vectors: Optional[list[list[float]]] = None,
+                  metadata: Optional[list[dict[str, Any]]] = None,
+                  labels: Optional[list[Optional[str]]] = None) -> dict[str, Any]:
+        """Store images (embedded here) or vectors with JSON metadata and optional labels; returns ids once committed."""
+        queries = await self._query_vectors(images, urls, images_b64, vectors, None)
+        return {"ids": _unwrap(await self.index.to_async.add(vectors=queries, metadata=metadata, labels=labels))}
+
+    @bentoml.api
+    @_http_errors
+    async def delete(self, ids: list[int]) -> dict[str, Any]:
+        """Delete stored items by id (all must exist)."""
+        return {"deleted": _unwrap(await self.index.to_async.delete(ids=ids))}
+
+    @bentoml.api
+    @_http_errors
+    async def get(self, id: int) -> dict[str, Any]:  # noqa: A002
+        """One stored item: id, metadata, label and vector."""
+        return _unwrap(await self.index.to_async.get(id=id))
+
+    @bentoml.api
+    @_http_errors
+    async def stats(self) -> dict[str, Any]:
+        """Index statistics: count, labelled, kind, recall@10, generation."""
+        return _unwrap(await self.index.to_async.stats())
+
+    @bentoml.api
+    @_http_errors
+    async def info(self) -> dict[str, Any]:
+        """The model card, the index size and the probe's classes."""
+        stats = _unwrap(await self.index.to_async.stats())
+        return {"model": self.card, "index": {"count": stats["count"], "labelled": stats["labelled"],
+                                              "kind": stats["kind"]},
+                "probe": {"classes": self.probe.classes} if self.probe is not None else None,
+                "limits": {"max_images": SETTINGS.max_images, "max_request_bytes": SETTINGS.max_request_bytes,
+                           "max_pixels": SETTINGS.max_pixels, "max_k": MAX_K}}
+
+
+CorInfoMax.add_asgi_middleware(GuardMiddleware, api_key=SETTINGS.api_key, max_bytes=SETTINGS.max_request_bytes)
+
+
+class _Preprocessor:
+    """Decode + the model card's preprocessing, without an onnxruntime session (that lives in Encoder)."""
+
+    def __init__(self, card: dict[str, Any], max_pixels: int) -> None:
+        self.input_spec, self.max_pixels = card["input"], max_pixels
+
+    def batch(self, raw: list[bytes]) -> np.ndarray:
+        from serving.preprocess import load_image, to_model_input
+
+        out = []
+        for i, data in enumerate(raw):
+            try:
+                out.append(to_model_input(load_image(data, self.max_pixels), self.input_spec))
+            except BadInput as err:
+                err.args = (f"image {i}: {err}",)
+                raise
+        return np.stack(out)
+
+
+def seed_index_if_empty(store: IndexStore, embedder: Embedder, folder: str | Path, batch: int = 64) -> int:
+    """Hook for CORINFOMAX_DEMO_DIR: index a folder of sample images (label = sub-folder name) if empty."""
+    if store.count() > 0:
+        return 0
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"})
+    added = 0
+    for start in range(0, len(files), batch):
+        chunk = files[start : start + batch]
+        vectors = embedder.embed_images(chunk)
+        labels = [p.parent.name if p.parent != Path(folder) else None for p in chunk]
+        added += len(store.add(vectors, [{"path": str(p.relative_to(folder))} for p in chunk], labels))
+    return added

@@ -1,0 +1,78 @@
+"""Service settings from the environment (read once per process), and the model/probe loading they imply."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from serving.embedder import PROBE_FILE
+from serving.errors import BundleError
+from serving.preprocess import DEFAULT_MAX_PIXELS
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as err:
+        raise BundleError(f"{name}={raw!r} is not an integer") from err
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str  # bundle folder or BentoML model tag
+    index: Path
+    probe: Path | None
+    api_key: str | None
+    workers: int
+    max_request_bytes: int
+    max_pixels: int
+    max_images: int  # per request
+    batch_size: int  # adaptive batching: most images per model call
+    batch_latency_ms: int  # adaptive batching: the dispatcher's latency budget (beyond it BentoML answers 503)
+    allow_private_urls: bool  # only for tests and closed networks
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        probe = os.environ.get("CORINFOMAX_PROBE")
+        return cls(
+            model=os.environ.get("CORINFOMAX_MODEL", str(REPO / "models" / "default")),
+            index=Path(os.environ.get("CORINFOMAX_INDEX", "data/index")),
+            probe=Path(probe) if probe else None,
+            api_key=os.environ.get("CORINFOMAX_API_KEY") or None,
+            workers=max(1, _int("CORINFOMAX_WORKERS", 1)),
+            max_request_bytes=_int("CORINFOMAX_MAX_REQUEST_BYTES", 32 << 20),
+            max_pixels=_int("CORINFOMAX_MAX_PIXELS", DEFAULT_MAX_PIXELS),
+            max_images=_int("CORINFOMAX_MAX_IMAGES", 64),
+            batch_size=_int("CORINFOMAX_BATCH_SIZE", 64),
+            batch_latency_ms=_int("CORINFOMAX_BATCH_LATENCY_MS", 10_000),
+            allow_private_urls=os.environ.get("CORINFOMAX_ALLOW_PRIVATE_URLS") == "1",
+        )
+
+    def bundle_dir(self) -> Path:
+        """The bundle folder: ``model`` as a path if it is one, else as a BentoML model tag."""
+        path = Path(self.model)
+        if path.is_dir():
+            return path
+        import bentoml
+
+        try:
+            return Path(bentoml.models.get(self.model).path)
+        except Exception as err:  # bentoml raises NotFound or a tag-format error
+            raise BundleError(f"CORINFOMAX_MODEL={self.model!r} is neither a bundle folder nor a BentoML model tag "
+                              f"in the local model store ({err})") from err
+
+    def probe_path(self, bundle: Path) -> Path | None:
+        """CORINFOMAX_PROBE, else ``<bundle>/probe.npz`` when present."""
+        if self.probe is not None:
+            return self.probe
+        default = bundle / PROBE_FILE
+        return default if default.is_file() else None
