@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from serving.preprocess import load_image, to_model_input
 from training.data import DataError, scan_images
 
 log = logging.getLogger(__name__)
+# Listing a 50k-image folder takes seconds; calibration and the kNN bank sample the same folder.
+_scan = functools.lru_cache(maxsize=4)(scan_images)
 
 
 @dataclass
@@ -32,7 +35,7 @@ class Sample:
 
 def load_sample(root: str | Path, count: int, spec: dict[str, Any], seed: int = 0, what: str = "images") -> Sample:
     """Decode ``count`` images drawn at random (fixed seed) from ``root`` with the card's preprocessing."""
-    images = scan_images(root)
+    images = _scan(Path(root))
     rng = np.random.default_rng(seed)
     picked = np.sort(rng.choice(len(images.paths), size=min(count, len(images.paths)), replace=False))
     pixels, labels = [], []
