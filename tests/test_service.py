@@ -1,0 +1,275 @@
+"""The BentoML service over real HTTP: a `bentoml serve` subprocess, real JPEGs, real index on disk."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "test-key"
+MAX_REQUEST = 2 << 20
+MAX_PIXELS = 1_000_000
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`bentoml serve` in its own process group, so a test can kill -9 all of it."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env, self.log, self.port, self.proc = env, log, free_port(), None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120) -> "Server":
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "serving.service:CorInfoMax", "--host", "127.0.0.1",
+             "--port", str(self.port)],
+            cwd=REPO, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop(signal.SIGKILL)
+        raise RuntimeError(f"server not ready in {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        time.sleep(0.5 if sig == signal.SIGTERM else 1.0)  # let the workers of the group go
+
+
+def write_probe(path: Path, dim: int) -> None:
+    rng = np.random.default_rng(0)
+    np.savez(path, weight=rng.normal(size=(10, dim)).astype(np.float32), bias=np.zeros(10, np.float32),
+             classes=np.array(CLASSES), model_sha256=np.array(""))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("service")
+    write_probe(root / "probe.npz", 256)
+    env = {**os.environ, "CORINFOMAX_MODEL": str(tiny_bundle), "CORINFOMAX_INDEX": str(root / "index"),
+           "CORINFOMAX_PROBE": str(root / "probe.npz"), "CORINFOMAX_API_KEY": API_KEY, "CORINFOMAX_WORKERS": "2",
+           "CORINFOMAX_MAX_REQUEST_BYTES": str(MAX_REQUEST), "CORINFOMAX_MAX_PIXELS": str(MAX_PIXELS),
+           "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(REPO)}
+    srv = Server(env, root / "server.log").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=60) as http:
+        yield http
+
+
+def jpegs(cifar10: Path, per_class: int = 2, offset: int = 0) -> list[tuple[str, Path]]:
+    return [(c, cifar10 / "test" / c / f"{i:04d}.jpg") for c in CLASSES for i in range(offset, offset + per_class)]
+
+
+def files(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+
+
+def ok(resp: httpx.Response) -> Any:
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_embed_files_and_base64_agree(client: httpx.Client, cifar10: Path) -> None:
+    paths = [p for _, p in jpegs(cifar10, 1)[:3]]
+    by_file = np.asarray(ok(client.post("/embed", files=files(paths)))["embeddings"])
+    b64 = [base64.b64encode(p.read_bytes()).decode() for p in paths]
+    by_b64 = np.asarray(ok(client.post("/embed", json={"images_b64": b64}))["embeddings"])
+    assert by_file.shape == (3, 256)
+    np.testing.assert_allclose(np.linalg.norm(by_file, axis=1), 1.0, rtol=1e-4)
+    np.testing.assert_allclose(by_file, by_b64, atol=1e-6)
+
+
+def test_add_search_get_classify_delete(client: httpx.Client, cifar10: Path) -> None:
+    items = jpegs(cifar10, 2)
+    added = ok(client.post("/add", files=files([p for _, p in items]),
+                           data={"metadata": str([{"path": p.name} for _, p in items]).replace("'", '"'),
+                                 "labels": str([c for c, _ in items]).replace("'", '"')}))["ids"]
+    assert len(added) == 20
+    found = ok(client.post("/search", files=files([p for _, p in items[:4]]), data={"k": "3"}))["results"]
+    assert [row[0]["id"] for row in found] == added[:4]
+    assert found[0][0]["metadata"] == {"path": items[0][1].name} and found[0][0]["label"] == "airplane"
+    by_id = ok(client.post("/search", json={"ids": [added[5]], "k": 1}))["results"]
+    assert by_id[0][0]["id"] == added[5]
+    item = ok(client.post("/get", json={"id": added[5]}))
+    by_vector = ok(client.post("/search", json={"vectors": [item["vector"]], "k": 1}))["results"]
+    assert by_vector[0][0]["id"] == added[5] and item["label"] == items[5][0]
+
+    probe = ok(client.post("/classify", files=files([items[0][1]]), data={"k": "3"}))
+    assert probe["method"] == "probe" and len(probe["predictions"][0]) == 3
+    assert {p["label"] for p in probe["predictions"][0]} <= set(CLASSES)
+    knn = ok(client.post("/classify", files=files([items[0][1]]), data={"method": "knn", "k": "1", "neighbours": "1"}))
+    assert knn["predictions"][0][0]["label"] == "airplane"  # its own stored copy is the nearest
+
+    assert ok(client.post("/delete", json={"ids": [added[0]]}))["deleted"] == [added[0]]
+    assert client.post("/get", json={"id": added[0]}).status_code == 404
+    stats = ok(client.post("/stats", json={}))
+    assert stats["count"] >= 19 and stats["labelled"] >= 19
+    info = ok(client.post("/info", json={}))
+    assert info["model"]["embedding_dim"] == 256 and info["probe"]["classes"] == CLASSES
+
+
+def _png(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _bad_requests(jpeg: bytes) -> list[tuple[str, str, dict[str, Any], int]]:
+    vec = [0.1] * 256
+    return [
+        ("zero-byte image", "/embed", {"files": [("images", ("a.jpg", b"", "image/jpeg"))]}, 400),
+        ("non-image bytes", "/embed", {"files": [("images", ("a.jpg", b"hello world" * 10, "image/jpeg"))]}, 400),
+        ("truncated jpeg", "/embed", {"files": [("images", ("a.jpg", jpeg[: len(jpeg) // 2], "image/jpeg"))]}, 400),
+        ("huge pixel count", "/embed", {"files": [("images", ("a.png", _png((1200, 1000)), "image/png"))]}, 413),
+        ("wrong json shape", "/search", {"json": {"vectors": "abc"}}, 400),
+        ("not json", "/search", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400),
+        ("wrong dimension", "/search", {"json": {"vectors": [[0.1, 0.2]]}}, 400),
+        ("NaN vector", "/add", {"content": b'{"vectors": [[NaN' + b", 0.1" * 255 + b"]]}",
+                                "headers": {"content-type": "application/json"}}, 400),
+        ("zero vector", "/add", {"json": {"vectors": [[0.0] * 256]}}, 400),
+        ("k = 0", "/search", {"json": {"vectors": [vec], "k": 0}}, 400),
+        ("k huge", "/search", {"json": {"vectors": [vec], "k": 10**7}}, 400),
+        ("unknown id get", "/get", {"json": {"id": 10**9}}, 404),
+        ("unknown id delete", "/delete", {"json": {"ids": [10**9]}}, 404),
+        ("unknown id search", "/search", {"json": {"ids": [10**9]}}, 404),
+        ("empty batch", "/embed", {"json": {}}, 400),
+        ("empty vectors", "/add", {"json": {"vectors": []}}, 400),
+        ("empty ids", "/delete", {"json": {"ids": []}}, 400),
+        ("two query kinds", "/search", {"json": {"vectors": [vec], "ids": [1]}}, 400),
+        ("oversized request", "/embed", {"content": b"x" * (MAX_REQUEST + 1),
+                                         "headers": {"content-type": "application/json"}}, 413),
+        ("bad base64", "/embed", {"json": {"images_b64": ["not base64!"]}}, 400),
+        ("URL that fails", "/embed", {"json": {"urls": ["http://no-such-host.invalid/a.jpg"]}}, 400),
+        ("private URL", "/embed", {"json": {"urls": ["http://127.0.0.1:9/a.jpg"]}}, 400),
+        ("metadata not an object", "/add", {"json": {"vectors": [vec], "metadata": [5]}}, 400),
+        ("unknown classify method", "/classify", {"json": {"images_b64": [base64.b64encode(jpeg).decode()],
+                                                           "method": "magic"}}, 400),
+        ("too many images", "/embed", {"json": {"images_b64": [base64.b64encode(jpeg).decode()] * 65}}, 400),
+    ]
+
+
+def test_bad_input_answers_4xx_and_server_stays_up(client: httpx.Client, cifar10: Path) -> None:
+    jpeg = (cifar10 / "test" / "cat" / "0001.jpg").read_bytes()
+    failures = []
+    for name, path, kwargs, status in _bad_requests(jpeg):
+        resp = client.post(path, **kwargs)
+        body = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else {}
+        message = body.get("error") if isinstance(body, dict) else body
+        if resp.status_code != status or not message:
+            failures.append(f"{name}: {resp.status_code} {resp.text[:200]}")
+    assert not failures, "\n".join(failures)
+    assert client.get("/livez").status_code == 200
+
+
+def test_api_key_required(server: Server) -> None:
+    assert httpx.post(f"{server.url}/stats", json={}).status_code == 401
+    assert httpx.post(f"{server.url}/stats", json={}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.post(f"{server.url}/stats", json={}, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    assert httpx.get(f"{server.url}/readyz").status_code == 200  # probes stay open
+
+
+def test_metrics_report_index_size_and_latency(client: httpx.Client) -> None:
+    text = client.get("/metrics").text
+    assert "corinfomax_index_items" in text and "bentoml_service_request_duration_seconds" in text
+
+
+def test_eight_concurrent_clients(server: Server, cifar10: Path) -> None:
+    errors: list[str] = []
+
+    def work(worker: int) -> None:
+        with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=60) as http:
+            for round_ in range(3):
+                path = cifar10 / "test" / CLASSES[worker] / f"{10 + round_:04d}.jpg"
+                resp = http.post("/add", files=files([path]), data={"labels": f'["{CLASSES[worker]}"]'})
+                if resp.status_code != 200:
+                    errors.append(f"add {resp.status_code} {resp.text[:200]}")
+                    continue
+                new_id = resp.json()["ids"][0]
+                hits = http.post("/search", files=files([path]), data={"k": "1"})
+                if hits.status_code != 200 or hits.json()["results"][0][0]["id"] != new_id:
+                    errors.append(f"search {hits.status_code} {hits.text[:200]}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+
+
+def test_restart_keeps_everything_and_kill9_keeps_acknowledged_adds(server: Server, client: httpx.Client) -> None:
+    before = ok(client.post("/stats", json={}))["count"]
+    server.stop()
+    server.start()
+    assert ok(client.post("/stats", json={}))["count"] == before
+    rng = np.random.default_rng(1)
+    acknowledged: list[tuple[int, list[float]]] = []
+    stop = threading.Event()
+
+    def add_forever() -> None:
+        with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=10) as http:
+            while not stop.is_set():
+                vector = rng.normal(size=256).tolist()
+                try:
+                    resp = http.post("/add", json={"vectors": [vector], "metadata": [{"n": len(acknowledged)}]})
+                except httpx.HTTPError:
+                    return
+                if resp.status_code == 200:
+                    acknowledged.append((resp.json()["ids"][0], vector))
+
+    adder = threading.Thread(target=add_forever)
+    adder.start()
+    time.sleep(3)
+    server.stop(signal.SIGKILL)
+    stop.set()
+    adder.join()
+    assert len(acknowledged) > 5
+    server.start()
+    stats = ok(client.post("/stats", json={}))
+    assert stats["count"] >= before + len(acknowledged)
+    for item_id, vector in acknowledged:
+        assert ok(client.post("/get", json={"id": item_id}))["id"] == item_id
+    last_id, last_vector = acknowledged[-1]
+    assert ok(client.post("/search", json={"vectors": [last_vector], "k": 1}))["results"][0][0]["id"] == last_id
