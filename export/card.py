@@ -36,7 +36,7 @@ def check_tag_part(value: str, what: str) -> str:
 
 def default_name(checkpoint: Path) -> str:
     """The run folder's name, lowercased, with characters a tag cannot hold replaced by '-'."""
-    folder = checkpoint.parent if checkpoint.suffix else checkpoint
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     name = re.sub(r"[^a-z0-9._-]+", "-", folder.resolve().name.lower()).strip("-._")
     return name[:63] or "corinfomax"
 
