@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +14,8 @@ import torch
 
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.data import normalize
-from training.evaluate import (
-    REPORT_FORMAT,
-    EvalError,
-    add_eval_arguments,
-    evaluate_checkpoint,
-    extract_features,
-    knn_top1,
-    linear_probe,
-    run_eval_command,
-)
+from training.eval_cli import add_eval_arguments, run_eval_command
+from training.evaluate import REPORT_FORMAT, EvalError, evaluate_checkpoint, extract_features, knn_top1, linear_probe
 from training.models import build_backbone
 
 
@@ -42,6 +36,12 @@ def numpy_weighted_knn(train: np.ndarray, train_y: np.ndarray, test: np.ndarray,
         np.add.at(votes, train_y[best], np.exp(row[best] / t))
         predictions.append(votes.argmax())
     return np.array(predictions)
+
+
+def parse_eval_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    return parser.parse_args(list(argv))
 
 
 def test_knn_matches_numpy_reference() -> None:
@@ -108,12 +108,10 @@ def test_report_on_cifar10(tiny_checkpoint: Path, cifar10: Path) -> None:
 def test_cli_writes_json_atomically_and_prints_table(
     tiny_checkpoint: Path, cifar10: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    parser = argparse.ArgumentParser()
-    add_eval_arguments(parser)
     out = tmp_path / "reports" / "eval.json"
-    args = parser.parse_args(["--checkpoint", str(tiny_checkpoint.parent), "--train-data", str(cifar10 / "train"),
-                              "--test-data", str(cifar10 / "test"), "--out", str(out), "--linear", "none",
-                              "--limit-per-class", "5", "--k", "10", "--no-baseline", "--device", "cpu"])
+    args = parse_eval_args("--checkpoint", str(tiny_checkpoint.parent), "--train-data", str(cifar10 / "train"),
+                           "--test-data", str(cifar10 / "test"), "--out", str(out), "--linear", "none",
+                           "--limit-per-class", "5", "--k", "10", "--no-baseline", "--device", "cpu")
     assert run_eval_command(args) == 0
     report = json.loads(out.read_text())
     assert list(report["results"]) == ["trained"] and report["results"]["trained"]["linear_top1"] is None
@@ -127,8 +125,18 @@ def test_weights_of_another_architecture_are_a_user_error(tiny_checkpoint: Path,
     state["config"]["backbone"] = "resnet18"
     bad = tmp_path / "checkpoint.pt"
     save_checkpoint(bad, {k: v for k, v in state.items() if k != "format"})
+    out = tmp_path / "eval.json"
+    args = parse_eval_args("--checkpoint", str(bad), "--train-data", str(cifar10 / "train"),
+                           "--test-data", str(cifar10 / "test"), "--out", str(out), "--limit-per-class", "2")
     with pytest.raises(CheckpointError, match=r"do not fit the architecture.*'resnet18'"):
-        evaluate_checkpoint(bad, cifar10 / "train", cifar10 / "test", limit_per_class=2)
+        run_eval_command(args)
+    assert not out.exists()
+
+
+def test_eval_command_line_builds_without_pytorch() -> None:
+    code = ("import argparse, sys; from training.eval_cli import add_eval_arguments; "
+            "add_eval_arguments(argparse.ArgumentParser()); assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
 def test_bad_options_and_mismatched_folders(tiny_checkpoint: Path, cifar10: Path, tmp_path: Path) -> None:
