@@ -87,6 +87,10 @@ class IndexOwner:
     """Owns the IndexStore: the single writer, so all workers of the entry service see one index."""
 
     def __init__(self) -> None:
+        import faiss
+
+        # One query per request: OpenMP threads only spin-wait against the model workers (bench/search_latency.py).
+        faiss.omp_set_num_threads(1)
         bundle = SETTINGS.bundle_dir()
         card = read_card(bundle)
         self.store = IndexStore(SETTINGS.index, dim=int(card["embedding_dim"]),
