@@ -1,0 +1,360 @@
+"""The CorInfoMax training loop: one readable function, DDP through torchrun, AMP, auto-resume.
+
+One process: ``corinfomax train ...``. Several GPUs or machines: ``torchrun --nproc_per_node N
+$(which corinfomax) train ...`` (the WORLD_SIZE / RANK / LOCAL_RANK environment is honoured; rank 0 writes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from corinfomax_cli import UserError
+from training.augment import BatchTwoView, PilTwoView
+from training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from training.config import ConfigError, TrainConfig
+from training.data import CACHE_MAX_SIDE, DecodedImages, decode_folder
+from training.loss import CorInfoMaxLoss
+from training.models import CorInfoMaxModel
+from training.optim import LARS, lr_at
+
+log = logging.getLogger(__name__)
+
+# Fields that may change between a run and its resumption without changing what is trained.
+RUNTIME_FIELDS = {"out", "workers", "device", "log_every", "time_budget_min", "compile", "knn_every", "val_data", "data"}
+
+
+class TrainingDiverged(UserError):
+    """Too many consecutive non-finite losses."""
+
+
+class ResumeConflict(UserError):
+    """The run folder holds a checkpoint trained with a different config."""
+
+
+@dataclass
+class Dist:
+    """This process's place in a (possibly single-process) job."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_kind: str) -> Dist:
+    """Join the torchrun job described by the environment, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(requested)
+
+
+# --------------------------------------------------------------------------- batches
+class _PilDataset(torch.utils.data.Dataset):
+    """Two PIL-augmented views of each cached uint8 image (the reference pipeline, in DataLoader workers)."""
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: PilTwoView) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        v1, v2 = self.transform(Image.fromarray(self.images[i].permute(1, 2, 0).numpy()))
+        return v1, v2, self.labels[i]
+
+
+def epoch_order(n: int, epoch: int, seed: int, ddp: Dist, batch: int) -> Tensor:
+    """This rank's sample indices for an epoch: a seeded permutation, sharded, whole batches only."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    usable = (n // (batch * ddp.world)) * batch * ddp.world
+    return perm[:usable][ddp.rank :: ddp.world]
+
+
+class BatchSource:
+    """Yields ``(view1, view2, labels)`` on the training device for one epoch, by either pipeline."""
+
+    def __init__(self, data: DecodedImages, config: TrainConfig, device: torch.device, ddp: Dist) -> None:
+        self.config, self.device, self.ddp = config, device, ddp
+        self.batch = config.batch_size // ddp.world
+        if self.batch < 2:
+            raise ConfigError(f"batch size {config.batch_size} over {ddp.world} processes leaves < 2 images per process")
+        self.labels = data.labels
+        if config.augment == "tensor":
+            # Small images live on the device as uint8: no loader workers, no host-to-device copies per step.
+            self.images = data.images.to(device)
+            self.augment = BatchTwoView(config.image_size, config.mean, config.std)
+        elif config.augment == "pil":
+            self.images = data.images
+            self.dataset = _PilDataset(data.images, data.labels, PilTwoView(config.image_size, config.mean, config.std))
+        else:
+            raise ConfigError(f"unknown augmentation pipeline {config.augment!r}; use 'tensor' or 'pil'")
+
+    def steps_per_epoch(self) -> int:
+        return len(self.images) // (self.batch * self.ddp.world)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        order = epoch_order(len(self.images), epoch, self.config.seed, self.ddp, self.batch)
+        if self.config.augment == "tensor":
+            generator = torch.Generator().manual_seed(self.config.seed * 7919 + epoch * 1000 + self.ddp.rank)
+            for idx in order.split(self.batch):
+                v1, v2 = self.augment(self.images[idx.to(self.device)], generator)
+                yield v1, v2, self.labels[idx].to(self.device)
+            return
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch, sampler=order.tolist(), num_workers=self.config.workers,
+            pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False,
+        )
+        for v1, v2, labels in loader:
+            yield (v1.to(self.device, non_blocking=True), v2.to(self.device, non_blocking=True),
+                   labels.to(self.device, non_blocking=True))
+
+
+# --------------------------------------------------------------------------- run folder
+def _check_resume(config: TrainConfig, saved: dict[str, Any], allow_change: bool) -> None:
+    changed = {k for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS and _plain(saved.get(k)) != _plain(v)}
+    if changed and not allow_change:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in sorted(changed))
+        raise ResumeConflict(
+            f"{config.out} holds a run with a different config ({details}). Use another --out, or pass "
+            "--allow-config-change to resume with the new values."
+        )
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, Any]:
+    # Only torch's generators drive training: data order and batched augmentation use generators seeded
+    # from (seed, epoch), and PIL workers are seeded from torch's state.
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state.get("cuda"):
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- the loop
+def train(config: TrainConfig, allow_config_change: bool = False, progress: bool = True) -> Path:
+    """Train (or resume) the run in ``config.out``; return the checkpoint path."""
+    device_kind = "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
+    ddp = setup_distributed(device_kind)
+    device = pick_device(config.device, ddp.local_rank)
+    out = Path(config.out)
+    ckpt_path = out / CHECKPOINT_FILE
+    resume_state = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+    if resume_state is not None:
+        _check_resume(config, resume_state["config"], allow_config_change)
+        if not allow_config_change:
+            config.epochs = int(resume_state["config"]["epochs"])  # a budget-fitted schedule stays fixed
+
+    torch.manual_seed(config.seed + ddp.rank)
+
+    data = decode_folder(config.data, config.image_size, progress=progress and ddp.main) \
+        if config.image_size <= CACHE_MAX_SIDE else _too_large(config)
+    source = BatchSource(data, config, device, ddp)
+    steps_per_epoch = source.steps_per_epoch()
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(data.images)} images are fewer than one batch of {config.batch_size}; lower --batch-size")
+
+    model = CorInfoMaxModel(config.backbone, config.projector, config.cifar_stem).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = CorInfoMaxLoss(model.embedding_dim, config.alpha, config.la_R, config.la_mu, config.eps, config.R_init).to(device)
+    num_classes = len(data.classes)
+    probe = nn.Linear(model.feature_dim, num_classes).to(device) if (config.online_probe and num_classes) else None
+    optimizer = _optimizer(config, model)
+    probe_opt = torch.optim.Adam(probe.parameters(), lr=1e-3) if probe is not None else None
+
+    start_epoch, step = 0, 0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        loss_fn.load_state_dict(resume_state["loss"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        if probe is not None and "probe" in resume_state:
+            probe.load_state_dict(resume_state["probe"])
+            probe_opt.load_state_dict(resume_state["probe_optimizer"])  # type: ignore[union-attr]
+        start_epoch, step = int(resume_state["epoch"]), int(resume_state["step"])
+        _restore_rng(resume_state["rng"])
+        log.info("resuming %s at epoch %d (step %d)", out, start_epoch, step)
+
+    train_model: nn.Module = model
+    if ddp.world > 1:
+        train_model = DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model),
+                                              device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        train_model = torch.compile(train_model)
+
+    if ddp.main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "config.json", config.to_dict())
+    metrics_file = open(out / "metrics.jsonl", "a") if ddp.main else None
+    use_amp = config.amp and device.type == "cuda"
+    bad_steps, started = 0, time.monotonic()
+    total_steps = config.epochs * steps_per_epoch
+
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            model.train()
+            sums = {"loss": 0.0, "attraction": 0.0, "big_bang": 0.0, "probe_correct": 0.0, "probe_seen": 0.0, "steps": 0}
+            window_start, window_images = time.monotonic(), 0
+            bar = tqdm(source.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
+                       disable=not (progress and ddp.main), unit="step")
+            for i, (v1, v2, labels) in enumerate(bar):
+                lr = lr_at(step, total_steps, config.warmup_epochs * steps_per_epoch, config.lr, config.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if config.channels_last:
+                    v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    f1, z1 = train_model(v1)
+                    _, z2 = train_model(v2)
+                out_loss = loss_fn(z1, z2)
+                if not torch.isfinite(out_loss.loss):
+                    bad_steps += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    log.warning("non-finite loss at step %d (%d in a row): step skipped", step, bad_steps)
+                    _log(metrics_file, {"event": "skipped_step", "step": step, "epoch": epoch, "consecutive": bad_steps})
+                    if bad_steps >= config.max_bad_steps:
+                        raise TrainingDiverged(
+                            f"{bad_steps} consecutive non-finite losses at step {step}: training diverged. "
+                            f"The last good checkpoint ({ckpt_path}) is intact; lower --lr or raise --eps and resume."
+                        )
+                    step += 1
+                    continue
+                bad_steps = 0
+                optimizer.zero_grad(set_to_none=True)
+                out_loss.loss.backward()
+                optimizer.step()
+                if probe is not None:
+                    logits = probe(f1.detach().float())
+                    probe_loss = nn.functional.cross_entropy(logits, labels)
+                    probe_opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+                    probe_loss.backward()
+                    probe_opt.step()  # type: ignore[union-attr]
+                    sums["probe_correct"] += float((logits.argmax(1) == labels).sum())
+                    sums["probe_seen"] += len(labels)
+                step += 1
+                window_images += len(v1) * ddp.world
+                for key in ("loss", "attraction", "big_bang"):
+                    sums[key] += float(getattr(out_loss, key))
+                sums["steps"] += 1
+                if step % config.log_every == 0:
+                    rate = window_images / max(1e-9, time.monotonic() - window_start)
+                    window_start, window_images = time.monotonic(), 0
+                    bar.set_postfix(loss=f"{float(out_loss.loss):.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+                    _log(metrics_file, {"step": step, "epoch": epoch + i / steps_per_epoch, "lr": lr,
+                                        "loss": float(out_loss.loss), "attraction": float(out_loss.attraction),
+                                        "big_bang": float(out_loss.big_bang), "images_per_s": rate})
+                if epoch == start_epoch and i == 11 and config.time_budget_min > 0 and start_epoch == 0:
+                    config.epochs = _fit_budget(config, steps_per_epoch, time.monotonic() - started, ddp)
+                    total_steps = config.epochs * steps_per_epoch
+                    bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
+                    if ddp.main:
+                        _write_json(out / "config.json", config.to_dict())
+
+            summary = {"epoch": epoch + 1, "step": step, "elapsed_s": time.monotonic() - started,
+                       **{k: sums[k] / max(1, sums["steps"]) for k in ("loss", "attraction", "big_bang")},
+                       **loss_fn.spectrum()}
+            if sums["probe_seen"]:
+                summary["online_probe_acc"] = sums["probe_correct"] / sums["probe_seen"]
+            if config.val_data and config.knn_every and (epoch + 1) % config.knn_every == 0 and ddp.main:
+                summary["knn_top1"] = _knn(model, config, device, data)
+            _log(metrics_file, summary)
+            log.info("epoch %d/%d: %s", epoch + 1, config.epochs,
+                     ", ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)))
+            if ddp.main:
+                save_checkpoint(ckpt_path, {
+                    "config": config.to_dict(), "model": model.state_dict(), "loss": loss_fn.state_dict(),
+                    "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step, "rng": _rng_state(),
+                    **({"probe": probe.state_dict(), "probe_optimizer": probe_opt.state_dict()} if probe is not None else {}),
+                    "metrics": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
+                })
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+    return ckpt_path
+
+
+def _too_large(config: TrainConfig) -> DecodedImages:
+    raise ConfigError(
+        f"image_size {config.image_size} is above {CACHE_MAX_SIDE}: this version trains from the decoded uint8 cache, "
+        f"which holds images up to {CACHE_MAX_SIDE} px"
+    )
+
+
+def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "lars":
+        return LARS(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    raise ConfigError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'lars'")
+
+
+def _fit_budget(config: TrainConfig, steps_per_epoch: int, elapsed: float, ddp: Dist) -> int:
+    """Epochs that fit the time budget, from the speed of the first steps (all ranks agree)."""
+    seconds_per_step = elapsed / 12
+    epochs = max(1, min(config.epochs, int(config.time_budget_min * 60 / (seconds_per_step * steps_per_epoch))))
+    if ddp.world > 1:
+        t = torch.tensor([epochs])
+        dist.broadcast(t, 0)
+        epochs = int(t.item())
+    log.info("time budget %.0f min at %.3f s/step: schedule set to %d epoch(s)", config.time_budget_min, seconds_per_step, epochs)
+    return epochs
+
+
+def _knn(model: CorInfoMaxModel, config: TrainConfig, device: torch.device, train_data: DecodedImages) -> float:
+    from training.evaluate import extract_features, knn_top1
+
+    test = decode_folder(config.val_data, config.image_size, progress=False)
+    model.eval()
+    train_f = extract_features(model.backbone, train_data.images, config.mean, config.std, 512, device)
+    test_f = extract_features(model.backbone, test.images, config.mean, config.std, 512, device)
+    model.train()
+    return knn_top1(train_f, train_data.labels, test_f, test.labels, num_classes=len(train_data.classes))
+
+
+def _log(file, record: dict[str, Any]) -> None:
+    if file is not None:
+        file.write(json.dumps({"time": time.time(), **record}) + "\n")
+        file.flush()
