@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_config_arguments(train)
     train.set_defaults(handler=_train)
 
-    from training.evaluate import add_eval_arguments, run_eval_command
+    from training.eval_cli import add_eval_arguments, run_eval_command
 
     evaluate = sub.add_parser("eval", help="kNN and linear-probe accuracy of a checkpoint vs a random-init baseline")
     add_eval_arguments(evaluate)
