@@ -56,7 +56,10 @@ def load(url: str, jpegs: list[bytes], clients: int, seconds: float) -> tuple[fl
                 t0 = time.perf_counter()
                 resp = http.post("/embed", files=[("images", ("x.jpg", jpegs[i % len(jpegs)], "image/jpeg"))])
                 latencies.append((time.perf_counter() - t0) * 1000)
-                errors[0] += resp.status_code != 200
+                if resp.status_code != 200:
+                    errors[0] += 1
+                    if errors[0] == 1:
+                        print(f"first error: HTTP {resp.status_code} {resp.text[:300]}", file=sys.stderr)
                 i += clients
 
     start = time.perf_counter()

@@ -160,6 +160,30 @@ def _http_errors(api: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[
     return wrapper
 
 
+class Unavailable(BadInput):
+    """An internal service connection dropped on a write: the client should retry (503)."""
+
+    status = 503
+
+
+async def call(method: Callable[..., Awaitable[Any]], idempotent: bool, **kwargs: Any) -> Any:
+    """Call a dependency, retrying an idempotent call once on a dropped pooled connection.
+
+    Works around BentoML's internal client reusing keep-alive connections the callee already closed
+    (bentoml/BentoML#4971, fix proposed in PR #5698); a write is not retried (it may have landed).
+    """
+    import aiohttp
+
+    try:
+        return await method(**kwargs)
+    except aiohttp.ClientConnectionError as err:
+        if not idempotent:
+            raise Unavailable(f"internal connection dropped ({type(err).__name__}); the write may not have "
+                              "been applied: check with get/search, then retry") from err
+        log.warning("retrying %s after %s", getattr(method, "__name__", method), type(err).__name__)
+        return await method(**kwargs)
+
+
 def _unwrap(answer: dict[str, Any]) -> Any:
     if "error" in answer:
         error = BadInput(answer["error"])
@@ -229,7 +253,7 @@ class CorInfoMax:
 
     async def _embed(self, raw: list[bytes]) -> np.ndarray:
         pixels = await asyncio.to_thread(self.preprocessor.batch, raw)
-        return np.asarray(await self.encoder.to_async.encode(pixels), dtype=np.float32)
+        return np.asarray(await call(self.encoder.to_async.encode, True, pixels=pixels), dtype=np.float32)
 
     async def _query_vectors(self, images: Optional[list[Path]], urls: Optional[list[str]],
                              images_b64: Optional[list[str]], vectors: Optional[list[list[float]]],
@@ -242,7 +266,7 @@ class CorInfoMax:
         if vectors:
             return normalise(vectors, self.dim, "vectors")
         if ids:
-            return np.asarray(_unwrap(await self.index.to_async.vectors(ids=ids)), dtype=np.float32)
+            return np.asarray(_unwrap(await call(self.index.to_async.vectors, True, ids=ids)), dtype=np.float32)
         return await self._embed(await self._images(images, urls, images_b64))
 
     # -- APIs -------------------------------------------------------------------------------------
@@ -263,7 +287,7 @@ class CorInfoMax:
         """Top-k stored items per query (image, vector or stored id), with scores, metadata and labels."""
         check_k(k)
         queries = await self._query_vectors(images, urls, images_b64, vectors, ids)
-        return {"results": _unwrap(await self.index.to_async.search(vectors=queries, k=k))}
+        return {"results": _unwrap(await call(self.index.to_async.search, True, vectors=queries, k=k))}
 
     @bentoml.api
     @_http_errors
@@ -288,7 +312,7 @@ class CorInfoMax:
             predictions = [[{"label": self.probe.classes[j], "probability": round(float(p[j]), 6)} for j in row]
                            for p, row in zip(probs, order)]
         else:
-            rows = _unwrap(await self.index.to_async.search(vectors=vectors, k=neighbours, labelled_only=True))
+            rows = _unwrap(await call(self.index.to_async.search, True, vectors=vectors, k=neighbours, labelled_only=True))
             if not any(rows):
                 raise BadInput("kNN classification needs labelled items in the index; add some with labels first")
             predictions = [knn_vote(row, k) for row in rows]
@@ -302,31 +326,31 @@ class CorInfoMax:
                   labels: Optional[list[Optional[str]]] = None) -> dict[str, Any]:
         """Store images (embedded here) or vectors with JSON metadata and optional labels; returns ids once committed."""
         queries = await self._query_vectors(images, urls, images_b64, vectors, None)
-        return {"ids": _unwrap(await self.index.to_async.add(vectors=queries, metadata=metadata, labels=labels))}
+        return {"ids": _unwrap(await call(self.index.to_async.add, False, vectors=queries, metadata=metadata, labels=labels))}
 
     @bentoml.api
     @_http_errors
     async def delete(self, ids: list[int]) -> dict[str, Any]:
         """Delete stored items by id (all must exist)."""
-        return {"deleted": _unwrap(await self.index.to_async.delete(ids=ids))}
+        return {"deleted": _unwrap(await call(self.index.to_async.delete, False, ids=ids))}
 
     @bentoml.api
     @_http_errors
     async def get(self, id: int) -> dict[str, Any]:  # noqa: A002
         """One stored item: id, metadata, label and vector."""
-        return _unwrap(await self.index.to_async.get(id=id))
+        return _unwrap(await call(self.index.to_async.get, True, id=id))
 
     @bentoml.api
     @_http_errors
     async def stats(self) -> dict[str, Any]:
         """Index statistics: count, labelled, kind, recall@10, generation."""
-        return _unwrap(await self.index.to_async.stats())
+        return _unwrap(await call(self.index.to_async.stats, True))
 
     @bentoml.api
     @_http_errors
     async def info(self) -> dict[str, Any]:
         """The model card, the index size and the probe's classes."""
-        stats = _unwrap(await self.index.to_async.stats())
+        stats = _unwrap(await call(self.index.to_async.stats, True))
         return {"model": self.card, "index": {"count": stats["count"], "labelled": stats["labelled"],
                                               "kind": stats["kind"]},
                 "probe": {"classes": self.probe.classes} if self.probe is not None else None,
