@@ -1,0 +1,107 @@
+"""Serving-side subcommands: `extract`, `index build`, `probe fit`.
+
+Imports happen inside the handlers so that `corinfomax --help` stays fast and nothing here pulls in
+PyTorch (serving environments do not have it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+MAX_FAILURES_SHOWN = 10
+
+
+def register(subparsers: Any) -> None:
+    """Add this stage's subcommands to the `corinfomax` parser."""
+    p = subparsers.add_parser(
+        "extract", help="embed image files into a features folder (resumable)",
+        description="Embed images into OUT: .npy shards + Parquet metadata + manifest.json. Rerun the same "
+                    "command to resume a stopped run. Unreadable files are skipped and listed.",
+    )
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="image file, folder (recursive; FOLDER/<class>/... gives labels), glob, or .txt list of paths")
+    p.add_argument("--model", required=True, metavar="BUNDLE", help="model bundle folder (from `corinfomax export`)")
+    p.add_argument("--out", required=True, metavar="DIR", help="features folder to create or resume")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="dtype of the stored embeddings")
+    p.add_argument("--batch-size", type=int, default=256, help="images per inference call")
+    p.add_argument("--shard-rows", type=int, default=4096, help="files per shard (the unit of resuming)")
+    p.add_argument("--workers", type=int, default=None, help="decode threads (default: a few per core)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this machine; ray: a Ray cluster (needs the `ray` extra)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_extract)
+
+    index = subparsers.add_parser("index", help="build the search index from features")
+    index_sub = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    p = index_sub.add_parser("build", help="build an index folder the service loads from a features folder",
+                             description="Bulk-load features into an index folder, pick the FAISS index kind "
+                                         "from collection size and memory budget, report recall@10 vs exact search.")
+    p.add_argument("--features", required=True, metavar="DIR", help="features folder (from `corinfomax extract`)")
+    p.add_argument("--out", required=True, metavar="INDEX_DIR", help="index folder to create")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="memory the FAISS index may use, e.g. 512M, 4G (default: no limit)")
+    p.add_argument("--kind", default=None, help="force a FAISS index kind (e.g. Flat, HNSW32, IVF1024,PQ32)")
+    p.set_defaults(handler=_index_build)
+
+    probe = subparsers.add_parser("probe", help="fit a linear probe on labelled features")
+    probe_sub = probe.add_subparsers(dest="probe_command", required=True, metavar="ACTION")
+    p = probe_sub.add_parser("fit", help="fit a logistic-regression probe and write probe.npz",
+                             description="Fit a multinomial logistic regression on labelled features, choosing "
+                                         "L2 on a held-out split; report held-out accuracy; write probe.npz.")
+    p.add_argument("--features", required=True, metavar="DIR", help="features folder with labels")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="probe file, or a model bundle folder to write probe.npz into (default: DIR/probe.npz)")
+    p.add_argument("--holdout", type=float, default=0.2, help="fraction of each class held out for evaluation")
+    p.add_argument("--l2", type=float, nargs="+", default=None, help="L2 strengths to try (default: 0.1 0.01 0.001)")
+    p.add_argument("--max-iter", type=int, default=300, help="L-BFGS iterations per fit")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    p.set_defaults(handler=_probe_fit)
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from serving.extract import extract
+    from serving.features import failures
+
+    summary = extract(
+        args.sources, args.model, args.out, dtype=args.dtype, batch_size=args.batch_size,
+        shard_rows=args.shard_rows, workers=args.workers, threads=args.threads, engine=args.engine,
+        ray_address=args.ray_address, show_progress=not args.no_progress,
+    )
+    failed = failures(args.out)
+    print(f"{summary['images'] - len(failed)} of {summary['images']} images embedded into {args.out} "
+          f"({summary['images_per_s']} images/s this run)")
+    if failed:
+        print(f"{len(failed)} files skipped (see the `error` column of {Path(args.out) / 'shards'}/*.parquet):")
+        for path, error in failed[:MAX_FAILURES_SHOWN]:
+            print(f"  {path}: {error}")
+        if len(failed) > MAX_FAILURES_SHOWN:
+            print(f"  ... and {len(failed) - MAX_FAILURES_SHOWN} more")
+    return 0
+
+
+def _index_build(args: argparse.Namespace) -> int:
+    from serving.index_build import build_index, parse_size
+
+    budget = parse_size(args.memory_budget) if args.memory_budget else None
+    report = build_index(args.features, args.out, memory_budget_bytes=budget, kind=args.kind)
+    print(json.dumps(report, indent=2))
+    recall = report.get("recall_at_10")
+    recall_text = f"{recall:.4f}" if isinstance(recall, (int, float)) else "n/a"
+    print(f"index {args.out}: {report['count']} vectors, kind {report['kind']}, recall@10 vs exact {recall_text}")
+    return 0
+
+
+def _probe_fit(args: argparse.Namespace) -> int:
+    from serving.probe import DEFAULT_L2_GRID, fit_probe_on_features
+
+    report = fit_probe_on_features(args.features, args.out, l2_grid=args.l2 or DEFAULT_L2_GRID,
+                                   holdout=args.holdout, max_iter=args.max_iter, seed=args.seed)
+    print(json.dumps(report, indent=2))
+    print(f"probe: held-out accuracy {report['holdout_accuracy']:.4f} over {report['classes']} classes "
+          f"(l2={report['l2']}); written to {report['path_written']}")
+    return 0
