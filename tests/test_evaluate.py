@@ -150,3 +150,15 @@ def test_bad_options_and_mismatched_folders(tiny_checkpoint: Path, cifar10: Path
         (two_classes / name).symlink_to(cifar10 / "test" / name, target_is_directory=True)
     with pytest.raises(EvalError, match="different classes"):
         evaluate_checkpoint(tiny_checkpoint, cifar10 / "train", two_classes, limit_per_class=2)
+
+
+def test_cli_exits_2_without_traceback_on_a_missing_checkpoint(cifar10: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "corinfomax"), "eval", "--checkpoint", str(tmp_path / "missing.pt"),
+         "--train-data", str(cifar10 / "train"), "--test-data", str(cifar10 / "test"), "--out", str(out)],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 2
+    assert "missing.pt does not exist" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()
