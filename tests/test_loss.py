@@ -127,3 +127,13 @@ def test_bad_hyperparameters() -> None:
         CorInfoMaxLoss(D, la_R=1.0)
     with pytest.raises(ValueError, match="dim"):
         CorInfoMaxLoss(0)
+
+
+def test_non_finite_batch_keeps_running_state() -> None:
+    loss_fn = CorInfoMaxLoss(D, **HYPER)
+    loss_fn(*(torch.from_numpy(z).float() for z in random_views(np.random.default_rng(4))))
+    before = {k: v.clone() for k, v in loss_fn.state_dict().items()}
+    z1, z2 = torch.randn(16, D), torch.randn(16, D)
+    z1[3, 0] = float("nan")
+    assert not torch.isfinite(loss_fn(z1, z2).loss)
+    assert all(torch.equal(before[k], v) for k, v in loss_fn.state_dict().items())

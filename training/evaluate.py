@@ -32,9 +32,7 @@ from corinfomax_cli import UserError
 from training.checkpoint import CHECKPOINT_FILE, CheckpointError, file_sha256, load_checkpoint
 from training.config import TrainConfig
 from training.data import load_labelled_images, normalize
-# add_eval_arguments and run_eval_command are re-exported for training/cli.py, which should import them from
-# training.eval_cli instead (no PyTorch at parser-build time).
-from training.eval_cli import LINEAR_MODES, add_eval_arguments, run_eval_command  # noqa: F401
+from training.eval_cli import LINEAR_MODES
 from training.models import CorInfoMaxModel
 
 log = logging.getLogger(__name__)
