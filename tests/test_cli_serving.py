@@ -1,0 +1,88 @@
+"""The serving subcommands end to end through `corinfomax`: extract -> index build -> probe fit, torch-free."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.features import load_features
+from serving.index_build import parse_size
+from serving.index_store import IndexStore
+from serving.probe import LinearProbe
+from test_extract import REPO, make_image_folder
+
+# Runs the real entry point and fails if anything on the way imported PyTorch.
+RUN_WITHOUT_TORCH = (
+    "import sys, corinfomax_cli\n"
+    "code = corinfomax_cli.main()\n"
+    "assert 'torch' not in sys.modules, 'the serving commands imported torch'\n"
+    "sys.exit(code)\n"
+)
+
+
+def corinfomax(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", RUN_WITHOUT_TORCH, *args], cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def features(cifar10: Path, tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    images = make_image_folder(cifar10, root / "images", per_class=100)
+    result = corinfomax("extract", str(images), "--model", str(tiny_bundle), "--out", str(root / "features"),
+                        "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "300 of 300 images embedded" in result.stdout
+    return root / "features"
+
+
+def test_index_build_loads_in_the_store(features: Path, tmp_path: Path) -> None:
+    out = tmp_path / "index"
+    result = corinfomax("index", "build", "--features", str(features), "--out", str(out), "--memory-budget", "64M")
+    assert result.returncode == 0, result.stderr
+    assert "300 vectors, kind Flat, recall@10 vs exact 1.0000" in result.stdout
+    loaded = load_features(features)
+    with IndexStore(out) as store:
+        assert store.stats()["count"] == 300 and store.stats()["labelled"] == 300
+        hit = store.search(loaded.embeddings[7:8], k=1)[0][0]
+        item = store.get(hit.id)
+        assert item.metadata["path"] == loaded.paths[7] and item.label == loaded.labels[7]
+
+    again = corinfomax("index", "build", "--features", str(features), "--out", str(out))
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_index_build_forced_kind_reports_recall(features: Path, tmp_path: Path) -> None:
+    result = corinfomax("index", "build", "--features", str(features), "--out", str(tmp_path / "hnsw"), "--kind", "HNSW32")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
+    assert report["kind"] == "HNSW32" and report["recall_at_10"] >= 0.9
+
+
+def test_probe_fit_into_a_bundle(features: Path, tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"  # a copy: the session's bundle must stay probe-free for other tests
+    bundle.mkdir()
+    (bundle / "model.json").write_text((tiny_bundle / "model.json").read_text())
+    (bundle / "model.onnx").symlink_to(tiny_bundle / "model.onnx")
+    result = corinfomax("probe", "fit", "--features", str(features), "--out", str(bundle), "--l2", "0.01")
+    assert result.returncode == 0, result.stderr
+    assert "held-out accuracy" in result.stdout
+    probe = LinearProbe.load(bundle / "probe.npz")
+    assert probe.classes == ["cat", "dog", "ship"]
+    loaded = load_features(features)
+    assert probe.accuracy(loaded.embeddings, loaded.labels) > 1 / 3  # better than chance, even for a random model
+
+
+def test_probe_fit_on_missing_features_is_a_user_error(tmp_path: Path) -> None:
+    result = corinfomax("probe", "fit", "--features", str(tmp_path))
+    assert result.returncode == 2 and "not a features folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_parse_size() -> None:
+    assert parse_size("512M") == 512 << 20 and parse_size("1.5GB") == 3 << 29 and parse_size("1000") == 1000
+    with pytest.raises(Exception, match="not a size"):
+        parse_size("lots")
