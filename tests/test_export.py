@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -136,7 +137,7 @@ def test_bad_checkpoints_give_clear_errors_and_no_bundle(tiny_checkpoint: Path, 
     assert _left_over(out_root) == []
 
 
-def test_bad_requests(tiny_checkpoint: Path, tiny_bundle: Path, tmp_path: Path) -> None:
+def test_bad_requests(tiny_checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="unsupported precision 'int4'.*fp32, fp16, int8"):
         export_bundle(tiny_checkpoint, tmp_path / "b", "int4", verify=False)
     with pytest.raises(UserError, match="no 'val_data'.*--verify-data"):
@@ -158,8 +159,8 @@ def test_bad_requests(tiny_checkpoint: Path, tiny_bundle: Path, tmp_path: Path) 
     assert _left_over(precious) == ["thesis.txt"]
 
 
-def test_overwrite_replaces_a_bundle(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    out = export_bundle(tiny_checkpoint, tmp_path / "b", verify=False, version="v1")
+def test_overwrite_replaces_a_bundle(tiny_checkpoint: Path, tiny_bundle: Path, tmp_path: Path) -> None:
+    out = Path(shutil.copytree(tiny_bundle, tmp_path / "b"))
     export_bundle(tiny_checkpoint, out, verify=False, version="v2", overwrite=True)
     assert read_card(out)["version"] == "v2" and _left_over(tmp_path) == ["b"]
 
