@@ -50,4 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m corinfomax_cli` this file runs as __main__, whose UserError is not the class the
+    # stages import; run the imported module's main so their errors are caught.
+    from corinfomax_cli import main as _main
+
+    sys.exit(_main())
