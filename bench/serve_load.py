@@ -92,7 +92,7 @@ def main() -> None:
     del embedder
 
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "CORINFOMAX_MODEL": str(args.bundle), "CORINFOMAX_INDEX": f"{tmp}/index",
+        env = {**os.environ, "CORINFOMAX_MODEL": str(args.bundle), "CORINFOMAX_DEMO_DIR": "", "CORINFOMAX_INDEX": f"{tmp}/index",
                "CORINFOMAX_WORKERS": str(args.workers), "BENTOML_HOME": f"{tmp}/bentoml",
                "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(REPO)}
         server = Server(env, Path(tmp) / "server.log").start()

@@ -95,6 +95,10 @@ class IndexOwner:
         card = read_card(bundle)
         self.store = IndexStore(SETTINGS.index, dim=int(card["embedding_dim"]),
                                 model_sha256=card.get("checkpoint_sha256"))
+        if SETTINGS.demo_dir is not None and self.store.count() == 0:
+            # First start: index the demo collection so search and classify answer at once.
+            added = seed_index_if_empty(self.store, Embedder(bundle, threads=1), SETTINGS.demo_dir)
+            log.info("empty index: added %d demo images from %s", added, SETTINGS.demo_dir)
         INDEX_ITEMS.set(self.store.count())
         log.info("index %s: %s", SETTINGS.index, self.store.stats())
 
@@ -381,7 +385,7 @@ class _Preprocessor:
 
 
 def seed_index_if_empty(store: IndexStore, embedder: Embedder, folder: str | Path, batch: int = 64) -> int:
-    """Hook for CORINFOMAX_DEMO_DIR: index a folder of sample images (label = sub-folder name) if empty."""
+    """Index a folder of sample images (label = sub-folder name) if the index is empty; return how many."""
     if store.count() > 0:
         return 0
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"})

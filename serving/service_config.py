@@ -26,6 +26,14 @@ def _int(name: str, default: int) -> int:
         raise BundleError(f"{name}={raw!r} is not an integer") from err
 
 
+def _demo_dir(raw: str | None) -> Path | None:
+    """CORINFOMAX_DEMO_DIR; unset means the demo collection shipped in the repo, empty means none."""
+    if raw is None:
+        default = REPO / "demo" / "images"
+        return default if default.is_dir() else None
+    return Path(raw) if raw else None
+
+
 @dataclass(frozen=True)
 class Settings:
     model: str  # bundle folder or BentoML model tag
@@ -39,6 +47,7 @@ class Settings:
     batch_size: int  # adaptive batching: most images per model call
     batch_latency_ms: int  # adaptive batching: the dispatcher's latency budget (beyond it BentoML answers 503)
     allow_private_urls: bool  # only for tests and closed networks
+    demo_dir: Path | None  # images indexed on first start when the index is empty ("" disables)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -55,6 +64,7 @@ class Settings:
             batch_size=_int("CORINFOMAX_BATCH_SIZE", 64),
             batch_latency_ms=_int("CORINFOMAX_BATCH_LATENCY_MS", 10_000),
             allow_private_urls=os.environ.get("CORINFOMAX_ALLOW_PRIVATE_URLS") == "1",
+            demo_dir=_demo_dir(os.environ.get("CORINFOMAX_DEMO_DIR")),
         )
 
     def bundle_dir(self) -> Path:

@@ -83,7 +83,7 @@ def write_probe(path: Path, dim: int) -> None:
 def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("service")
     write_probe(root / "probe.npz", 256)
-    env = {**os.environ, "CORINFOMAX_MODEL": str(tiny_bundle), "CORINFOMAX_INDEX": str(root / "index"),
+    env = {**os.environ, "CORINFOMAX_MODEL": str(tiny_bundle), "CORINFOMAX_DEMO_DIR": "", "CORINFOMAX_INDEX": str(root / "index"),
            "CORINFOMAX_PROBE": str(root / "probe.npz"), "CORINFOMAX_API_KEY": API_KEY, "CORINFOMAX_WORKERS": "2",
            "CORINFOMAX_MAX_REQUEST_BYTES": str(MAX_REQUEST), "CORINFOMAX_MAX_PIXELS": str(MAX_PIXELS),
            "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(REPO)}
