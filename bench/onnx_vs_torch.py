@@ -2,7 +2,9 @@
 
 Every engine runs the same graph (uint8 NHWC pixels in, normalisation inside, L2-normalised embedding out)
 on the same real CIFAR-10 images, with the same thread count. Rounds are interleaved (eager, fp32, fp16,
-int8, eager, ...) so background load hits every engine alike; the best round counts.
+int8, eager, ...) so background load hits every engine alike; the best round counts. Each bundle is
+exported with the parity check on: pass a trained --checkpoint, since a random-init network maps all
+images to nearly the same direction and its int8 kNN check is then dominated by noise.
 
     python bench/onnx_vs_torch.py --backbone tiny_resnet
     python bench/onnx_vs_torch.py --checkpoint runs/cpu/checkpoint.pt --threads 2

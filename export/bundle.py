@@ -83,6 +83,10 @@ def export_bundle(
     """
     if precision not in PRECISIONS:
         raise ExportError(f"unsupported precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    for option, count in (("verify-images", verify_images), ("calibration-images", calibration_images),
+                          ("knn-images", knn_images)):
+        if count < 1:
+            raise ExportError(f"--{option} must be at least 1, got {count}")
     checkpoint, out = Path(checkpoint), Path(out)
     _check_out(out, overwrite)
     state = load_checkpoint(checkpoint)
@@ -149,6 +153,7 @@ def _build(tmp: Path, backbone: torch.nn.Module, feature_dim: int, state: dict[s
     missed = failures(precision, figures)
     if missed:
         raise ParityError(f"the {precision} export does not match PyTorch on {figures['images']} images of "
-                          f"{verify_dir}: {'; '.join(missed)}. No bundle was written.")
+                          f"{verify_dir}: {'; '.join(missed)}. No bundle was written (--no-verify writes it "
+                          "unchecked; for int8, more --calibration-images or --verify-images may help).")
     card["parity"] = {"verified": True, "data": str(verify_dir), "thresholds": THRESHOLDS[precision], **figures}
     write_card(tmp, MODEL_FILE, CARD_FILE, card)

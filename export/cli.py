@@ -36,13 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from export.bundle import ExportError, export_bundle
+    from export.bundle import export_bundle
     from export.registry import register_bundle
     from serving.embedder import read_card
 
-    for option in ("verify_images", "calibration_images", "knn_images"):
-        if getattr(args, option) < 1:
-            raise ExportError(f"--{option.replace('_', '-')} must be at least 1")
     out = export_bundle(
         args.checkpoint, args.out, args.precision, args.verify, name=args.name, version=args.version,
         verify_data=args.verify_data, calibration_data=args.calibration_data, verify_images=args.verify_images,
