@@ -226,8 +226,46 @@ def solarize(x: Tensor, apply: Tensor) -> Tensor:
     return torch.where(apply.to(x.device).view(-1, 1, 1, 1), inverted, x)
 
 
+@dataclass
+class ViewParams:
+    """Every random draw of one view for a batch: crop boxes, flips, jitter, grayscale, blur, solarisation."""
+
+    boxes: Tensor
+    flip: Tensor
+    jitter: JitterParams
+    gray: Tensor
+    sigma: Tensor
+    blur: Tensor
+    solarize: Tensor
+
+    def select(self, index: Tensor | slice) -> "ViewParams":
+        """The draws of the samples at ``index`` (e.g. one DDP rank's share of the global batch)."""
+        pick = lambda t: t[index]  # noqa: E731
+        jitter = JitterParams(*(pick(getattr(self.jitter, f)) for f in JitterParams.__dataclass_fields__))
+        return ViewParams(pick(self.boxes), pick(self.flip), jitter, pick(self.gray), pick(self.sigma),
+                          pick(self.blur), pick(self.solarize))
+
+
+def sample_view(n: int, height: int, width: int, blur_p: float, solarize_p: float,
+                generator: torch.Generator | None = None) -> ViewParams:
+    """Draw one view's parameters for ``n`` images, from the reference transforms' distributions."""
+    return ViewParams(
+        boxes=sample_crop_boxes(n, height, width, generator),
+        flip=torch.rand(n, generator=generator) < 0.5,
+        jitter=sample_jitter(n, generator),
+        gray=torch.rand(n, generator=generator) < GRAYSCALE_P,
+        sigma=torch.empty(n).uniform_(*BLUR_SIGMA, generator=generator),
+        blur=torch.rand(n, generator=generator) < blur_p,
+        solarize=torch.rand(n, generator=generator) < solarize_p,
+    )
+
+
 class BatchTwoView:
-    """Batched two-view augmentation: uint8 ``[N, 3, H, W]`` (any device) -> two normalised float views."""
+    """Batched two-view augmentation: uint8 ``[N, 3, H, W]`` (any device) -> two normalised float views.
+
+    Parameters are drawn on the CPU from ``generator``, for the global batch of ``world`` shards, and each
+    shard uses its own rows: N processes with B/N images see exactly the views one process with B sees.
+    """
 
     def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         self.size = image_size
@@ -235,18 +273,21 @@ class BatchTwoView:
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
 
-    def view(self, x: Tensor, blur_p: float, solarize_p: float, generator: torch.Generator | None = None) -> Tensor:
-        n, _, height, width = x.shape
-        boxes = sample_crop_boxes(n, height, width, generator)
-        flip = torch.rand(n, generator=generator) < 0.5
-        out = resized_crop(x, boxes, flip, self.size)
-        out = color_jitter(out, sample_jitter(n, generator))
-        out = grayscale(out, torch.rand(n, generator=generator) < GRAYSCALE_P)
-        sigma = torch.empty(n).uniform_(*BLUR_SIGMA, generator=generator)
-        out = gaussian_blur(out, sigma, torch.rand(n, generator=generator) < blur_p, self.kernel_size)
-        out = solarize(out, torch.rand(n, generator=generator) < solarize_p)
+    def apply(self, x: Tensor, p: ViewParams) -> Tensor:
+        """One view of float ``x`` in [0, 1] with explicit parameters, normalised."""
+        out = resized_crop(x, p.boxes, p.flip, self.size)
+        out = color_jitter(out, p.jitter)
+        out = grayscale(out, p.gray)
+        out = gaussian_blur(out, p.sigma, p.blur, self.kernel_size)
+        out = solarize(out, p.solarize)
         return (out - self.mean.to(out.device)) / self.std.to(out.device)
 
-    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None,
+                 rank: int = 0, world: int = 1) -> tuple[Tensor, Tensor]:
+        n, _, height, width = images.shape
         x = images.float().div_(255.0)
-        return tuple(self.view(x, b, s, generator) for b, s in zip(BLUR_P, SOLARIZE_P))  # type: ignore[return-value]
+        views = []
+        for blur_p, solarize_p in zip(BLUR_P, SOLARIZE_P):
+            params = sample_view(n * world, height, width, blur_p, solarize_p, generator)
+            views.append(self.apply(x, params.select(slice(rank, None, world)) if world > 1 else params))
+        return views[0], views[1]

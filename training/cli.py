@@ -56,14 +56,12 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     from training.config import resolve
     from training.data import DataError
-    from training.models import CorInfoMaxModel
     from training.trainer import train
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in _SKIP}
     config = resolve(args.preset, overrides)
     if not config.data:
         raise DataError("no training data: pass --data DIR (an ImageFolder tree or a folder of images)")
-    CorInfoMaxModel(config.backbone, config.projector, config.cifar_stem)  # fail fast on a bad architecture
     checkpoint = train(config, allow_config_change=args.allow_config_change, progress=not args.no_progress)
     print(json.dumps({"checkpoint": str(checkpoint)}))
     return 0

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,9 +23,10 @@ from tqdm import tqdm
 
 from corinfomax_cli import UserError
 from training.augment import BatchTwoView, PilTwoView
-from training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from training.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig
 from training.data import CACHE_MAX_SIDE, DecodedImages, decode_folder
+from training.distributed import Dist, convert_global_batchnorm, setup_distributed
 from training.loss import CorInfoMaxLoss
 from training.models import CorInfoMaxModel
 from training.optim import LARS, lr_at
@@ -43,29 +45,6 @@ class ResumeConflict(UserError):
     """The run folder holds a checkpoint trained with a different config."""
 
 
-@dataclass
-class Dist:
-    """This process's place in a (possibly single-process) job."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_kind: str) -> Dist:
-    """Join the torchrun job described by the environment, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,12 +53,41 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
             raise ConfigError("--device cuda was asked for but no CUDA device is available")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
-    return torch.device(requested)
+    if requested != "cpu":
+        raise ConfigError(f"unknown device {requested!r}; use auto, cuda or cpu")
+    return torch.device("cpu")
+
+
+def validate(config: TrainConfig) -> None:
+    """Refuse a config that cannot train, before anything is read or written."""
+    if config.augment not in ("tensor", "pil"):
+        raise ConfigError(f"unknown augmentation pipeline {config.augment!r}; use 'tensor' or 'pil'")
+    if config.optimizer not in ("sgd", "lars"):
+        raise ConfigError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'lars'")
+    if config.image_size > CACHE_MAX_SIDE:
+        raise ConfigError(
+            f"image_size {config.image_size} is above {CACHE_MAX_SIDE}: this version trains only from the decoded "
+            f"uint8 cache, which holds images up to {CACHE_MAX_SIDE} px. Pass --image-size {CACHE_MAX_SIDE} or less "
+            "(the cpu, cifar10, cifar100 and tiny-imagenet presets fit; imagenet100 at 224 px does not yet)."
+        )
+    if config.image_size < 8:
+        raise ConfigError(f"image_size {config.image_size} is too small; use at least 8")
+    for name in ("epochs", "batch_size", "max_bad_steps", "log_every"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.lr <= 0 or not math.isfinite(config.lr):
+        raise ConfigError(f"--lr must be a positive number, got {config.lr}")
+    if config.workers < 0:
+        raise ConfigError(f"--workers must be 0 or more, got {config.workers}")
 
 
 # --------------------------------------------------------------------------- batches
 class _PilDataset(torch.utils.data.Dataset):
-    """Two PIL-augmented views of each cached uint8 image (the reference pipeline, in DataLoader workers)."""
+    """Two PIL-augmented views of cached uint8 images (the reference pipeline, in DataLoader workers).
+
+    Items are ``(index, seed)``: each image's draws depend only on the run seed, the epoch and the index,
+    so a resumed or sharded run sees the same views as an uninterrupted single-process one.
+    """
 
     def __init__(self, images: Tensor, labels: Tensor, transform: PilTwoView) -> None:
         self.images, self.labels, self.transform = images, labels, transform
@@ -87,15 +95,39 @@ class _PilDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: tuple[int, int]):
         from PIL import Image
 
-        v1, v2 = self.transform(Image.fromarray(self.images[i].permute(1, 2, 0).numpy()))
-        return v1, v2, self.labels[i]
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global generator
+            torch.manual_seed(seed)
+            v1, v2 = self.transform(Image.fromarray(self.images[index].permute(1, 2, 0).numpy()))
+        return v1, v2, self.labels[index]
+
+
+class _EpochSampler(torch.utils.data.Sampler):
+    """This rank's ``(index, seed)`` items of the current epoch; `set_epoch` before each epoch.
+
+    Iterated in the main process, so one persistent set of loader workers serves every epoch.
+    """
+
+    def __init__(self, n: int, config: TrainConfig, ddp: Dist, batch: int) -> None:
+        self.n, self.seed, self.ddp, self.batch, self.epoch = n, config.seed, ddp, batch, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(epoch_order(self.n, self.epoch, self.seed, self.ddp, self.batch))
+
+    def __iter__(self):
+        base = (self.seed * 100_003 + self.epoch) * self.n
+        return iter((i, base + i) for i in epoch_order(self.n, self.epoch, self.seed, self.ddp, self.batch).tolist())
 
 
 def epoch_order(n: int, epoch: int, seed: int, ddp: Dist, batch: int) -> Tensor:
-    """This rank's sample indices for an epoch: a seeded permutation, sharded, whole batches only."""
+    """This rank's sample indices for an epoch: a seeded permutation, whole global batches only, every
+    ``world``-th index, so batch k of all ranks together is batch k of a single-process run."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     perm = torch.randperm(n, generator=g)
     usable = (n // (batch * ddp.world)) * batch * ddp.world
@@ -110,33 +142,34 @@ class BatchSource:
         self.batch = config.batch_size // ddp.world
         if self.batch < 2:
             raise ConfigError(f"batch size {config.batch_size} over {ddp.world} processes leaves < 2 images per process")
+        self.n = len(data.images)
         self.labels = data.labels
         if config.augment == "tensor":
             # Small images live on the device as uint8: no loader workers, no host-to-device copies per step.
             self.images = data.images.to(device)
             self.augment = BatchTwoView(config.image_size, config.mean, config.std)
-        elif config.augment == "pil":
-            self.images = data.images
-            self.dataset = _PilDataset(data.images, data.labels, PilTwoView(config.image_size, config.mean, config.std))
         else:
-            raise ConfigError(f"unknown augmentation pipeline {config.augment!r}; use 'tensor' or 'pil'")
+            self.sampler = _EpochSampler(self.n, config, ddp, self.batch)
+            dataset = _PilDataset(data.images, data.labels, PilTwoView(config.image_size, config.mean, config.std))
+            self.loader = torch.utils.data.DataLoader(
+                dataset, batch_size=self.batch, sampler=self.sampler, num_workers=config.workers,
+                pin_memory=device.type == "cuda", drop_last=True, persistent_workers=config.workers > 0,
+            )
 
     def steps_per_epoch(self) -> int:
-        return len(self.images) // (self.batch * self.ddp.world)
+        return self.n // (self.batch * self.ddp.world)
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        order = epoch_order(len(self.images), epoch, self.config.seed, self.ddp, self.batch)
         if self.config.augment == "tensor":
-            generator = torch.Generator().manual_seed(self.config.seed * 7919 + epoch * 1000 + self.ddp.rank)
+            order = epoch_order(self.n, epoch, self.config.seed, self.ddp, self.batch)
+            # Seeded by (seed, epoch) only: every rank draws the global batch's parameters and keeps its rows.
+            generator = torch.Generator().manual_seed(self.config.seed * 7919 + epoch * 1000)
             for idx in order.split(self.batch):
-                v1, v2 = self.augment(self.images[idx.to(self.device)], generator)
+                v1, v2 = self.augment(self.images[idx.to(self.device)], generator, self.ddp.rank, self.ddp.world)
                 yield v1, v2, self.labels[idx].to(self.device)
             return
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch, sampler=order.tolist(), num_workers=self.config.workers,
-            pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False,
-        )
-        for v1, v2, labels in loader:
+        self.sampler.set_epoch(epoch)
+        for v1, v2, labels in self.loader:
             yield (v1.to(self.device, non_blocking=True), v2.to(self.device, non_blocking=True),
                    labels.to(self.device, non_blocking=True))
 
@@ -163,8 +196,8 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    # Only torch's generators drive training: data order and batched augmentation use generators seeded
-    # from (seed, epoch), and PIL workers are seeded from torch's state.
+    # Data order, batched augmentation and PIL augmentation use generators seeded from (seed, epoch, index);
+    # torch's global generators are saved for anything else a model may draw (e.g. dropout).
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
@@ -174,9 +207,36 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """Drop the records logged after the checkpoint we resume from, so the file has no repeated steps."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _load_weights(module: nn.Module, state: dict[str, Any], what: str, ckpt_path: Path) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[1:2] or [str(err)[:200]]
+        raise CheckpointError(
+            f"{ckpt_path} holds a {what} of another architecture ({first[0].strip()}); it cannot be resumed with "
+            "this config. Use another --out for the new architecture."
+        ) from None
+
+
 # --------------------------------------------------------------------------- the loop
 def train(config: TrainConfig, allow_config_change: bool = False, progress: bool = True) -> Path:
-    """Train (or resume) the run in ``config.out``; return the checkpoint path."""
+    """Train (or resume) the run in ``config.out``; return the checkpoint path.
+
+    Nothing is written until the data and model are ready; if the run folder was created by this call
+    and no checkpoint got written, a failure removes it again (no partial output).
+    """
+    validate(config)
     device_kind = "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
     ddp = setup_distributed(device_kind)
     device = pick_device(config.device, ddp.local_rank)
@@ -189,15 +249,16 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
             config.epochs = int(resume_state["config"]["epochs"])  # a budget-fitted schedule stays fixed
 
     torch.manual_seed(config.seed + ddp.rank)
-
-    data = decode_folder(config.data, config.image_size, progress=progress and ddp.main) \
-        if config.image_size <= CACHE_MAX_SIDE else _too_large(config)
+    model = CorInfoMaxModel(config.backbone, config.projector, config.cifar_stem).to(device)  # bad names fail here
+    data = decode_folder(config.data, config.image_size, progress=progress and ddp.main)
+    if data.skipped:
+        log.warning("skipped %d unreadable file(s) in %s; training on %d images", data.skipped, config.data,
+                    len(data.images))
     source = BatchSource(data, config, device, ddp)
     steps_per_epoch = source.steps_per_epoch()
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(data.images)} images are fewer than one batch of {config.batch_size}; lower --batch-size")
 
-    model = CorInfoMaxModel(config.backbone, config.projector, config.cifar_stem).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = CorInfoMaxLoss(model.embedding_dim, config.alpha, config.la_R, config.la_mu, config.eps, config.R_init).to(device)
@@ -208,27 +269,56 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
 
     start_epoch, step = 0, 0
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        loss_fn.load_state_dict(resume_state["loss"])
+        _load_weights(model, resume_state["model"], "model", ckpt_path)
+        _load_weights(loss_fn, resume_state["loss"], "loss state", ckpt_path)
         optimizer.load_state_dict(resume_state["optimizer"])
         if probe is not None and "probe" in resume_state:
-            probe.load_state_dict(resume_state["probe"])
+            _load_weights(probe, resume_state["probe"], "online probe", ckpt_path)
             probe_opt.load_state_dict(resume_state["probe_optimizer"])  # type: ignore[union-attr]
         start_epoch, step = int(resume_state["epoch"]), int(resume_state["step"])
         _restore_rng(resume_state["rng"])
         log.info("resuming %s at epoch %d (step %d)", out, start_epoch, step)
 
     train_model: nn.Module = model
+    train_probe = probe
     if ddp.world > 1:
-        train_model = DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model),
-                                              device_ids=[device.index] if device.type == "cuda" else None)
+        if device.type == "cuda":
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)  # converts the children in place
+        else:
+            convert_global_batchnorm(model)
+        ids = [device.index] if device.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=ids)
+        if probe is not None:
+            train_probe = DistributedDataParallel(probe, device_ids=ids)
     if config.compile:
         train_model = torch.compile(train_model)
 
+    created = ddp.main and not out.exists()
+    try:
+        return _run(config, ddp, device, out, source, train_model, model, loss_fn, optimizer, train_probe, probe,
+                    probe_opt, data, start_epoch, step, fresh=resume_state is None, progress=progress)
+    except BaseException:
+        if created and not ckpt_path.exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run(config: TrainConfig, ddp: Dist, device: torch.device, out: Path, source: BatchSource,
+         train_model: nn.Module, model: CorInfoMaxModel, loss_fn: CorInfoMaxLoss, optimizer: torch.optim.Optimizer,
+         train_probe: nn.Module | None, probe: nn.Module | None, probe_opt: torch.optim.Optimizer | None,
+         data: DecodedImages, start_epoch: int, step: int, fresh: bool, progress: bool) -> Path:
+    """The epochs themselves: steps, NaN guard, metrics, one checkpoint per epoch (rank 0 writes)."""
+    ckpt_path = out / CHECKPOINT_FILE
+    steps_per_epoch = source.steps_per_epoch()
+    metrics_file = None
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "config.json", config.to_dict())
-    metrics_file = open(out / "metrics.jsonl", "a") if ddp.main else None
+        if not fresh:
+            _trim_metrics(out / "metrics.jsonl", step)
+        metrics_file = open(out / "metrics.jsonl", "w" if fresh else "a")
+        _log(metrics_file, {"event": "data", "step": step, "images": len(data.images), "skipped": data.skipped,
+                            "classes": len(data.classes), "world_size": ddp.world, "device": str(device)})
     use_amp = config.amp and device.type == "cuda"
     bad_steps, started = 0, time.monotonic()
     total_steps = config.epochs * steps_per_epoch
@@ -236,7 +326,8 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
     try:
         for epoch in range(start_epoch, config.epochs):
             model.train()
-            sums = {"loss": 0.0, "attraction": 0.0, "big_bang": 0.0, "probe_correct": 0.0, "probe_seen": 0.0, "steps": 0}
+            sums = torch.zeros(5, dtype=torch.float64)  # loss, attraction, big_bang, probe correct, probe seen
+            good_steps = 0
             window_start, window_images = time.monotonic(), 0
             bar = tqdm(source.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                        disable=not (progress and ddp.main), unit="step")
@@ -250,7 +341,9 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
                     f1, z1 = train_model(v1)
                     _, z2 = train_model(v2)
                 out_loss = loss_fn(z1, z2)
-                if not torch.isfinite(out_loss.loss):
+                # One host sync per step, on detached values (no autograd-tensor-to-float conversions).
+                terms = torch.stack([out_loss.loss, out_loss.attraction, out_loss.big_bang]).detach().double().cpu()
+                if not bool(torch.isfinite(terms).all()):
                     bad_steps += 1
                     optimizer.zero_grad(set_to_none=True)
                     log.warning("non-finite loss at step %d (%d in a row): step skipped", step, bad_steps)
@@ -258,7 +351,9 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
                     if bad_steps >= config.max_bad_steps:
                         raise TrainingDiverged(
                             f"{bad_steps} consecutive non-finite losses at step {step}: training diverged. "
-                            f"The last good checkpoint ({ckpt_path}) is intact; lower --lr or raise --eps and resume."
+                            + (f"The last good checkpoint ({ckpt_path}) is intact; lower --lr or raise --eps and "
+                               "resume with --allow-config-change." if ckpt_path.exists() else
+                               "No epoch finished, so nothing was saved; lower --lr or raise --eps and start again.")
                         )
                     step += 1
                     continue
@@ -266,39 +361,45 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
                 optimizer.zero_grad(set_to_none=True)
                 out_loss.loss.backward()
                 optimizer.step()
-                if probe is not None:
-                    logits = probe(f1.detach().float())
+                if train_probe is not None:
+                    logits = train_probe(f1.detach().float())
                     probe_loss = nn.functional.cross_entropy(logits, labels)
                     probe_opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
                     probe_loss.backward()
                     probe_opt.step()  # type: ignore[union-attr]
-                    sums["probe_correct"] += float((logits.argmax(1) == labels).sum())
-                    sums["probe_seen"] += len(labels)
+                    sums[3] += float((logits.argmax(1) == labels).sum())
+                    sums[4] += len(labels)
                 step += 1
+                good_steps += 1
                 window_images += len(v1) * ddp.world
-                for key in ("loss", "attraction", "big_bang"):
-                    sums[key] += float(getattr(out_loss, key))
-                sums["steps"] += 1
+                sums[:3] += terms
                 if step % config.log_every == 0:
                     rate = window_images / max(1e-9, time.monotonic() - window_start)
                     window_start, window_images = time.monotonic(), 0
-                    bar.set_postfix(loss=f"{float(out_loss.loss):.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
-                    _log(metrics_file, {"step": step, "epoch": epoch + i / steps_per_epoch, "lr": lr,
-                                        "loss": float(out_loss.loss), "attraction": float(out_loss.attraction),
-                                        "big_bang": float(out_loss.big_bang), "images_per_s": rate})
+                    loss, attraction, big_bang = terms.tolist()
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+                    _log(metrics_file, {"step": step, "epoch": epoch + (i + 1) / steps_per_epoch, "lr": lr,
+                                        "loss": loss, "attraction": attraction, "big_bang": big_bang,
+                                        "images_per_s": rate})
                 if epoch == start_epoch and i == 11 and config.time_budget_min > 0 and start_epoch == 0:
-                    config.epochs = _fit_budget(config, steps_per_epoch, time.monotonic() - started, ddp)
+                    config.epochs = _fit_budget(config, steps_per_epoch, time.monotonic() - started, ddp, device)
                     total_steps = config.epochs * steps_per_epoch
                     bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
                     if ddp.main:
                         _write_json(out / "config.json", config.to_dict())
 
-            summary = {"epoch": epoch + 1, "step": step, "elapsed_s": time.monotonic() - started,
-                       **{k: sums[k] / max(1, sums["steps"]) for k in ("loss", "attraction", "big_bang")},
-                       **loss_fn.spectrum()}
-            if sums["probe_seen"]:
-                summary["online_probe_acc"] = sums["probe_correct"] / sums["probe_seen"]
-            if config.val_data and config.knn_every and (epoch + 1) % config.knn_every == 0 and ddp.main:
+            if ddp.world > 1:
+                probe_counts = sums[3:].to(device)
+                dist.all_reduce(probe_counts)  # probe accuracy over every rank's images
+                sums[3:] = probe_counts.cpu()
+            means = (sums[:3] / max(1, good_steps)).tolist()
+            summary: dict[str, Any] = {"epoch": epoch + 1, "step": step, "elapsed_s": time.monotonic() - started,
+                                       "loss": means[0], "attraction": means[1], "big_bang": means[2],
+                                       **loss_fn.spectrum()}
+            if sums[4] > 0:
+                summary["online_probe_acc"] = float(sums[3] / sums[4])
+            last = epoch + 1 == config.epochs
+            if config.val_data and ddp.main and (last or (config.knn_every and (epoch + 1) % config.knn_every == 0)):
                 summary["knn_top1"] = _knn(model, config, device, data)
             _log(metrics_file, summary)
             log.info("epoch %d/%d: %s", epoch + 1, config.epochs,
@@ -307,20 +408,14 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
                 save_checkpoint(ckpt_path, {
                     "config": config.to_dict(), "model": model.state_dict(), "loss": loss_fn.state_dict(),
                     "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step, "rng": _rng_state(),
-                    **({"probe": probe.state_dict(), "probe_optimizer": probe_opt.state_dict()} if probe is not None else {}),
+                    **({"probe": probe.state_dict(), "probe_optimizer": probe_opt.state_dict()}  # type: ignore[union-attr]
+                       if probe is not None else {}),
                     "metrics": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
                 })
     finally:
         if metrics_file is not None:
             metrics_file.close()
     return ckpt_path
-
-
-def _too_large(config: TrainConfig) -> DecodedImages:
-    raise ConfigError(
-        f"image_size {config.image_size} is above {CACHE_MAX_SIDE}: this version trains from the decoded uint8 cache, "
-        f"which holds images up to {CACHE_MAX_SIDE} px"
-    )
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -331,12 +426,12 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     raise ConfigError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'lars'")
 
 
-def _fit_budget(config: TrainConfig, steps_per_epoch: int, elapsed: float, ddp: Dist) -> int:
+def _fit_budget(config: TrainConfig, steps_per_epoch: int, elapsed: float, ddp: Dist, device: torch.device) -> int:
     """Epochs that fit the time budget, from the speed of the first steps (all ranks agree)."""
     seconds_per_step = elapsed / 12
     epochs = max(1, min(config.epochs, int(config.time_budget_min * 60 / (seconds_per_step * steps_per_epoch))))
     if ddp.world > 1:
-        t = torch.tensor([epochs])
+        t = torch.tensor([epochs], device=device)
         dist.broadcast(t, 0)
         epochs = int(t.item())
     log.info("time budget %.0f min at %.3f s/step: schedule set to %d epoch(s)", config.time_budget_min, seconds_per_step, epochs)

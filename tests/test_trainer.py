@@ -1,0 +1,146 @@
+"""The training loop on tiny CPU runs: resume, config guard, NaN guard, metrics, both pipelines (issue 2 s.4)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainkit import small_folder, tiny_config
+from training import trainer
+from training.checkpoint import CheckpointError, load_checkpoint
+from training.loss import CorInfoMaxLoss, CorInfoMaxOutput
+from training.trainer import ResumeConflict, TrainingDiverged, train
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORINFOMAX_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def data(cifar10: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """100 labelled images: 3 steps of 32 per epoch."""
+    return small_folder(cifar10, tmp_path_factory.mktemp("data"), per_class=10)
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_checkpoint_config_and_metrics(data: Path, tmp_path: Path, recwarn) -> None:
+    run = tmp_path / "run"
+    ckpt = train(tiny_config(data, run), progress=False)
+    state = load_checkpoint(ckpt)
+    assert state["epoch"] == 2 and state["step"] == 6
+    assert set(state["loss"]) == {"mu1", "mu2", "R1", "R2"} and state["loss"]["R1"].dtype == torch.float64
+    assert json.loads((run / "config.json").read_text())["projector"] == "64-32"
+    rows = records(run)
+    steps = [r for r in rows if "lr" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert all({"loss", "attraction", "big_bang", "images_per_s"} <= set(r) for r in steps)
+    assert steps[0]["lr"] < steps[1]["lr"] and steps[-1]["lr"] < steps[2]["lr"]  # warm-up, then cosine
+    epochs = [r for r in rows if "effective_rank" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert all({"eig_min", "eig_max", "online_probe_acc"} <= set(r) for r in epochs)
+    assert rows[0]["event"] == "data" and rows[0]["images"] == 100 and rows[0]["skipped"] == 0
+    assert not [w for w in recwarn if "requires_grad" in str(w.message)]
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(data: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    reference = load_checkpoint(train(tiny_config(data, tmp_path / "straight"), progress=False))
+
+    original = trainer.BatchSource.epoch
+
+    def interrupted(self, epoch: int):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(trainer.BatchSource, "epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(data, tmp_path / "resumed"), progress=False)
+    assert load_checkpoint(tmp_path / "resumed")["epoch"] == 1
+    monkeypatch.setattr(trainer.BatchSource, "epoch", original)
+    resumed = load_checkpoint(train(tiny_config(data, tmp_path / "resumed"), progress=False))
+
+    assert resumed["epoch"] == reference["epoch"] == 2
+    for part in ("model", "loss", "probe"):
+        for key, value in reference[part].items():
+            torch.testing.assert_close(resumed[part][key], value, rtol=1e-5, atol=1e-6, msg=f"{part}.{key}")
+    for key in ("loss", "attraction", "big_bang", "effective_rank"):
+        assert resumed["metrics"][key] == pytest.approx(reference["metrics"][key], rel=1e-5)
+    steps = [r["step"] for r in records(tmp_path / "resumed") if "lr" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # nothing logged twice
+
+
+def test_changed_config_is_refused_unless_allowed(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny_config(data, run, epochs=1), progress=False)
+    before = (run / "checkpoint.pt").read_bytes()
+    with pytest.raises(ResumeConflict, match=r"lr: 0\.05 -> 0\.1.*--allow-config-change"):
+        train(tiny_config(data, run, epochs=1, lr=0.1), progress=False)
+    assert (run / "checkpoint.pt").read_bytes() == before
+    # Runtime-only fields may change; with permission, so may the recipe (here: one more epoch).
+    train(tiny_config(data, run, epochs=2, log_every=5), allow_config_change=True, progress=False)
+    assert load_checkpoint(run)["epoch"] == 2
+
+
+def test_checkpoint_of_another_architecture_is_refused(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny_config(data, run, epochs=1), progress=False)
+    with pytest.raises(CheckpointError, match="another architecture"):
+        train(tiny_config(data, run, epochs=1, projector="64-16"), allow_config_change=True, progress=False)
+
+
+def _nan_after(monkeypatch: pytest.MonkeyPatch, good_calls: int, bad_calls: int) -> None:
+    """Make the loss non-finite for calls good_calls+1 .. good_calls+bad_calls."""
+    original, calls = CorInfoMaxLoss.forward, [0]
+
+    def forward(self, z1, z2) -> CorInfoMaxOutput:
+        out = original(self, z1, z2)
+        calls[0] += 1
+        if good_calls < calls[0] <= good_calls + bad_calls:
+            return CorInfoMaxOutput(out.loss * float("nan"), out.attraction, out.big_bang)
+        return out
+
+    monkeypatch.setattr(CorInfoMaxLoss, "forward", forward)
+
+
+def test_repeated_nan_stops_and_keeps_the_last_good_checkpoint(data: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    _nan_after(monkeypatch, good_calls=3, bad_calls=100)  # epoch 1 fine, epoch 2 diverges
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="3 consecutive non-finite losses.*checkpoint.*intact"):
+        train(tiny_config(data, run, max_bad_steps=3), progress=False)
+    state = load_checkpoint(run)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert [r["consecutive"] for r in records(run) if r.get("event") == "skipped_step"] == [1, 2, 3]
+
+
+def test_one_nan_step_is_skipped_and_training_goes_on(data: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    _nan_after(monkeypatch, good_calls=1, bad_calls=1)
+    run = tmp_path / "run"
+    train(tiny_config(data, run, max_bad_steps=2), progress=False)
+    assert load_checkpoint(run)["epoch"] == 2
+    assert [r["step"] for r in records(run) if r.get("event") == "skipped_step"] == [1]
+
+
+def test_divergence_in_the_first_epoch_leaves_no_run_folder(data: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    _nan_after(monkeypatch, good_calls=0, bad_calls=100)
+    with pytest.raises(TrainingDiverged, match="nothing was saved"):
+        train(tiny_config(data, tmp_path / "run", max_bad_steps=2), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_pil_pipeline_with_persistent_workers(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny_config(data, run, augment="pil", workers=2), progress=False)
+    state = load_checkpoint(run)
+    assert state["epoch"] == 2 and torch.isfinite(torch.tensor(state["metrics"]["loss"]))

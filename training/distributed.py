@@ -1,0 +1,81 @@
+"""The torchrun job this process belongs to, and batch norm over the global batch on any backend.
+
+`nn.SyncBatchNorm` runs only on GPUs, so CPU (gloo) jobs get `GlobalBatchNorm`: the same global-batch
+statistics through differentiable all-reduces. With it, N processes with B/N images each train like one
+process with B images, which is what the CorInfoMax covariance (also global, see `training.loss`) assumes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import Tensor, nn
+
+
+@dataclass
+class Dist:
+    """This process's place in a (possibly single-process) job."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_kind: str) -> Dist:
+    """Join the torchrun job described by the environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*), if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose training statistics cover the batches of all processes (any backend, any device)."""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.ndim < 2:
+            raise ValueError(f"expected at least 2-d input, got {x.ndim}-d")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(x)
+        dims = [0, *range(2, x.ndim)]
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        count = torch.tensor([x.numel() // x.shape[1]], device=x.device, dtype=torch.float64)
+        dist.all_reduce(count)
+        n = float(count.item())
+        mean = dist_fn.all_reduce(x.sum(dims)) / n
+        var = dist_fn.all_reduce((x - mean.view(shape)).pow(2).sum(dims)) / n
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_(var.detach() * n / max(1.0, n - 1), momentum)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def convert_global_batchnorm(module: nn.Module) -> nn.Module:
+    """Swap every batch-norm layer for a `GlobalBatchNorm` holding the same parameters and buffers (in place)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
+            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            new.to(next(child.buffers(), torch.empty(0)).device)
+            setattr(module, name, new)
+        else:
+            convert_global_batchnorm(child)
+    return module
