@@ -237,8 +237,12 @@ def extract(
     """
     if batch_size < 1 or shard_rows < 1:
         raise UserError("--batch-size and --shard-rows must be positive")
+    if engine not in ("local", "ray"):
+        raise UserError(f"unknown --engine {engine!r}: use local or ray")
     items = list_inputs(sources)
     card = read_card(bundle)
+    # Load the model before touching the output, so a bad bundle leaves no folder behind.
+    embedder = Embedder(bundle, threads=threads) if engine == "local" else None
     labels = {item.label for item in items if item.label is not None}
     writer = FeaturesWriter(out, card, dtype, sources, listing_sha256(items), shard_rows, sorted(labels) or None)
     slices = shard_slices(len(items), shard_rows)
@@ -248,16 +252,13 @@ def extract(
              len(items), len(slices), len(slices) - len(pending), todo)
     failed, started = 0, time.perf_counter()
     with tqdm(total=todo, unit="img", desc="extract", disable=not show_progress, smoothing=0.1) as bar:
-        if engine == "local":
-            embedder = Embedder(bundle, threads=threads)
+        if embedder is not None:
             results = local_shards(embedder, items, pending, shard_rows, batch_size,
                                    workers or default_workers(), bar.update)
-        elif engine == "ray":
+        else:
             from serving.ray_engine import ray_shards
 
             results = ray_shards(bundle, items, pending, shard_rows, batch_size, threads, ray_address, bar.update)
-        else:
-            raise UserError(f"unknown --engine {engine!r}: use local or ray")
         for index, embeddings, records in results:
             writer.write_shard(index, embeddings, records)
             for record in records:

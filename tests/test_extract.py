@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from serving.embedder import Embedder
+from serving.errors import BundleError
 from serving.extract import InputError, extract, list_inputs
 from serving.features import FeaturesError, failures, load_features, read_manifest
 
@@ -199,6 +200,9 @@ def test_bad_sources_give_clear_errors(tmp_path: Path, tiny_bundle: Path, images
     with pytest.raises(InputError, match="matches no files"):
         list_inputs([str(tmp_path / "*.png")])
     assert len(list_inputs([str(images / "cat" / "*.jpg"), str(images / "cat")])) == 40  # de-duplicated
+    with pytest.raises(BundleError, match="not a model bundle"):
+        extract([str(images / "cat")], tmp_path / "empty", tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("someone's file")
