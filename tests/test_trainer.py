@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainkit import small_folder, tiny_config
+from trainkit import one_thread, small_folder, tiny_config
 from training import trainer
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.loss import CorInfoMaxLoss, CorInfoMaxOutput
@@ -16,8 +16,10 @@ from training.trainer import ResumeConflict, TrainingDiverged, train
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _private_cache_one_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("CORINFOMAX_CACHE", str(tmp_path / "cache"))
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

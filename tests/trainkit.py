@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from training.config import TrainConfig, resolve
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on the shared 2-core box, 2 threads are ~10x slower than 1 (oversubscription)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def small_folder(cifar10: Path, dest: Path, per_class: int, split: str = "train") -> Path:
@@ -19,8 +34,8 @@ def small_folder(cifar10: Path, dest: Path, per_class: int, split: str = "train"
 
 
 def tiny_config(data: Path, out: Path, **overrides: Any) -> TrainConfig:
-    """tiny_resnet, projector 64-32, batch 32, 2 epochs, CPU, no time budget, every step logged."""
-    values: dict[str, Any] = dict(data=str(data), out=str(out), projector="64-32", batch_size=32, epochs=2,
+    """tiny_resnet on 16 px images, projector 64-32, batch 32, 2 epochs, CPU, no time budget, every step logged."""
+    values: dict[str, Any] = dict(data=str(data), out=str(out), projector="64-32", batch_size=32, epochs=2, image_size=16,
                                   warmup_epochs=0.5, lr=0.05, time_budget_min=0.0, log_every=1, workers=0,
                                   device="cpu")
     return resolve("cpu", {**values, **overrides})

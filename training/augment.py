@@ -99,6 +99,8 @@ def resized_crop(images: Tensor, boxes: Tensor, flip: Tensor, size: int) -> Tens
     """Crop each ``(top, left, h, w)`` box, resize it to ``size`` (bicubic), mirror where ``flip``.
 
     ``images`` float ``[N, C, H, W]``; one batched ``grid_sample`` does crop, resize and flip together.
+    Its bicubic filter is PyTorch's (a = -0.75) where the PIL reference uses a = -0.5, and pixels at the crop's
+    edge read the real neighbours instead of replicated border pixels: differences of a few grey levels.
     """
     n, _, height, width = images.shape
     boxes = boxes.to(images.device, images.dtype)

@@ -1,0 +1,201 @@
+"""The batched two-view augmentation vs the torchvision reference, op by op (issue 3): same parameter
+distributions, and the same image for the same parameters (within interpolation tolerance)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from torchvision import transforms as T
+
+from trainkit import one_thread
+from training import augment as A
+from training.data import decode_folder
+
+N = 4000  # draws per distribution check
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def images(cifar10: Path, tmp_path_factory: pytest.TempPathFactory) -> torch.Tensor:
+    """40 real CIFAR-10 test images as float [N, 3, 32, 32] in [0, 1]."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CORINFOMAX_CACHE", str(tmp_path_factory.mktemp("cache")))
+        data = decode_folder(cifar10 / "test", 32, limit_per_class=4, progress=False)
+    return data.images.float() / 255
+
+
+def close_means(a: torch.Tensor, b: torch.Tensor, sigmas: float = 5.0) -> None:
+    """Two samples of the same distribution: means within `sigmas` standard errors."""
+    a, b = a.double(), b.double()
+    se = math.sqrt(a.var() / len(a) + b.var() / len(b)) + 1e-12
+    assert abs(a.mean() - b.mean()) < sigmas * se, (float(a.mean()), float(b.mean()))
+
+
+def close_quantiles(a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
+    q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
+    torch.testing.assert_close(torch.quantile(a.double(), q), torch.quantile(b.double(), q), rtol=0, atol=tol)
+
+
+# --------------------------------------------------------------------------- parameter distributions
+@pytest.mark.parametrize("height,width", [(32, 32), (24, 64)])
+def test_crop_boxes_follow_random_resized_crop(height: int, width: int) -> None:
+    ours = A.sample_crop_boxes(N, height, width, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    ref = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(3, height, width), A.CROP_SCALE, A.CROP_RATIO)
+                        for _ in range(N)], dtype=torch.float32)
+    top, left, h, w = ours.unbind(1)
+    assert (h >= 1).all() and (w >= 1).all() and (top + h <= height).all() and (left + w <= width).all()
+    for column in range(4):
+        close_means(ours[:, column], ref[:, column])
+        close_quantiles(ours[:, column], ref[:, column], tol=2.0)
+    close_means(h * w, ref[:, 2] * ref[:, 3])
+
+
+def test_jitter_factors_follow_color_jitter() -> None:
+    p = A.sample_jitter(N, torch.Generator().manual_seed(1))
+    torch.manual_seed(1)
+    b, c, s, h = A.JITTER
+    jitter = T.ColorJitter(*A.JITTER)
+    draws = [T.ColorJitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) for _ in range(N)]
+    ref_order = torch.stack([d[0] for d in draws])
+    for ours, index, (lo, hi) in ((p.brightness, 1, (1 - b, 1 + b)), (p.contrast, 2, (1 - c, 1 + c)),
+                                  (p.saturation, 3, (1 - s, 1 + s)), (p.hue, 4, (-h, h))):
+        ref = torch.tensor([d[index] for d in draws])
+        assert lo <= float(ours.min()) and float(ours.max()) <= hi
+        close_means(ours, ref)
+        close_quantiles(ours, ref, tol=0.05 * (hi - lo))
+    # Each op is equally likely at each position (a uniform random order), as in the reference.
+    for position in range(4):
+        for op in range(4):
+            close_means((p.order[:, position] == op).float(), (ref_order[:, position] == op).float())
+    assert sorted(p.order[0].tolist()) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("view", [0, 1])
+def test_application_probabilities_match_the_paper(view: int) -> None:
+    p = A.sample_view(N, 32, 32, A.BLUR_P[view], A.SOLARIZE_P[view], torch.Generator().manual_seed(2))
+    for flags, want in ((p.flip, 0.5), (p.jitter.apply, A.JITTER_P), (p.gray, A.GRAYSCALE_P),
+                        (p.blur, A.BLUR_P[view]), (p.solarize, A.SOLARIZE_P[view])):
+        rate = float(flags.float().mean())
+        assert abs(rate - want) <= 5 * math.sqrt(want * (1 - want) / N) + 1e-9, (rate, want)
+    torch.manual_seed(2)
+    ref_sigma = torch.tensor([T.GaussianBlur.get_params(*A.BLUR_SIGMA) for _ in range(N)])
+    close_means(p.sigma, ref_sigma)
+    assert A.BLUR_SIGMA[0] <= float(p.sigma.min()) and float(p.sigma.max()) <= A.BLUR_SIGMA[1]
+
+
+# --------------------------------------------------------------------------- same parameters, same image
+def test_resized_crop_matches_torchvision(images: torch.Tensor) -> None:
+    n = len(images)
+    boxes = A.sample_crop_boxes(n, 32, 32, torch.Generator().manual_seed(3))
+    flip = torch.arange(n) % 2 == 0
+    ours = A.resized_crop(images, boxes, flip, 32)
+    to_pil_kernel = []
+    for i in range(n):
+        top, left, h, w = (int(v) for v in boxes[i])
+        crop = lambda aa: TF.resized_crop(images[i], top, left, h, w, [32, 32],  # noqa: E731
+                                          T.InterpolationMode.BICUBIC, antialias=aa).clamp(0, 1)
+        # Same filter (bicubic a=-0.75): equal away from the crop's edge, where torchvision replicates the
+        # crop's border pixels while one grid_sample over the whole image reads the real neighbours.
+        same = crop(False)
+        same = TF.hflip(same) if flip[i] else same
+        margin = max(1, math.ceil(2 * 32 / min(h, w)))
+        inner = (ours[i] - same)[:, margin:-margin, margin:-margin]
+        if inner.numel():
+            assert float(inner.abs().max()) < 1e-4, (i, h, w)
+        # The PIL reference's filter (a=-0.5, torchvision's antialias path): within interpolation tolerance.
+        pil_like = crop(True)
+        to_pil_kernel.append((ours[i] - (TF.hflip(pil_like) if flip[i] else pil_like)).abs())
+    errors = torch.stack(to_pil_kernel)
+    assert float(errors.mean()) < 0.01 and float(errors.quantile(0.99)) < 0.08
+    # The full box without flip is the identity.
+    full = A.resized_crop(images, torch.tensor([[0, 0, 32, 32]] * n), torch.zeros(n, dtype=torch.bool), 32)
+    torch.testing.assert_close(full, images, rtol=0, atol=1e-5)
+
+
+def test_each_colour_op_matches_torchvision(images: torch.Tensor) -> None:
+    n = len(images)
+    factor = torch.linspace(0.6, 1.4, n)
+    hue = torch.linspace(-0.1, 0.1, n)
+    for ours, ref_op, values, atol in (
+        (A.adjust_brightness, TF.adjust_brightness, factor, 1e-6),
+        (A.adjust_contrast, TF.adjust_contrast, factor, 2e-3),  # luma 0.299 vs torchvision's 0.2989
+        (A.adjust_saturation, TF.adjust_saturation, factor, 2e-3),
+        (A.adjust_hue, TF.adjust_hue, hue, 1e-4),
+    ):
+        got = ours(images, values)
+        want = torch.stack([ref_op(images[i], float(values[i])) for i in range(n)])
+        torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=ours.__name__)
+
+
+def test_color_jitter_applies_ops_in_each_samples_order(images: torch.Tensor) -> None:
+    params = A.sample_jitter(len(images), torch.Generator().manual_seed(4))
+    got = A.color_jitter(images, params)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for i in range(len(images)):
+        want = images[i]
+        if params.apply[i]:
+            values = (params.brightness[i], params.contrast[i], params.saturation[i], params.hue[i])
+            for op in params.order[i].tolist():
+                want = ops[op](want, float(values[op]))
+        torch.testing.assert_close(got[i], want, rtol=0, atol=3e-3)
+
+
+def test_grayscale_blur_and_solarize_match_torchvision(images: torch.Tensor) -> None:
+    n = len(images)
+    on = torch.arange(n) % 3 != 0
+    gray = A.grayscale(images, on)
+    for i in range(n):
+        want = TF.rgb_to_grayscale(images[i], 3) if on[i] else images[i]
+        torch.testing.assert_close(gray[i], want, rtol=0, atol=2e-3)
+
+    sigma = torch.linspace(*A.BLUR_SIGMA, n)
+    k = A.blur_kernel_size(32)
+    blurred = A.gaussian_blur(images, sigma, on, k)
+    for i in range(n):
+        want = TF.gaussian_blur(images[i], [k, k], [float(sigma[i])] * 2) if on[i] else images[i]
+        torch.testing.assert_close(blurred[i], want, rtol=0, atol=1e-5)
+    assert A.blur_kernel_size(224) == 23 and A.blur_kernel_size(32) == 3
+
+    solar = A.solarize(images, on)
+    for i in range(n):
+        want = TF.solarize(images[i], 128 / 255) if on[i] else images[i]
+        torch.testing.assert_close(solar[i], want, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- whole pipelines
+def test_batched_views_look_like_the_reference_views(images: torch.Tensor) -> None:
+    """Same shapes and, over many draws, the same per-channel statistics as the PIL reference."""
+    from PIL import Image
+
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    uint8 = (images * 255).round().to(torch.uint8).repeat(4, 1, 1, 1)
+    v1, v2 = A.BatchTwoView(32, mean, std)(uint8, torch.Generator().manual_seed(5))
+    torch.manual_seed(5)
+    reference = A.PilTwoView(32, mean, std)
+    pil = [reference(Image.fromarray(x.permute(1, 2, 0).numpy())) for x in uint8]
+    r1, r2 = torch.stack([p[0] for p in pil]), torch.stack([p[1] for p in pil])
+    assert v1.shape == r1.shape == (len(uint8), 3, 32, 32) and v1.dtype == r1.dtype == torch.float32
+    for ours, ref in ((v1, r1), (v2, r2)):
+        torch.testing.assert_close(ours.mean((0, 2, 3)), ref.mean((0, 2, 3)), rtol=0, atol=0.15)
+        torch.testing.assert_close(ours.std((0, 2, 3)), ref.std((0, 2, 3)), rtol=0.15, atol=0)
+
+
+def test_shards_of_a_global_batch_get_the_single_process_views(images: torch.Tensor) -> None:
+    """Rank r of 2 (every other image) sees exactly rows r::2 of the one-process views."""
+    uint8 = (images * 255).round().to(torch.uint8)
+    augment = A.BatchTwoView(32, (0.5,) * 3, (0.25,) * 3)
+    whole = augment(uint8, torch.Generator().manual_seed(6))
+    for rank in range(2):
+        shard = augment(uint8[rank::2], torch.Generator().manual_seed(6), rank=rank, world=2)
+        for view in range(2):
+            torch.testing.assert_close(shard[view], whole[view][rank::2], rtol=0, atol=1e-5)
