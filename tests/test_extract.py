@@ -147,8 +147,8 @@ def _cli(*args: str) -> list[str]:
 
 
 def test_killed_run_resumes_to_identical_output(tiny_bundle: Path, cifar10: Path, tmp_path: Path) -> None:
-    images = make_image_folder(cifar10, tmp_path / "images", per_class=200)
-    command = ["extract", str(images), "--model", str(tiny_bundle), "--shard-rows", "50", "--batch-size", "10",
+    images = make_image_folder(cifar10, tmp_path / "images", per_class=100)
+    command = ["extract", str(images), "--model", str(tiny_bundle), "--shard-rows", "25", "--batch-size", "5",
                "--workers", "1", "--threads", "1", "--no-progress"]
     clean, resumed = tmp_path / "clean", tmp_path / "resumed"
     subprocess.run(_cli(*command, "--out", str(clean)), cwd=REPO, check=True, capture_output=True)
