@@ -84,8 +84,8 @@ def main() -> None:
             bundle = export_bundle(checkpoint, Path(tmp) / precision, precision, verify_data=args.data / "test",
                                    calibration_data=args.data / "train", verify_images=500)
             embedders[precision] = Embedder(bundle, providers=["CPUExecutionProvider"], threads=args.threads)
-        parity = {p: {k: e.card["parity"].get(k) for k in ("min_cosine", "mean_cosine", "max_abs_diff", "knn_top1_drop")}
-                  for p, e in embedders.items()}
+        keys = ("min_cosine", "mean_cosine", "max_abs_diff", "knn_top1_drop")
+        parity = {p: {k: e.card["parity"].get(k) for k in keys} for p, e in embedders.items()}
         sample = np.stack([embedders["fp32"].preprocess(f) for f in sorted((args.data / "test").rglob("*.jpg"))[:256]])
 
         results: dict[int, dict[str, float]] = {}

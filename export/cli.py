@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--verify-data", type=Path,
                         help="ImageFolder tree of real images for the parity check (default: the config's val_data)")
     parser.add_argument("--calibration-data", type=Path,
-                        help="labelled image folder for int8 calibration and its kNN check (default: the config's data)")
+                        help="labelled image folder for int8 calibration and its kNN check "
+                        "(default: the config's data)")
     parser.add_argument("--verify-images", type=int, default=500, help="images for the parity check (default 500)")
     parser.add_argument("--calibration-images", type=int, default=256, help="int8 calibration images (default 256)")
     parser.add_argument("--knn-images", type=int, default=1000,

@@ -16,8 +16,6 @@ from torch import Tensor, nn
 from training.checkpoint import CheckpointError
 from training.models import CorInfoMaxModel
 
-log = logging.getLogger(__name__)
-
 INPUT_NAME = "pixels"
 OUTPUT_NAMES = ("embedding", "features")
 OPSET = 18
@@ -50,7 +48,8 @@ def load_backbone(state: dict[str, Any]) -> tuple[nn.Module, int]:
     config = state["config"]
     missing = [k for k in ("backbone", "projector", "cifar_stem", "image_size", "mean", "std") if k not in config]
     if missing:
-        raise CheckpointError(f"the checkpoint's config lacks {', '.join(missing)}; it was not written by `corinfomax train`")
+        raise CheckpointError(
+            f"the checkpoint's config lacks {', '.join(missing)}; it was not written by `corinfomax train`")
     model = CorInfoMaxModel(config["backbone"], config["projector"], bool(config["cifar_stem"]))
     try:
         model.load_state_dict(state["model"])

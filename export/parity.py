@@ -51,7 +51,8 @@ def _knn(bank_embeddings: np.ndarray, bank: Sample, embeddings: np.ndarray, imag
                     torch.from_numpy(images.labels), len(bank.classes), k=KNN_K)
 
 
-def measure(graph: EmbeddingGraph, bundle: Path, precision: str, images: Sample, bank: Sample | None) -> dict[str, Any]:
+def measure(graph: EmbeddingGraph, bundle: Path, precision: str, images: Sample,
+            bank: Sample | None) -> dict[str, Any]:
     """Compare the bundle with ``graph`` on ``images``; with a labelled ``bank``, also compare kNN top-1."""
     embedder = Embedder(bundle)
     reference = torch_embed(graph, images.pixels)

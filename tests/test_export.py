@@ -49,7 +49,8 @@ def test_bundle_card_metadata_and_parity(bundles: dict[str, Path], tiny_checkpoi
     card = read_card(bundle)
     assert CARD_KEYS <= set(card)
     assert card["precision"] == precision and card["embedding_dim"] == 256 and card["backbone"] == "tiny_resnet"
-    assert card["input"]["size"] == [32, 32] and card["input"]["resize"] == {"shorter_side": 32, "interpolation": "bicubic"}
+    assert card["input"]["size"] == [32, 32]
+    assert card["input"]["resize"] == {"shorter_side": 32, "interpolation": "bicubic"}
     assert card["checkpoint_sha256"][:12] == card["version"] and card["name"] == tiny_checkpoint.parent.name
     assert card["training"]["dataset"] == "cifar10" and card["exported_at"].endswith("+00:00")
     model = onnx.load(str(bundle / "model.onnx"))
@@ -190,7 +191,8 @@ def test_cli_bad_input_exits_2_without_traceback(tiny_checkpoint: Path, tmp_path
         (["--precision", "int4"], "unsupported precision 'int4'"),
         (["--verify-images", "0"], "--verify-images must be at least 1"),
     ]:
-        code = corinfomax_cli.main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "b"), *args])
+        code = corinfomax_cli.main(
+            ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "b"), *args])
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err
     assert _left_over(tmp_path) == []
