@@ -3,6 +3,7 @@ a model bundle loaded once into an onnxruntime session."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -40,10 +41,21 @@ def read_card(bundle_dir: str | Path) -> dict[str, Any]:
     return card
 
 
-def default_providers() -> list[str]:
-    """CUDA when onnxruntime can use it, else CPU."""
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+def _cuda_driver_present() -> bool:
+    # onnxruntime-gpu lists the CUDA provider even where no driver is installed, then fails noisily.
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+def default_providers() -> list[str | tuple[str, dict[str, Any]]]:
+    """CUDA when onnxruntime can use it (TF32 off, so fp32 bundles keep their verified parity), else CPU."""
+    providers: list[str | tuple[str, dict[str, Any]]] = []
+    if "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_driver_present():
+        providers.append(("CUDAExecutionProvider", {"use_tf32": 0}))
+    return providers + ["CPUExecutionProvider"]
 
 
 class Embedder:
@@ -59,7 +71,7 @@ class Embedder:
     def __init__(
         self,
         bundle_dir: str | Path,
-        providers: Sequence[str] | None = None,
+        providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
         threads: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
