@@ -73,6 +73,8 @@ def export_bundle(
     calibration_images: int = 256,
     knn_images: int = 1000,
     overwrite: bool = False,
+    evaluation: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> Path:
     """Export a checkpoint's backbone as a bundle folder ``out`` and return its path.
 
@@ -80,6 +82,8 @@ def export_bundle(
     is not written unless it meets `export.parity.THRESHOLDS`; the figures go into the model card.
     int8 is calibrated on ``calibration_images`` images of ``calibration_data`` (default: the training
     folder); its kNN check uses ``knn_images`` labelled images of the same folder as the neighbour bank.
+    ``evaluation`` (a `corinfomax eval` report) and ``provenance`` (how the model was made: commands,
+    hardware, wall time) go into the model card as they are.
     """
     if precision not in PRECISIONS:
         raise ExportError(f"unsupported precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -104,7 +108,8 @@ def export_bundle(
     try:
         _build(tmp, backbone, feature_dim, state, precision, verify_dir, calib_dir, dict(
             name=name, version=version, checkpoint_sha256=sha, verify_images=verify_images,
-            calibration_images=calibration_images, knn_images=knn_images))
+            calibration_images=calibration_images, knn_images=knn_images, evaluation=evaluation,
+            provenance=provenance))
         _install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -126,6 +131,10 @@ def _build(tmp: Path, backbone: torch.nn.Module, feature_dim: int, state: dict[s
         graph = EmbeddingGraph(copy.deepcopy(backbone), config["mean"], config["std"], torch.float16)
     card = build_card(state, name=opts["name"], version=opts["version"], precision=precision,
                       embedding_dim=feature_dim, checkpoint_sha256=opts["checkpoint_sha256"], opset=OPSET)
+    if opts.get("evaluation"):
+        card["evaluation"] = opts["evaluation"]
+    if opts.get("provenance"):
+        card["provenance"] = opts["provenance"]
     model_path = tmp / MODEL_FILE
     log.info("exporting the %s backbone to ONNX (opset %d, %s)", config["backbone"], OPSET, precision)
     if precision == "int8":

@@ -33,7 +33,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder / registered tag")
     parser.add_argument("--register", action="store_true",
                         help="also add the bundle to the BentoML model store as NAME:VERSION")
+    parser.add_argument("--evaluation", type=Path, metavar="REPORT",
+                        help="a `corinfomax eval` JSON report to record in the model card")
+    parser.add_argument("--provenance", type=Path, metavar="JSON",
+                        help="a JSON object recorded in the card as how the model was made (commands, hardware, time)")
     parser.set_defaults(handler=run)
+
+
+def _json_object(path: Path | None, option: str) -> dict | None:
+    """Read an optional JSON object given on the command line."""
+    from export.bundle import ExportError
+
+    if path is None:
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{option} {path}: not a readable JSON file ({err})") from err
+    if not isinstance(value, dict):
+        raise ExportError(f"{option} {path}: expected a JSON object")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.out, args.precision, args.verify, name=args.name, version=args.version,
         verify_data=args.verify_data, calibration_data=args.calibration_data, verify_images=args.verify_images,
         calibration_images=args.calibration_images, knn_images=args.knn_images, overwrite=args.overwrite,
+        evaluation=_json_object(args.evaluation, "--evaluation"),
+        provenance=_json_object(args.provenance, "--provenance"),
     )
     card = read_card(out)
     summary = {"bundle": str(out), "name": card["name"], "version": card["version"],

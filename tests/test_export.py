@@ -174,10 +174,16 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 def test_cli_exports_registers_and_refuses(tiny_checkpoint: Path, tmp_path: Path) -> None:
     env = {"BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
     out = tmp_path / "bundle"
+    (tmp_path / "eval.json").write_text(json.dumps({"results": {"trained": {"knn_top1": 0.5}}}))
+    (tmp_path / "how.json").write_text(json.dumps({"hardware": "2-core CPU"}))
     done = _cli(["export", "--checkpoint", str(tiny_checkpoint.parent), "--out", str(out), "--no-verify",
-                 "--name", "tiny", "--version", "t1", "--register"], env)
+                 "--name", "tiny", "--version", "t1", "--register", "--evaluation", str(tmp_path / "eval.json"),
+                 "--provenance", str(tmp_path / "how.json")], env)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["bentoml_tag"] == "tiny:t1"
+    card = json.loads((out / "model.json").read_text())
+    assert card["evaluation"]["results"]["trained"]["knn_top1"] == 0.5
+    assert card["provenance"] == {"hardware": "2-core CPU"}
     listed = subprocess.run(["bentoml", "models", "list", "-o", "json"], env={**os.environ, **env},
                             capture_output=True, text=True, timeout=120)
     assert "tiny:t1" in listed.stdout, listed.stderr
@@ -190,6 +196,7 @@ def test_cli_bad_input_exits_2_without_traceback(tiny_checkpoint: Path, tmp_path
     for args, message in [
         (["--precision", "int4"], "unsupported precision 'int4'"),
         (["--verify-images", "0"], "--verify-images must be at least 1"),
+        (["--evaluation", str(tmp_path / "missing.json")], "--evaluation"),
     ]:
         code = corinfomax_cli.main(
             ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "b"), *args])
