@@ -69,7 +69,9 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def convert_global_batchnorm(module: nn.Module) -> nn.Module:
-    """Swap every batch-norm layer for a `GlobalBatchNorm` holding the same parameters and buffers (in place)."""
+    """Swap every batch-norm layer for a `GlobalBatchNorm` holding the same values (in place).
+
+    The new layers have new parameter objects: convert before building the optimizer."""
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
             new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)

@@ -259,6 +259,11 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(data.images)} images are fewer than one batch of {config.batch_size}; lower --batch-size")
 
+    if ddp.world > 1:  # global-batch BN; before the optimizer is built, as conversion makes new parameters
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            model = convert_global_batchnorm(model)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = CorInfoMaxLoss(model.embedding_dim, config.alpha, config.la_R, config.la_mu, config.eps, config.R_init).to(device)
@@ -282,10 +287,6 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
     train_model: nn.Module = model
     train_probe = probe
     if ddp.world > 1:
-        if device.type == "cuda":
-            nn.SyncBatchNorm.convert_sync_batchnorm(model)  # converts the children in place
-        else:
-            convert_global_batchnorm(model)
         ids = [device.index] if device.type == "cuda" else None
         train_model = DistributedDataParallel(model, device_ids=ids)
         if probe is not None:
