@@ -1,11 +1,13 @@
 """The BentoML service: embed, search, classify, and manage the index over HTTP.
 
-Three services, one job each (start with ``bentoml serve serving.service:CorInfoMax``):
-- ``Encoder`` (N workers): the ONNX model behind an adaptively batched API (``batchable=True``);
+Two services, one job each (start with ``bentoml serve serving.service:CorInfoMax``):
+- ``CorInfoMax`` (N workers, the public entry): decodes images (files, URLs, base64) in a thread pool,
+  validates input, runs the ONNX model in-process with concurrent requests merged into one call
+  (``serving.service_batcher.MicroBatcher``), applies the probe or a kNN vote;
 - ``IndexOwner`` (1 worker): the only process that opens the index, so every write is seen by every
-  request and SQLite has a single writer;
-- ``CorInfoMax`` (N workers, the public entry): decodes images (files, URLs, base64), validates input,
-  applies the probe or a kNN vote, and calls the other two through ``bentoml.depends``.
+  request and SQLite has a single writer; ``CorInfoMax`` calls it through ``bentoml.depends``.
+Why the model is not a separate batchable service: the extra hop (uint8 arrays serialised both ways)
+and BentoML's dispatcher cost more than the model itself for small images (docs/RESULTS.md "Serving").
 Configuration comes from the environment (``serving.service_config.Settings``).
 """
 
@@ -25,9 +27,10 @@ import bentoml
 import numpy as np
 from starlette.responses import JSONResponse
 
-from serving.embedder import Embedder, cpu_threads_per_worker, read_card
+from serving.embedder import Embedder, read_card
 from serving.errors import BadInput
 from serving.index_store import MAX_K, IndexStore, check_k, normalise
+from serving.service_batcher import MicroBatcher
 from serving.service_config import Settings
 from serving.service_fetch import fetch_url
 from serving.service_http import GuardMiddleware
@@ -35,25 +38,6 @@ from serving.service_http import GuardMiddleware
 log = logging.getLogger("corinfomax.service")
 SETTINGS = Settings.from_env()
 KNN_TEMPERATURE = 0.07  # softmax temperature of the weighted kNN vote (as in the usual kNN evaluation)
-
-
-# -- the model ------------------------------------------------------------------------------------
-
-
-@bentoml.service(workers=SETTINGS.workers, traffic={"timeout": 60})
-class Encoder:
-    """One onnxruntime session per worker, with threads sized so the workers share the cores."""
-
-    def __init__(self) -> None:
-        threads = cpu_threads_per_worker(SETTINGS.workers)
-        self.embedder = Embedder(SETTINGS.bundle_dir(), threads=threads, max_pixels=SETTINGS.max_pixels)
-        log.info("encoder on %s with %d intra-op threads", self.embedder.providers[0], threads)
-
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SETTINGS.batch_size,
-                 max_latency_ms=SETTINGS.batch_latency_ms)
-    def encode(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 ``[N, H, W, 3]`` -> float32 ``[N, D]`` unit embeddings; BentoML merges concurrent calls."""
-        return self.embedder.embed_arrays(pixels)
 
 
 # -- the index ------------------------------------------------------------------------------------
@@ -218,26 +202,43 @@ def knn_vote(hits: list[dict[str, Any]], top: int, temperature: float = KNN_TEMP
     return [{"label": label, "probability": round(w / total, 6)} for label, w in ranked]
 
 
+MODEL_BATCH = bentoml.metrics.Histogram(
+    name="corinfomax_model_batch_size", documentation="Images per model call (requests merged by the batcher)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+MODEL_SECONDS = bentoml.metrics.Histogram(
+    name="corinfomax_model_seconds", documentation="Seconds per model call",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+
+
+def _observe_batch(rows: int, seconds: float) -> None:
+    MODEL_BATCH.observe(rows)
+    MODEL_SECONDS.observe(seconds)
+
+
 @bentoml.service(workers=SETTINGS.workers, traffic={"timeout": 60})
 class CorInfoMax:
     """Public API. Images come as multipart files (``images``), ``urls`` or base64 (``images_b64``)."""
 
-    encoder = bentoml.depends(Encoder)
     index = bentoml.depends(IndexOwner)
 
     def __init__(self) -> None:
         from serving.probe import LinearProbe
 
         self.bundle = SETTINGS.bundle_dir()
-        self.card = read_card(self.bundle)
-        self.dim = int(self.card["embedding_dim"])
-        # Only preprocessing runs here; the model runs in Encoder. Reuse the one preprocessing rule.
-        self.preprocessor = _Preprocessor(self.card, SETTINGS.max_pixels)
+        self.embedder = Embedder(self.bundle, threads=SETTINGS.threads, max_pixels=SETTINGS.max_pixels)
+        self.card, self.dim = self.embedder.card, self.embedder.dim
+        self.batcher = MicroBatcher(self.embedder.embed_arrays, SETTINGS.batch_size, SETTINGS.batch_wait_ms,
+                                    on_batch=_observe_batch)
         probe_path = SETTINGS.probe_path(self.bundle)
         self.probe = LinearProbe.load(probe_path) if probe_path else None
         if self.probe is not None and self.probe.dim != self.dim:
             raise BadInput(f"probe {probe_path} takes {self.probe.dim}-dim embeddings, the model makes {self.dim}")
-        log.info("serving %s:%s, probe %s", self.card.get("name"), self.card.get("version"), probe_path)
+        log.info("serving %s:%s on %s (%d intra-op threads, batches of <= %d), probe %s", self.card.get("name"),
+                 self.card.get("version"), self.embedder.providers[0], SETTINGS.threads, SETTINGS.batch_size, probe_path)
+
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        self.batcher.close()
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -256,8 +257,19 @@ class CorInfoMax:
         return raw
 
     async def _embed(self, raw: list[bytes]) -> np.ndarray:
-        pixels = await asyncio.to_thread(self.preprocessor.batch, raw)
-        return np.asarray(await call(self.encoder.to_async.encode, True, pixels=pixels), dtype=np.float32)
+        # Decoding in a thread keeps the event loop free; the model call is shared with concurrent requests.
+        return await self.batcher(await asyncio.to_thread(self._pixels, raw))
+
+    def _pixels(self, raw: list[bytes]) -> np.ndarray:
+        """Decode + the model card's preprocessing; a failure names the image."""
+        out = []
+        for i, data in enumerate(raw):
+            try:
+                out.append(self.embedder.preprocess(data))
+            except BadInput as err:
+                err.args = (f"image {i}: {err}",)
+                raise
+        return np.stack(out)
 
     async def _query_vectors(self, images: Optional[list[Path]], urls: Optional[list[str]],
                              images_b64: Optional[list[str]], vectors: Optional[list[list[float]]],
@@ -363,25 +375,6 @@ class CorInfoMax:
 
 
 CorInfoMax.add_asgi_middleware(GuardMiddleware, api_key=SETTINGS.api_key, max_bytes=SETTINGS.max_request_bytes)
-
-
-class _Preprocessor:
-    """Decode + the model card's preprocessing, without an onnxruntime session (that lives in Encoder)."""
-
-    def __init__(self, card: dict[str, Any], max_pixels: int) -> None:
-        self.input_spec, self.max_pixels = card["input"], max_pixels
-
-    def batch(self, raw: list[bytes]) -> np.ndarray:
-        from serving.preprocess import load_image, to_model_input
-
-        out = []
-        for i, data in enumerate(raw):
-            try:
-                out.append(to_model_input(load_image(data, self.max_pixels), self.input_spec))
-            except BadInput as err:
-                err.args = (f"image {i}: {err}",)
-                raise
-        return np.stack(out)
 
 
 def seed_index_if_empty(store: IndexStore, embedder: Embedder, folder: str | Path, batch: int = 64) -> int:

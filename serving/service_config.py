@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.embedder import PROBE_FILE
+from serving.embedder import PROBE_FILE, cpu_threads_per_worker
 from serving.errors import BundleError
 from serving.preprocess import DEFAULT_MAX_PIXELS
 
@@ -44,25 +44,28 @@ class Settings:
     max_request_bytes: int
     max_pixels: int
     max_images: int  # per request
-    batch_size: int  # adaptive batching: most images per model call
-    batch_latency_ms: int  # adaptive batching: the dispatcher's latency budget (beyond it BentoML answers 503)
+    threads: int  # onnxruntime intra-op threads per worker (default: the cores shared among the workers)
+    batch_size: int  # most images per model call when concurrent requests are merged
+    batch_wait_ms: int  # extra wait for more requests before a model call that is not full (0: none)
     allow_private_urls: bool  # only for tests and closed networks
     demo_dir: Path | None  # images indexed on first start when the index is empty ("" disables)
 
     @classmethod
     def from_env(cls) -> "Settings":
         probe = os.environ.get("CORINFOMAX_PROBE")
+        workers = max(1, _int("CORINFOMAX_WORKERS", 1))
         return cls(
             model=os.environ.get("CORINFOMAX_MODEL", str(REPO / "models" / "default")),
             index=Path(os.environ.get("CORINFOMAX_INDEX", "data/index")),
             probe=Path(probe) if probe else None,
             api_key=os.environ.get("CORINFOMAX_API_KEY") or None,
-            workers=max(1, _int("CORINFOMAX_WORKERS", 1)),
+            workers=workers,
+            threads=max(1, _int("CORINFOMAX_THREADS", cpu_threads_per_worker(workers))),
             max_request_bytes=_int("CORINFOMAX_MAX_REQUEST_BYTES", 32 << 20),
             max_pixels=_int("CORINFOMAX_MAX_PIXELS", DEFAULT_MAX_PIXELS),
             max_images=_int("CORINFOMAX_MAX_IMAGES", 64),
-            batch_size=_int("CORINFOMAX_BATCH_SIZE", 64),
-            batch_latency_ms=_int("CORINFOMAX_BATCH_LATENCY_MS", 10_000),
+            batch_size=max(1, _int("CORINFOMAX_BATCH_SIZE", 64)),
+            batch_wait_ms=max(0, _int("CORINFOMAX_BATCH_WAIT_MS", 0)),
             allow_private_urls=os.environ.get("CORINFOMAX_ALLOW_PRIVATE_URLS") == "1",
             demo_dir=_demo_dir(os.environ.get("CORINFOMAX_DEMO_DIR")),
         )

@@ -273,3 +273,35 @@ def test_restart_keeps_everything_and_kill9_keeps_acknowledged_adds(server: Serv
         assert ok(client.post("/get", json={"id": item_id}))["id"] == item_id
     last_id, last_vector = acknowledged[-1]
     assert ok(client.post("/search", json={"vectors": [last_vector], "k": 1}))["results"][0][0]["id"] == last_id
+
+
+def test_micro_batcher_merges_concurrent_requests_and_keeps_their_rows() -> None:
+    """Requests arriving while the model runs share its next call; each gets back its own rows."""
+    import asyncio
+
+    from serving.service_batcher import MicroBatcher
+
+    calls: list[int] = []
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        time.sleep(0.05)
+        if (batch < 0).any():
+            raise ValueError("negative input")
+        return batch * 10
+
+    async def scenario() -> tuple[list[np.ndarray], BaseException]:
+        batcher = MicroBatcher(model, max_batch=4)
+        first = asyncio.ensure_future(batcher(np.array([[0]])))
+        await asyncio.sleep(0.01)  # the first call is running; these queue behind it
+        rest = [batcher(np.array([[i], [i + 100]])) for i in (1, 2, 3)]
+        results = await asyncio.gather(first, *rest)
+        with pytest.raises(ValueError, match="negative") as failed:
+            await batcher(np.array([[-1]]))
+        batcher.close()
+        return results, failed.value
+
+    results, error = asyncio.run(scenario())
+    assert calls == [1, 4, 2, 1]  # alone, then two requests (4 rows), then the third, then the failing one
+    assert [r[:, 0].tolist() for r in results] == [[0], [10, 1010], [20, 1020], [30, 1030]]
+    assert isinstance(error, ValueError)
