@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Rebuild the shipped default model (models/default) from scratch with the project's own commands:
+# train -> eval -> export -> extract -> probe fit. About 1.5 hours on a 2-core CPU (training ~1 hour).
+#   bash scripts/make_default_model.sh            # everything
+#   SKIP_TRAIN=1 bash scripts/make_default_model.sh   # reuse an existing run folder
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/datasets/cifar10}
+RUN=${RUN:-runs/default-cpu}
+EPOCHS=${EPOCHS:-6}
+OUT=${OUT:-models/default}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one busy core beats two fighting other jobs on a small machine
+
+if [ -z "${SKIP_TRAIN:-}" ]; then
+  corinfomax train --preset cpu --data "$DATA/train" --out "$RUN" --epochs "$EPOCHS" --time-budget-min 0
+fi
+corinfomax eval --checkpoint "$RUN" --train-data "$DATA/train" --test-data "$DATA/test" --linear fast \
+  --out "$RUN/eval.json"
+python scripts/provenance.py "$RUN" > "$RUN/provenance.json"
+corinfomax export --checkpoint "$RUN" --out "$OUT" --precision fp32 --name corinfomax-cifar10-tiny \
+  --verify-data "$DATA/test" --calibration-data "$DATA/train" \
+  --evaluation "$RUN/eval.json" --provenance "$RUN/provenance.json" --overwrite
+corinfomax extract "$DATA/train" --model "$OUT" --out "$RUN/features-train"
+corinfomax probe fit --features "$RUN/features-train" --out "$OUT"

@@ -1,0 +1,48 @@
+"""Print how a training run was made, as JSON for the model card: command, epochs, hardware, wall time.
+
+    python scripts/provenance.py RUN_DIR > RUN_DIR/provenance.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(run: Path) -> None:
+    config = json.loads((run / "config.json").read_text())
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+              if '"elapsed_s"' in line]
+    last = epochs[-1] if epochs else {}
+    print(json.dumps({
+        "commands": [
+            f"corinfomax train --preset {config['preset']} --data {config['data']} --out {run} "
+            f"--epochs {config['epochs']} --time-budget-min 0",
+            f"corinfomax eval --checkpoint {run} --train-data <cifar10>/train --test-data <cifar10>/test --linear fast",
+            "bash scripts/make_default_model.sh (the whole pipeline)",
+        ],
+        "epochs": last.get("epoch"),
+        "steps": last.get("step"),
+        "train_wall_time_s": round(last.get("elapsed_s", 0.0)),
+        "hardware": f"{os.cpu_count()} CPU cores ({cpu_model()}), no GPU; OMP_NUM_THREADS="
+                    f"{os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        "final_train_metrics": {k: last[k] for k in ("loss", "attraction", "big_bang", "effective_rank",
+                                                      "online_probe_acc") if k in last},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
