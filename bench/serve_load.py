@@ -32,7 +32,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from serving.embedder import Embedder, cpu_threads_per_worker  # noqa: E402
+from serving.embedder import Embedder  # noqa: E402
+from serving.service_config import model_threads  # noqa: E402
 from tests.test_service import Server  # noqa: E402  (the same launcher the tests use)
 
 
@@ -85,6 +86,21 @@ def load(url: str, jpegs: list[bytes], clients: int, seconds: float) -> dict:
     return result
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by a process and all its descendants (the server's workers)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def load_in_child(url: str, jpegs: list[bytes], clients: int, seconds: float) -> dict:
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(load, (url, jpegs, clients, seconds))
@@ -101,28 +117,34 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads per worker, for the service and raw alike (0: the service's default)")
     parser.add_argument("--max-batch", type=int, default=64, help="the service's CORINFOMAX_BATCH_SIZE")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for the server, e.g. CORINFOMAX_ACCESS_LOG=0 (repeatable)")
     args = parser.parse_args()
 
     every = sorted(args.images.rglob("*.jpg"))
     jpegs = [p.read_bytes() for p in every[:: max(1, len(every) // args.count)][: args.count]]
-    threads = args.threads or cpu_threads_per_worker(args.workers)
+    threads = args.threads or model_threads(args.workers)
     batch = min(args.clients, args.max_batch)
     embedder = Embedder(args.bundle, threads=threads)
     pixels = np.stack([embedder.preprocess(j) for j in jpegs])
     raw_time = max(2.0, args.seconds / 4)
     embedder.embed_arrays(pixels[:batch])  # warm-up
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     raw_rates = [raw_run(embedder, pixels, batch, raw_time)[0]]
+    raw_cpu = (time.process_time() - cpu0) / (raw_rates[0] * (time.perf_counter() - wall0))  # CPU s per image
     raw_single = raw_run(embedder, pixels[:64], 1, raw_time / 2)[1]
 
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "CORINFOMAX_MODEL": str(args.bundle), "CORINFOMAX_DEMO_DIR": "",
                "CORINFOMAX_INDEX": f"{tmp}/index", "CORINFOMAX_WORKERS": str(args.workers),
                "CORINFOMAX_THREADS": str(threads), "CORINFOMAX_BATCH_SIZE": str(args.max_batch),
-               "BENTOML_HOME": f"{tmp}/bentoml", "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(REPO)}
+               "BENTOML_HOME": f"{tmp}/bentoml", "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(REPO), **dict(kv.split("=", 1) for kv in args.env)}
         server = Server(env, Path(tmp) / "server.log").start()
         try:
             load_in_child(server.url, jpegs[:16], args.clients, 3)  # warm-up: sessions, connections
+            cpu_before = tree_cpu_seconds(server.proc.pid)
             busy = load_in_child(server.url, jpegs, args.clients, args.seconds)
+            server_cpu = tree_cpu_seconds(server.proc.pid) - cpu_before
             single = load_in_child(server.url, jpegs, 1, raw_time)
         finally:
             server.stop()
@@ -131,6 +153,7 @@ def main() -> None:
     raw_single += raw_run(embedder, pixels[:64], 1, raw_time / 2)[1]
     raw_rate = statistics.mean(raw_rates)
     print(f"workers {args.workers}, intra-op threads {threads}, clients {args.clients}, {len(jpegs)} JPEGs, "
+          f"server env {args.env}, "
           f"{args.seconds:.0f}s, load average {os.getloadavg()[0]:.1f}")
     print(f"raw onnxruntime batch {batch}: {raw_rate:8.1f} img/s (before {raw_rates[0]:.1f}, after {raw_rates[1]:.1f}; "
           "decoded images, no HTTP)")
@@ -140,6 +163,8 @@ def main() -> None:
           f"(load generator CPU {busy['cpu_s'] / max(1, len(lat)) * 1000:.2f} ms/request)")
     if busy["errors"]:
         print(f"first error: {busy['errors'][0]}", file=sys.stderr)
+    print(f"CPU per image: service {server_cpu / max(1, len(lat)) * 1000:.2f} ms (all its processes), "
+          f"raw model {raw_cpu * 1000:.2f} ms")
     print(f"throughput ratio service/raw: {busy['rate'] / raw_rate:.3f} (goal >= 0.85)")
     raw_p50, svc_p50 = statistics.median(raw_single), percentile(single["latencies"], 50)
     print(f"single image: service p50 {svc_p50:.1f} ms (p99 {percentile(single['latencies'], 99):.1f}) vs raw "

@@ -215,7 +215,8 @@ def _observe_batch(rows: int, seconds: float) -> None:
     MODEL_SECONDS.observe(seconds)
 
 
-@bentoml.service(workers=SETTINGS.workers, traffic={"timeout": 60})
+@bentoml.service(workers=SETTINGS.workers, traffic={"timeout": 60},
+                 logging={"access": {"enabled": SETTINGS.access_log}})
 class CorInfoMax:
     """Public API. Images come as multipart files (``images``), ``urls`` or base64 (``images_b64``)."""
 

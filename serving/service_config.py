@@ -34,6 +34,15 @@ def _demo_dir(raw: str | None) -> Path | None:
     return Path(raw) if raw else None
 
 
+def model_threads(workers: int) -> int:
+    """Intra-op threads per worker: its share of the cores less one for the event loop (HTTP, decoding).
+
+    The model runs in a thread beside the worker's event loop; giving onnxruntime every core made its
+    spinning threads fight the loop (bench/serve_load.py: 1 thread beat 2 on 2 cores).
+    """
+    return max(1, cpu_threads_per_worker(workers) - 1)
+
+
 @dataclass(frozen=True)
 class Settings:
     model: str  # bundle folder or BentoML model tag
@@ -44,10 +53,11 @@ class Settings:
     max_request_bytes: int
     max_pixels: int
     max_images: int  # per request
-    threads: int  # onnxruntime intra-op threads per worker (default: the cores shared among the workers)
+    threads: int  # onnxruntime intra-op threads per worker (default: model_threads)
     batch_size: int  # most images per model call when concurrent requests are merged
     batch_wait_ms: int  # extra wait for more requests before a model call that is not full (0: none)
     allow_private_urls: bool  # only for tests and closed networks
+    access_log: bool  # BentoML's per-request access log line (CORINFOMAX_ACCESS_LOG=0 saves CPU per request)
     demo_dir: Path | None  # images indexed on first start when the index is empty ("" disables)
 
     @classmethod
@@ -60,13 +70,14 @@ class Settings:
             probe=Path(probe) if probe else None,
             api_key=os.environ.get("CORINFOMAX_API_KEY") or None,
             workers=workers,
-            threads=max(1, _int("CORINFOMAX_THREADS", cpu_threads_per_worker(workers))),
+            threads=max(1, _int("CORINFOMAX_THREADS", model_threads(workers))),
             max_request_bytes=_int("CORINFOMAX_MAX_REQUEST_BYTES", 32 << 20),
             max_pixels=_int("CORINFOMAX_MAX_PIXELS", DEFAULT_MAX_PIXELS),
             max_images=_int("CORINFOMAX_MAX_IMAGES", 64),
             batch_size=max(1, _int("CORINFOMAX_BATCH_SIZE", 64)),
             batch_wait_ms=max(0, _int("CORINFOMAX_BATCH_WAIT_MS", 0)),
             allow_private_urls=os.environ.get("CORINFOMAX_ALLOW_PRIVATE_URLS") == "1",
+            access_log=os.environ.get("CORINFOMAX_ACCESS_LOG", "1") != "0",
             demo_dir=_demo_dir(os.environ.get("CORINFOMAX_DEMO_DIR")),
         )
 

@@ -186,3 +186,16 @@ def test_rebuild_approximate_kinds(tmp_path: Path, kind: str) -> None:
         assert again.stats()["kind"] == kind and again.stats()["count"] == 3000
     with pytest.raises(BadInput, match="needs at least"):
         IndexStore(tmp_path / "small", dim=32).rebuild(kind="IVF64,Flat")
+
+
+def test_chosen_kind_that_misses_the_recall_target_falls_back_to_exact(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import serving.index_store as index_store
+
+    monkeypatch.setattr(index_store, "FLAT_MAX", 10)  # so the chooser picks HNSW32 for a small index
+    monkeypatch.setattr(index_store, "RECALL_TARGET", 1.01)  # unreachable for any approximate kind
+    with IndexStore(tmp_path / "ix", dim=DIM) as ix:
+        ix.add_many([(unit(300), None, None)], rebuild=False)
+        figures = ix.rebuild()
+        assert figures["kind"] == "Flat" and figures["recall_at_10"] == 1.0
+        assert ix.rebuild("HNSW32")["kind"] == "HNSW32"  # an explicit kind is kept as asked
