@@ -4,7 +4,6 @@ resize shorter side (bicubic) -> centre crop. Normalisation happens inside the O
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 from typing import Any, Union
 
@@ -13,7 +12,8 @@ from PIL import Image, ImageOps
 
 from serving.errors import ImageError, ImageTooLarge
 
-# Decompression-bomb guard: refuse images above this many pixels before decoding them.
+# Decompression-bomb guard: refuse images above this many pixels before decoding them (checked on the
+# header's size, so a bomb is never decoded).
 DEFAULT_MAX_PIXELS = 64_000_000
 
 ImageSource = Union[bytes, str, Path, Image.Image]
@@ -32,6 +32,8 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
             image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
         except FileNotFoundError as err:
             raise ImageError(f"no such file: {source}") from err
+        except Image.DecompressionBombError as err:
+            raise ImageTooLarge(f"image declares too many pixels ({err})") from err
         except Exception as err:  # PIL raises many kinds for garbage input
             raise ImageError(f"not a decodable image ({type(err).__name__}: {err})") from err
     width, height = image.size
@@ -40,14 +42,10 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     if width == 0 or height == 0:
         raise ImageError(f"image has no pixels ({width}x{height})")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            if image.mode != "RGB":
-                image = _to_rgb(image)
-    except ImageError:
-        raise
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode != "RGB":
+            image = _to_rgb(image)
     except Exception as err:
         raise ImageError(f"image could not be decoded, truncated or corrupt ({type(err).__name__}: {err})") from err
     return image
