@@ -1,4 +1,4 @@
-"""Serving-side subcommands: `extract`, `index build`, `probe fit`.
+"""Serving-side subcommands: `extract`, `index build`, `probe fit`, `serve`.
 
 Imports happen inside the handlers so that `corinfomax --help` stays fast and nothing here pulls in
 PyTorch (serving environments do not have it).
@@ -62,6 +62,19 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     p.set_defaults(handler=_probe_fit)
 
+    p = subparsers.add_parser(
+        "serve", help="start the HTTP service (bentoml serve) on a model bundle and an index",
+        description="Start `bentoml serve serving.service:CorInfoMax`. Options override the CORINFOMAX_* environment "
+                    "variables (see the README); with none, the default model and the demo index are served.",
+    )
+    p.add_argument("--model", default=None, help="bundle folder or BentoML model tag (CORINFOMAX_MODEL)")
+    p.add_argument("--index", default=None, help="index folder (CORINFOMAX_INDEX)")
+    p.add_argument("--probe", default=None, help="probe.npz (CORINFOMAX_PROBE)")
+    p.add_argument("--workers", type=int, default=None, help="API worker processes (CORINFOMAX_WORKERS)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=3000, help="port (default 3000)")
+    p.set_defaults(handler=_serve)
+
 
 def _extract(args: argparse.Namespace) -> int:
     from serving.extract import extract
@@ -105,3 +118,21 @@ def _probe_fit(args: argparse.Namespace) -> int:
     print(f"probe: held-out accuracy {report['holdout_accuracy']:.4f} over {report['classes']} classes "
           f"(l2={report['l2']}); written to {report['path_written']}")
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+    import sys
+
+    for option, variable in (("model", "CORINFOMAX_MODEL"), ("index", "CORINFOMAX_INDEX"),
+                             ("probe", "CORINFOMAX_PROBE"), ("workers", "CORINFOMAX_WORKERS")):
+        if getattr(args, option) is not None:
+            os.environ[variable] = str(getattr(args, option))
+    # Check the bundle here, so a wrong path is one clear line instead of a worker crash log.
+    from serving.embedder import read_card
+    from serving.service_config import Settings
+
+    read_card(Settings.from_env().bundle_dir())
+    command = [sys.executable, "-m", "bentoml", "serve", "serving.service:CorInfoMax",
+               "--host", args.host, "--port", str(args.port)]
+    os.execv(sys.executable, command)  # bentoml takes over this process: signals reach it directly

@@ -86,3 +86,9 @@ def test_parse_size() -> None:
     assert parse_size("512M") == 512 << 20 and parse_size("1.5GB") == 3 << 29 and parse_size("1000") == 1000
     with pytest.raises(Exception, match="not a size"):
         parse_size("lots")
+
+
+def test_serve_refuses_a_missing_model_before_starting(tmp_path: Path) -> None:
+    result = corinfomax("serve", "--model", str(tmp_path / "nowhere"), "--index", str(tmp_path / "index"))
+    assert result.returncode == 2 and "neither a bundle folder nor a BentoML model tag" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "index").exists()
