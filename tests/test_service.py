@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import signal
@@ -62,15 +63,27 @@ class Server:
         raise RuntimeError(f"server not ready in {timeout}s:\n{self.log.read_text()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the server and all its workers (they run in sessions of their own, so a group kill
+        alone would leave them orphaned after SIGKILL)."""
+        import psutil
+
         if self.proc is None or self.proc.poll() is not None:
             return
+        workers = psutil.Process(self.proc.pid).children(recursive=True)
         os.killpg(self.proc.pid, sig)
+        if sig == signal.SIGKILL:  # a crash takes every process of the service down at once
+            for worker in workers:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    worker.kill()
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-        time.sleep(0.5 if sig == signal.SIGTERM else 1.0)  # let the workers of the group go
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        for worker in alive:  # a worker that outlived its arbiter
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
 
 
 def write_probe(path: Path, dim: int) -> None:
