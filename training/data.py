@@ -17,15 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from corinfomax_cli import UserError
+from serving.errors import ImageError
+from serving.preprocess import load_image, to_model_input
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 CACHE_MAX_SIDE = 64  # images up to this size are decoded once into an in-memory uint8 cache
+DECODER_VERSION = 2  # part of the cache key: bump when decoding changes (2: serving's rule for alpha and 16-bit)
 
 
 class DataError(UserError):
@@ -73,22 +75,14 @@ def scan_images(root: str | Path) -> ImageList:
 
 
 def decode_resized(path: Path, size: int) -> np.ndarray | None:
-    """Decode one image to RGB uint8 ``[size, size, 3]``: shorter side to ``size`` (bicubic), centre crop.
-
-    Returns None for a file PIL cannot read. The same rule as serving's preprocessing for small models.
+    """Decode one image to RGB uint8 ``[size, size, 3]`` by serving's rule (`serving.preprocess`: EXIF
+    orientation, transparency onto white, 16-bit scaled not clipped, shorter side to ``size`` bicubic, centre
+    crop), so the model trains on what the service will feed it. Returns None for a file that is not an image.
     """
+    spec = {"size": [size, size], "resize": {"shorter_side": size, "interpolation": "bicubic"}}
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")
-            width, height = image.size
-            scale = size / min(width, height)
-            new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-            if (new_w, new_h) != (width, height):
-                image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-            left, top = (new_w - size) // 2, (new_h - size) // 2
-            image = image.crop((left, top, left + size, top + size))
-            return np.asarray(image, dtype=np.uint8)
-    except Exception as err:  # any decoder error means "skip this file"
+        return to_model_input(load_image(path), spec)
+    except (ImageError, OSError) as err:  # load_image wraps every decoder error in ImageError
         log.warning("skipping unreadable image %s: %s", path, err)
         return None
 
@@ -105,7 +99,7 @@ class DecodedImages:
 
 def _cache_path(images: ImageList, size: int) -> Path:
     listing = hashlib.sha256()
-    listing.update(f"{images.root.resolve()}|{size}|{len(images.paths)}".encode())
+    listing.update(f"{DECODER_VERSION}|{images.root.resolve()}|{size}|{len(images.paths)}".encode())
     for path in images.paths:
         listing.update(str(path).encode())
     for path in images.paths[:: max(1, len(images.paths) // 64)]:  # cheap change detector
