@@ -87,7 +87,8 @@ def test_every_mode_decodes_to_rgb_uint8(tmp_path: Path) -> None:
     data = decode_folder(root, SIZE, progress=False)
     assert data.images.shape == (5, 3, SIZE, SIZE) and data.images.dtype == torch.uint8 and data.skipped == 0
     gray, rgba_out, pal, cmyk, deep = (img.float() for img in data.images)
-    assert (gray[0] == gray[1]).all() and (gray[1] == gray[2]).all() and gray[0, :, -1].mean() > gray[0, :, 0].mean() + 100
+    assert (gray[0] == gray[1]).all() and (gray[1] == gray[2]).all()
+    assert gray[0, :, -1].mean() > gray[0, :, 0].mean() + 100  # the gradient survives
     assert (rgba_out == 255).all()
     assert pal[1].mean() > 190 and pal[0].mean() < 5 and pal[2].mean() < 5
     assert cmyk[0].mean() > 240 and cmyk[1].mean() < 15 and cmyk[2].mean() < 15
