@@ -184,7 +184,7 @@ def test_cli_exports_registers_and_refuses(tiny_checkpoint: Path, tmp_path: Path
     card = json.loads((out / "model.json").read_text())
     assert card["evaluation"]["results"]["trained"]["knn_top1"] == 0.5
     assert card["provenance"] == {"hardware": "2-core CPU"}
-    listed = subprocess.run(["bentoml", "models", "list", "-o", "json"], env={**os.environ, **env},
+    listed = subprocess.run([sys.executable, "-m", "bentoml", "models", "list", "-o", "json"], env={**os.environ, **env},
                             capture_output=True, text=True, timeout=120)
     assert "tiny:t1" in listed.stdout, listed.stderr
 
