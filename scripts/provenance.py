@@ -37,8 +37,8 @@ def main(run: Path) -> None:
         "epochs": last.get("epoch"),
         "steps": last.get("step"),
         "train_wall_time_s": round(last.get("elapsed_s", 0.0)),
-        "hardware": f"{os.cpu_count()} CPU cores ({cpu_model()}), no GPU; OMP_NUM_THREADS="
-                    f"{os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        "hardware": f"{os.cpu_count()} CPU cores ({cpu_model()}), no GPU",
+        "threads": os.environ.get("TRAIN_THREADS", "see the run's log"),
         "final_train_metrics": {k: last[k] for k in ("loss", "attraction", "big_bang", "effective_rank",
                                                       "online_probe_acc") if k in last},
     }, indent=2))
