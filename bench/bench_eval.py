@@ -46,12 +46,12 @@ def main() -> None:
 
     rows = {"knn k=200": timed(lambda: knn_top1(*data, k=200, temperature=0.1))}
     rows["probe fast (1 thread)"] = timed(lambda: linear_probe(*data, mode="fast"))
-    single = evaluate._one_cpu_thread
-    evaluate._one_cpu_thread = contextlib.nullcontext  # the alternative linear_probe rejects: all threads
+    single = evaluate.one_cpu_thread
+    evaluate.one_cpu_thread = contextlib.nullcontext  # the alternative linear_probe rejects: all threads
     try:
         rows[f"probe fast ({torch.get_num_threads()} threads)"] = timed(lambda: linear_probe(*data, mode="fast"))
     finally:
-        evaluate._one_cpu_thread = single
+        evaluate.one_cpu_thread = single
     rows["probe paper (1 thread)"] = timed(lambda: linear_probe(*data, mode="paper"))
 
     base = rows["probe fast (1 thread)"][0]

@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from training.config import TrainConfig, resolve
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on the shared 2-core box, 2 threads are ~10x slower than 1 (oversubscription)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from training.evaluate import one_cpu_thread as one_thread  # noqa: F401 (re-exported for the tests)
 
 
 def small_folder(cifar10: Path, dest: Path, per_class: int, split: str = "train") -> Path:

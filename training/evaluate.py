@@ -111,8 +111,8 @@ def knn_top1(
 
 
 @contextmanager
-def _one_cpu_thread() -> Iterator[None]:
-    """Probe steps are tiny ([256, F] x [F, C]): extra intra-op threads only add synchronisation, and on a
+def one_cpu_thread() -> Iterator[None]:
+    """Run a block on one torch intra-op thread. Probe steps are tiny ([256, F] x [F, C]): extra intra-op threads only add synchronisation, and on a
     busy machine they made a 400-sample SGD probe 70x slower (6.2 s vs 0.09 s, 2 cores, load 6)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -172,7 +172,7 @@ def linear_probe(
     with torch.no_grad():
         head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.01)
         head.bias.zero_()
-    with torch.enable_grad(), _one_cpu_thread():
+    with torch.enable_grad(), one_cpu_thread():
         if mode == "fast":
             _fit_lbfgs(head, x_train, y_train)
         else:
