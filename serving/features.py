@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -20,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from corinfomax_cli import UserError
+from serving.files import atomic_write
 
 FEATURES_FORMAT = "corinfomax-features/1"
 MANIFEST_FILE = "manifest.json"
@@ -73,13 +73,10 @@ def model_identity(card: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_atomic(path: Path, write: Any) -> None:
-    """Write via ``write(tmp_path)`` then rename; turn a full disk into a message the user can act on."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """`atomic_write` that turns a full disk into a message the user can act on."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        atomic_write(path, write)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         hint = "the disk is full; free space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "fix this"
         raise FeaturesError(
             f"cannot write {path}: {err.strerror or err}; {hint} and rerun the same command to resume "
@@ -88,7 +85,8 @@ def _write_atomic(path: Path, write: Any) -> None:
 
 
 def _save_json(path: Path, data: dict[str, Any]) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    _write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -188,8 +186,8 @@ class FeaturesWriter:
         }, schema=SCHEMA)
         shards = self.folder / SHARD_DIR
         array = np.ascontiguousarray(embeddings, dtype=self.dtype)
-        _write_atomic(shards / f"{name}.npy", lambda tmp: _save_npy(tmp, array))
-        _write_atomic(shards / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
+        _write_atomic(shards / f"{name}.npy", lambda handle: np.save(handle, array))
+        _write_atomic(shards / f"{name}.parquet", lambda handle: pq.write_table(table, handle))
         self.done.add(name)
         self.manifest["shards"] = sorted(self.done)
         _save_json(self.folder / MANIFEST_FILE, self.manifest)
@@ -205,11 +203,6 @@ def _rows(records: Sequence[Record]) -> list[int]:
         else:
             rows.append(-1)
     return rows
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:
-        np.save(handle, array)
 
 
 def _describe(model: Any) -> str:

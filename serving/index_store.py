@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import sqlite3
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import faiss
 import numpy as np
 
 from serving.errors import BadInput, NotFound
+from serving.files import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -569,8 +569,9 @@ class IndexStore:
         with self._lock:
             if self._index is None or self._tombstones:
                 return  # nothing current to save; a stale cache is rebuilt on the next open
-            _atomic_write(self.folder / FAISS_FILE, faiss.serialize_index(self._index).tobytes())
-            _atomic_write(self.folder / FAISS_META, json.dumps(self._meta, indent=2).encode())
+            data = faiss.serialize_index(self._index).tobytes()
+            atomic_write(self.folder / FAISS_FILE, lambda handle: handle.write(data))
+            atomic_write_text(self.folder / FAISS_META, json.dumps(self._meta, indent=2))
 
     def close(self) -> None:
         """Save the FAISS cache and close SQLite."""
@@ -630,14 +631,3 @@ def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
         yield items[start : start + size]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

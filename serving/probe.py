@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from corinfomax_cli import UserError
+from serving.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -201,14 +201,12 @@ class LinearProbe:
     def save(self, path: str | Path) -> None:
         """Write ``probe.npz`` atomically (plain arrays, loadable without pickles)."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
+        arrays = dict(weight=self.weight.astype(np.float32), bias=self.bias.astype(np.float32),
+                      classes=np.array(self.classes, dtype=np.str_),
+                      model_sha256=np.array(self.model_sha256, dtype=np.str_))
         try:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, weight=self.weight.astype(np.float32), bias=self.bias.astype(np.float32),
-                         classes=np.array(self.classes, dtype=np.str_), model_sha256=np.array(self.model_sha256, dtype=np.str_))
-            os.replace(tmp, path)
+            atomic_write(path, lambda handle: np.savez(handle, **arrays))
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             raise ProbeError(f"cannot write probe {path}: {err.strerror or err}") from err
 
     @classmethod

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import io
 import json
-import os
 import signal
 import struct
 import subprocess
@@ -222,23 +221,21 @@ def test_cli_error_exits_2_without_traceback(tiny_bundle: Path, tmp_path: Path) 
 def test_full_disk_keeps_finished_shards(tiny_bundle: Path, images: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A full disk cannot be produced here without root, so the second shard's write raises ENOSPC."""
-    import serving.features as features_module
+    real_save, calls = np.save, []
 
-    real_save, calls = features_module._save_npy, []
-
-    def save_then_fill_disk(path: Path, array: np.ndarray) -> None:
-        calls.append(path)
+    def save_then_fill_disk(handle, array: np.ndarray) -> None:
+        calls.append(handle)
         if len(calls) == 2:
-            path.write_bytes(b"partial")
+            handle.write(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(path, array)
+        real_save(handle, array)
 
     out = tmp_path / "features"
-    monkeypatch.setattr(features_module, "_save_npy", save_then_fill_disk)
+    monkeypatch.setattr(np, "save", save_then_fill_disk)
     with pytest.raises(FeaturesError, match="disk is full"):
         extract([str(images)], tiny_bundle, out, shard_rows=50, show_progress=False)
     assert read_manifest(out)["shards"] == ["00000"]
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000.npy", "00000.parquet"]
-    monkeypatch.setattr(features_module, "_save_npy", real_save)
+    monkeypatch.setattr(np, "save", real_save)
     summary = extract([str(images)], tiny_bundle, out, shard_rows=50, show_progress=False)
     assert summary["shards_skipped"] == 1 and len(load_features(out).paths) == 120

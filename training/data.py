@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from corinfomax_cli import UserError
 from serving.errors import ImageError
+from serving.files import atomic_write
 from serving.preprocess import load_image, to_model_input
 
 log = logging.getLogger(__name__)
@@ -146,9 +147,7 @@ def decode_folder(
     labels = np.asarray([listing.labels[i] for i in ok], dtype=np.int64)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, images=images, labels=labels, skipped=skipped)
-        os.replace(tmp, cache_file)
+        atomic_write(cache_file, lambda handle: np.savez(handle, images=images, labels=labels, skipped=skipped))
     return DecodedImages(torch.from_numpy(images), torch.from_numpy(labels), listing.classes, skipped)
 
 

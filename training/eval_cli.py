@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +16,10 @@ LINEAR_MODES = ("fast", "paper", "none")
 
 def write_report(report: dict[str, Any], out: Path) -> None:
     """Write the JSON atomically: a crash never leaves a half-written report."""
+    from serving.files import atomic_write_text
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
 
 
 def format_table(report: dict[str, Any]) -> str:
