@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 3000
 
-.PHONY: serve test install-serve install-dev demo-sample clean
+.PHONY: serve test test-fast lint bento install-serve install-dev demo-sample clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,5 +29,19 @@ serve: $(VENV)/.serve-installed
 test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q
 
+# The quick lane: no subprocesses, servers, DDP jobs or model exports. CI runs the full `make test`.
+test-fast: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check .
+	$(BIN)/mypy core corinfomax training export serving
+
+# The Bento installs the project's wheel (bentofile.yaml), so build it first.
+bento: $(VENV)/.serve-installed
+	rm -rf dist
+	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w dist .
+	$(BIN)/bentoml build
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache dist build

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from training import evaluate
-from training.evaluate import knn_top1, linear_probe
+from corinfomax.training import evaluate
+from corinfomax.training.evaluate import knn_top1, linear_probe
 
 
 def timed(fn: Callable[[], float]) -> tuple[float, float]:

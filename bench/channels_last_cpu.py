@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from training.loss import CorInfoMaxLoss
-from training.models import CorInfoMaxModel
+from corinfomax.training.loss import CorInfoMaxLoss
+from corinfomax.training.models import CorInfoMaxModel
 
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 

@@ -23,10 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from serving.embedder import Embedder  # noqa: E402
-from serving.extract import decode, extract, list_inputs  # noqa: E402
+from corinfomax.serving.embedder import Embedder
+from corinfomax.serving.extract.extract import decode, extract, list_inputs
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10" / "test"
 
@@ -49,14 +47,14 @@ def main() -> int:
     try:
         bundle = args.model
         if bundle is None:
-            from export.bundle import export_bundle
+            from corinfomax.export.bundle import export_bundle
 
             bundle = work / "bundle"
             export_bundle(args.checkpoint, bundle, precision="fp32", verify=False)
         items = list_inputs([str(args.images)])
         embedder = Embedder(bundle, threads=args.threads)
         started = time.perf_counter()
-        pixels = np.stack([decode(item, embedder.input_spec)[0] for item in items])
+        pixels = np.stack([decode(item, embedder.resize)[0] for item in items])
         decode_rate = len(items) / (time.perf_counter() - started)
         embedder.embed_arrays(pixels[: args.batch_size], args.batch_size)  # warm-up
 

@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,14 +25,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from export.bundle import export_bundle  # noqa: E402
-from export.graph import EmbeddingGraph, load_backbone  # noqa: E402
-from serving.embedder import Embedder  # noqa: E402
-from training.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from training.config import resolve  # noqa: E402
-from training.models import CorInfoMaxModel  # noqa: E402
+from corinfomax.export.bundle import export_bundle
+from corinfomax.export.graph import EmbeddingGraph, load_backbone
+from corinfomax.serving.embedder import Embedder
+from corinfomax.training.checkpoint import load_checkpoint, save_checkpoint
+from corinfomax.training.config import resolve
+from corinfomax.training.models import CorInfoMaxModel
 
 CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10"
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -85,7 +82,7 @@ def main() -> None:
                                    calibration_data=args.data / "train", verify_images=500)
             embedders[precision] = Embedder(bundle, providers=["CPUExecutionProvider"], threads=args.threads)
         keys = ("min_cosine", "mean_cosine", "max_abs_diff", "knn_top1_drop")
-        parity = {p: {k: e.card["parity"].get(k) for k in keys} for p, e in embedders.items()}
+        parity = {p: {k: e.card.parity.get(k) for k in keys} for p, e in embedders.items()}
         sample = np.stack([embedders["fp32"].preprocess(f) for f in sorted((args.data / "test").rglob("*.jpg"))[:256]])
 
         results: dict[int, dict[str, float]] = {}

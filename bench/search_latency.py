@@ -14,16 +14,13 @@ Single queries with OpenMP threads on a busy machine spin-wait: on 2 loaded core
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import faiss
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from serving.index_store import IndexStore  # noqa: E402
+from corinfomax.serving.index.store import IndexStore
 
 
 def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:

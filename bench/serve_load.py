@@ -31,10 +31,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from serving.embedder import Embedder  # noqa: E402
-from serving.service_config import model_threads  # noqa: E402
-from tests.test_service import Server  # noqa: E402  (the same launcher the tests use)
+from corinfomax.serving.api.config import model_threads
+from corinfomax.serving.api.launcher import Server
+from corinfomax.serving.embedder import Embedder
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -138,7 +137,7 @@ def main() -> None:
         env = {**os.environ, "CORINFOMAX_MODEL": str(args.bundle), "CORINFOMAX_DEMO_DIR": "",
                "CORINFOMAX_INDEX": f"{tmp}/index", "CORINFOMAX_WORKERS": str(args.workers),
                "CORINFOMAX_THREADS": str(threads), "CORINFOMAX_BATCH_SIZE": str(args.max_batch),
-               "BENTOML_HOME": f"{tmp}/bentoml", "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(REPO), **dict(kv.split("=", 1) for kv in args.env)}
+               "BENTOML_HOME": f"{tmp}/bentoml", "BENTOML_DO_NOT_TRACK": "True", **dict(kv.split("=", 1) for kv in args.env)}
         server = Server(env, Path(tmp) / "server.log").start()
         try:
             load_in_child(server.url, jpegs[:16], args.clients, 3)  # warm-up: sessions, connections

@@ -12,12 +12,12 @@ import time
 
 import torch
 
-from training.config import resolve
-from training.data import decode_folder
-from training.distributed import Dist
-from training.loss import CorInfoMaxLoss
-from training.models import CorInfoMaxModel
-from training.trainer import BatchSource, pick_device
+from corinfomax.training.config import resolve
+from corinfomax.training.data import decode_folder
+from corinfomax.training.distributed import Dist
+from corinfomax.training.loss import CorInfoMaxLoss
+from corinfomax.training.models import CorInfoMaxModel
+from corinfomax.training.trainer import BatchSource, pick_device
 
 
 def images_per_second(pipeline: str, args: argparse.Namespace, device: torch.device, data) -> float:
@@ -52,7 +52,7 @@ def augment_only(data, batch: int) -> dict[str, float]:
     """Images/s of the augmentation alone, one process, no model: where the pipelines really differ."""
     from PIL import Image
 
-    from training.augment import BatchTwoView, PilTwoView
+    from corinfomax.training.augment import BatchTwoView, PilTwoView
 
     images, mean, std = data.images[:batch], (0.5,) * 3, (0.25,) * 3
     pil, tensor = PilTwoView(32, mean, std), BatchTwoView(32, mean, std)

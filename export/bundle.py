@@ -13,15 +13,14 @@ from typing import Any
 
 import torch
 
-from corinfomax_cli import UserError
-from export.card import build_card, check_tag_part, default_name, write_card
-from export.graph import OPSET, EmbeddingGraph, export_onnx, load_backbone
-from serving.embedder import CARD_FILE, MODEL_FILE
-from training.checkpoint import CHECKPOINT_FILE, file_sha256, load_checkpoint
+from corinfomax.core.bundle import CARD_FILE, MODEL_FILE, PRECISIONS, check_tag_part
+from corinfomax.core.errors import UserError
+from corinfomax.export.card import build_card, default_name, write_card
+from corinfomax.export.graph import OPSET, EmbeddingGraph, export_onnx, load_backbone
+from corinfomax.training.checkpoint import CHECKPOINT_FILE, file_sha256, load_checkpoint
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32}
 
 
@@ -120,8 +119,8 @@ def export_bundle(
 def _build(tmp: Path, backbone: torch.nn.Module, feature_dim: int, state: dict[str, Any], precision: str,
            verify_dir: Path | None, calib_dir: Path | None, opts: dict[str, Any]) -> None:
     """Write model.onnx and model.json into ``tmp``; verify them when ``verify_dir`` is given."""
-    from export.images import load_sample
-    from export.parity import THRESHOLDS, ParityError, failures, measure
+    from corinfomax.export.images import load_sample
+    from corinfomax.export.parity import THRESHOLDS, ParityError, failures, measure
 
     config = state["config"]
     size = int(config["image_size"])
@@ -132,31 +131,31 @@ def _build(tmp: Path, backbone: torch.nn.Module, feature_dim: int, state: dict[s
     card = build_card(state, name=opts["name"], version=opts["version"], precision=precision,
                       embedding_dim=feature_dim, checkpoint_sha256=opts["checkpoint_sha256"], opset=OPSET)
     if opts.get("evaluation"):
-        card["evaluation"] = opts["evaluation"]
+        card.evaluation = opts["evaluation"]
     if opts.get("provenance"):
-        card["provenance"] = opts["provenance"]
+        card.provenance = opts["provenance"]
     model_path = tmp / MODEL_FILE
     log.info("exporting the %s backbone to ONNX (opset %d, %s)", config["backbone"], OPSET, precision)
     if precision == "int8":
-        from export.quantize import quantize_int8
+        from corinfomax.export.quantize import quantize_int8
 
         fp32_path = tmp / "fp32.onnx"
         export_onnx(graph, size, fp32_path)
-        calibration = load_sample(calib_dir, opts["calibration_images"], card["input"], seed=1,
+        calibration = load_sample(calib_dir, opts["calibration_images"], card.input.resize, seed=1,
                                   what="calibration images")
         quantize_int8(fp32_path, model_path, calibration.pixels)
         fp32_path.unlink()
-        card["quantization"] = {"method": "onnxruntime static QDQ, per-channel int8 weights, uint8 activations, "
+        card.quantization = {"method": "onnxruntime static QDQ, per-channel int8 weights, uint8 activations, "
                                           "min/max calibration", "calibration_data": str(calib_dir),
                                 "calibration_images": len(calibration.pixels)}
     else:
         export_onnx(graph, size, model_path)
-    write_card(tmp, MODEL_FILE, CARD_FILE, card)
+    write_card(tmp, card)
     if verify_dir is None:
         log.warning("bundle NOT verified against PyTorch (--no-verify)")
         return
-    images = load_sample(verify_dir, opts["verify_images"], card["input"], seed=0, what="verification images")
-    bank = (load_sample(calib_dir, opts["knn_images"], card["input"], seed=2, what="kNN bank images")
+    images = load_sample(verify_dir, opts["verify_images"], card.input.resize, seed=0, what="verification images")
+    bank = (load_sample(calib_dir, opts["knn_images"], card.input.resize, seed=2, what="kNN bank images")
             if precision == "int8" else None)
     figures = measure(reference, tmp, precision, images, bank)
     missed = failures(precision, figures)
@@ -164,5 +163,5 @@ def _build(tmp: Path, backbone: torch.nn.Module, feature_dim: int, state: dict[s
         raise ParityError(f"the {precision} export does not match PyTorch on {figures['images']} images of "
                           f"{verify_dir}: {'; '.join(missed)}. No bundle was written (--no-verify writes it "
                           "unchecked; for int8, more --calibration-images or --verify-images may help).")
-    card["parity"] = {"verified": True, "data": str(verify_dir), "thresholds": THRESHOLDS[precision], **figures}
-    write_card(tmp, MODEL_FILE, CARD_FILE, card)
+    card.parity = {"verified": True, "data": str(verify_dir), "thresholds": THRESHOLDS[precision], **figures}
+    write_card(tmp, card)

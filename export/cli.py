@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _json_object(path: Path | None, option: str) -> dict | None:
     """Read an optional JSON object given on the command line."""
-    from export.bundle import ExportError
+    from corinfomax.export.bundle import ExportError
 
     if path is None:
         return None
@@ -56,9 +56,9 @@ def _json_object(path: Path | None, option: str) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from export.bundle import export_bundle
-    from export.registry import register_bundle
-    from serving.embedder import read_card
+    from corinfomax.core.bundle import read_card
+    from corinfomax.export.bundle import export_bundle
+    from corinfomax.export.registry import register_bundle
 
     out = export_bundle(
         args.checkpoint, args.out, args.precision, args.verify, name=args.name, version=args.version,
@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
         provenance=_json_object(args.provenance, "--provenance"),
     )
     card = read_card(out)
-    summary = {"bundle": str(out), "name": card["name"], "version": card["version"],
-               "precision": card["precision"], "embedding_dim": card["embedding_dim"], "parity": card["parity"]}
+    summary = {"bundle": str(out), "name": card.name, "version": card.version, "precision": card.precision,
+               "embedding_dim": card.embedding_dim, "parity": card.parity}
     if args.register:
         summary["bentoml_tag"] = register_bundle(out, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))

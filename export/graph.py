@@ -13,8 +13,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from training.checkpoint import CheckpointError
-from training.models import CorInfoMaxModel
+from corinfomax.training.checkpoint import CheckpointError
+from corinfomax.training.models import CorInfoMaxModel
 
 INPUT_NAME = "pixels"
 OUTPUT_NAMES = ("embedding", "features")

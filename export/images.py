@@ -6,14 +6,12 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from serving.errors import ImageError
-from serving.preprocess import load_image, to_model_input
-from training.data import DataError, scan_images
+from corinfomax.core.errors import DataError, ImageError
+from corinfomax.core.images import ResizeRule, load_image, scan_images, to_model_input
 
 log = logging.getLogger(__name__)
 # Listing a 50k-image folder takes seconds; calibration and the kNN bank sample the same folder.
@@ -33,7 +31,7 @@ class Sample:
         return bool(self.classes)
 
 
-def load_sample(root: str | Path, count: int, spec: dict[str, Any], seed: int = 0, what: str = "images") -> Sample:
+def load_sample(root: str | Path, count: int, rule: ResizeRule, seed: int = 0, what: str = "images") -> Sample:
     """Decode ``count`` images drawn at random (fixed seed) from ``root`` with the card's preprocessing."""
     images = _scan(Path(root))
     rng = np.random.default_rng(seed)
@@ -41,7 +39,7 @@ def load_sample(root: str | Path, count: int, spec: dict[str, Any], seed: int = 
     pixels, labels = [], []
     for i in tqdm(picked, desc=f"decoding {what}", unit="img", leave=False):
         try:
-            pixels.append(to_model_input(load_image(images.paths[i]), spec))
+            pixels.append(to_model_input(load_image(images.paths[i]), rule))
         except ImageError as err:
             log.warning("skipping %s: %s", images.paths[i], err)
             continue

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from corinfomax_cli import UserError
-from export.graph import EmbeddingGraph
-from export.images import Sample
-from serving.embedder import Embedder
-from training.evaluate import knn_top1
+from corinfomax.core.errors import UserError
+from corinfomax.export.graph import EmbeddingGraph
+from corinfomax.export.images import Sample
+from corinfomax.serving.embedder import Embedder
+from corinfomax.training.evaluate import knn_top1
 
 log = logging.getLogger(__name__)
 

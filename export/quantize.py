@@ -10,10 +10,16 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                      quant_pre_process, quantize_static)
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quant_pre_process,
+    quantize_static,
+)
 
-from export.graph import INPUT_NAME
+from corinfomax.export.graph import INPUT_NAME
 
 log = logging.getLogger(__name__)
 # Only the backbone's heavy ops: the uint8 -> float normalisation and the L2 normalisation stay float.

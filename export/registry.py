@@ -6,8 +6,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from corinfomax_cli import UserError
-from serving.embedder import CARD_FILE, MODEL_FILE, PROBE_FILE, read_card
+from corinfomax.core.bundle import BUNDLE_FORMAT, CARD_FILE, MODEL_FILE, PROBE_FILE, read_card
+from corinfomax.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def register_bundle(bundle: str | Path, overwrite: bool = False) -> str:
 
     bundle = Path(bundle)
     card = read_card(bundle)
-    tag = f"{card['name']}:{card['version']}"
+    tag = card.tag
     try:
         bentoml.models.get(tag)
         exists = True
@@ -34,8 +34,9 @@ def register_bundle(bundle: str | Path, overwrite: bool = False) -> str:
             raise RegistryError(f"model {tag} is already in the BentoML model store; pass --overwrite to replace it, "
                                 f"or --version to register under another version")
         bentoml.models.delete(tag)
-    labels = {"precision": card["precision"], "backbone": card["backbone"], "format": card["format"]}
-    metadata = {key: card[key] for key in ("embedding_dim", "checkpoint_sha256", "exported_at")}
+    labels = {"precision": card.precision, "backbone": card.backbone, "format": BUNDLE_FORMAT}
+    metadata = {"embedding_dim": card.embedding_dim, "checkpoint_sha256": card.checkpoint_sha256,
+                "exported_at": card.exported_at}
     with bentoml.models.create(tag, labels=labels, metadata=metadata) as model:
         for name in (MODEL_FILE, CARD_FILE, PROBE_FILE):
             if (bundle / name).is_file():

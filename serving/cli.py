@@ -64,7 +64,7 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "serve", help="start the HTTP service (bentoml serve) on a model bundle and an index",
-        description="Start `bentoml serve serving.service:CorInfoMax`. Options override the CORINFOMAX_* environment "
+        description="Start `bentoml serve corinfomax.serving.api.service:CorInfoMax`. Options override the CORINFOMAX_* environment "
                     "variables (see the README); with none, the default model and the demo index are served.",
     )
     p.add_argument("--model", default=None, help="bundle folder or BentoML model tag (CORINFOMAX_MODEL)")
@@ -77,8 +77,8 @@ def register(subparsers: Any) -> None:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from serving.extract import extract
-    from serving.features import failures
+    from corinfomax.serving.extract.extract import extract
+    from corinfomax.serving.extract.features import failures
 
     summary = extract(
         args.sources, args.model, args.out, dtype=args.dtype, batch_size=args.batch_size,
@@ -98,7 +98,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _index_build(args: argparse.Namespace) -> int:
-    from serving.index_build import build_index, parse_size
+    from corinfomax.serving.index.build import build_index, parse_size
 
     budget = parse_size(args.memory_budget) if args.memory_budget else None
     report = build_index(args.features, args.out, memory_budget_bytes=budget, kind=args.kind)
@@ -110,7 +110,7 @@ def _index_build(args: argparse.Namespace) -> int:
 
 
 def _probe_fit(args: argparse.Namespace) -> int:
-    from serving.probe import DEFAULT_L2_GRID, fit_probe_on_features
+    from corinfomax.serving.probe import DEFAULT_L2_GRID, fit_probe_on_features
 
     report = fit_probe_on_features(args.features, args.out, l2_grid=args.l2 or DEFAULT_L2_GRID,
                                    holdout=args.holdout, max_iter=args.max_iter, seed=args.seed)
@@ -129,10 +129,10 @@ def _serve(args: argparse.Namespace) -> int:
         if getattr(args, option) is not None:
             os.environ[variable] = str(getattr(args, option))
     # Check the bundle here, so a wrong path is one clear line instead of a worker crash log.
-    from serving.embedder import read_card
-    from serving.service_config import Settings
+    from corinfomax.core.bundle import read_card
+    from corinfomax.serving.api.config import Settings
 
     read_card(Settings.from_env().bundle_dir())
-    command = [sys.executable, "-m", "bentoml", "serve", "serving.service:CorInfoMax",
+    command = [sys.executable, "-m", "bentoml", "serve", "corinfomax.serving.api.service:CorInfoMax",
                "--host", args.host, "--port", str(args.port)]
     os.execv(sys.executable, command)  # bentoml takes over this process: signals reach it directly

@@ -4,7 +4,6 @@ a model bundle loaded once into an onnxruntime session."""
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 from pathlib import Path
@@ -13,33 +12,11 @@ from typing import Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from serving.errors import BundleError
-from serving.preprocess import DEFAULT_MAX_PIXELS, ImageSource, load_image, to_model_input
+from corinfomax.core.bundle import MODEL_FILE, read_card
+from corinfomax.core.errors import BundleError
+from corinfomax.core.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, to_model_input
 
 log = logging.getLogger(__name__)
-
-BUNDLE_FORMAT = "corinfomax-bundle/1"
-CARD_FILE = "model.json"
-MODEL_FILE = "model.onnx"
-PROBE_FILE = "probe.npz"
-
-
-def read_card(bundle_dir: str | Path) -> dict[str, Any]:
-    """Read and check a bundle's model card."""
-    bundle = Path(bundle_dir)
-    card_path, model_path = bundle / CARD_FILE, bundle / MODEL_FILE
-    if not bundle.is_dir():
-        raise BundleError(f"model bundle {bundle} does not exist or is not a folder")
-    if not card_path.is_file() or not model_path.is_file():
-        raise BundleError(f"{bundle} is not a model bundle: it needs {CARD_FILE} and {MODEL_FILE} (see `corinfomax export`)")
-    try:
-        card = json.loads(card_path.read_text())
-    except (OSError, ValueError) as err:
-        raise BundleError(f"unreadable model card {card_path}: {err}") from err
-    if card.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{card_path} has format {card.get('format')!r}; this version reads {BUNDLE_FORMAT!r}")
-    return card
-
 
 def _cuda_driver_present() -> bool:
     # onnxruntime-gpu lists the CUDA provider even where no driver is installed, then fails noisily.
@@ -77,9 +54,9 @@ class Embedder:
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.card = read_card(self.bundle_dir)
-        self.dim = int(self.card["embedding_dim"])
-        self.input_spec: dict[str, Any] = self.card["input"]
-        self.input_size: tuple[int, int] = tuple(self.input_spec["size"])  # type: ignore[assignment]
+        self.dim = self.card.embedding_dim
+        self.resize = self.card.input.resize
+        self.input_size = self.resize.size
         self.max_pixels = max_pixels
         options = ort.SessionOptions()
         if threads:
@@ -93,12 +70,12 @@ class Embedder:
         except Exception as err:  # onnxruntime raises its own exception types for bad models
             raise BundleError(f"onnxruntime cannot load {self.bundle_dir / MODEL_FILE}: {err}") from err
         self.providers = self.session.get_providers()
-        log.info("loaded model %s:%s (%s, dim %d) on %s", self.card.get("name"), self.card.get("version"),
-                 self.card.get("precision"), self.dim, ",".join(self.providers))
+        log.info("loaded model %s (%s, dim %d) on %s", self.card.tag, self.card.precision, self.dim,
+                 ",".join(self.providers))
 
     def preprocess(self, source: ImageSource) -> np.ndarray:
         """Decode one image and bring it to the model's input: uint8 ``[H, W, 3]``."""
-        return to_model_input(load_image(source, self.max_pixels), self.input_spec)
+        return to_model_input(load_image(source, self.max_pixels), self.resize)
 
     def embed_arrays(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Embed preprocessed uint8 ``[N, H, W, 3]`` pixels; return float32 ``[N, D]``."""

@@ -24,10 +24,10 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint of a randomly initialised tiny_resnet (CIFAR stem, 32x32, projector 64-32)."""
     import torch
 
-    from training.checkpoint import save_checkpoint
-    from training.config import resolve
-    from training.loss import CorInfoMaxLoss
-    from training.models import CorInfoMaxModel
+    from corinfomax.training.checkpoint import save_checkpoint
+    from corinfomax.training.config import resolve
+    from corinfomax.training.loss import CorInfoMaxLoss
+    from corinfomax.training.models import CorInfoMaxModel
 
     torch.manual_seed(0)
     config = resolve("cpu", {"projector": "64-32", "epochs": 1})
@@ -45,7 +45,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An fp32 model bundle exported from `tiny_checkpoint` (embedding dim 256, input 32x32)."""
-    from export.bundle import export_bundle
+    from corinfomax.export.bundle import export_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "tiny"
     export_bundle(tiny_checkpoint, out, precision="fp32", verify=False)

@@ -11,9 +11,9 @@ import torch
 import torchvision.transforms.functional as TF
 from torchvision import transforms as T
 
-from trainkit import one_thread
-from training import augment as A
-from training.data import decode_folder
+from corinfomax.training import augment as A
+from corinfomax.training.data import decode_folder
+from corinfomax.training.evaluate import one_cpu_thread as one_thread
 
 N = 4000  # draws per distribution check
 
@@ -102,8 +102,10 @@ def test_resized_crop_matches_torchvision(images: torch.Tensor) -> None:
     to_pil_kernel = []
     for i in range(n):
         top, left, h, w = (int(v) for v in boxes[i])
-        crop = lambda aa: TF.resized_crop(images[i], top, left, h, w, [32, 32],  # noqa: E731
-                                          T.InterpolationMode.BICUBIC, antialias=aa).clamp(0, 1)
+        def crop(aa: bool, i: int = i, top: int = top, left: int = left, h: int = h, w: int = w) -> torch.Tensor:
+            return TF.resized_crop(images[i], top, left, h, w, [32, 32], T.InterpolationMode.BICUBIC,
+                                   antialias=aa).clamp(0, 1)
+
         # Same filter (bicubic a=-0.75): equal away from the crop's edge, where torchvision replicates the
         # crop's border pixels while one grid_sample over the whole image reads the real neighbours.
         same = crop(False)

@@ -8,17 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from serving.features import load_features
-from serving.index_build import parse_size
-from serving.index_store import IndexStore
-from serving.probe import LinearProbe
 from test_extract import REPO, make_image_folder
+
+from corinfomax.serving.extract.features import load_features
+from corinfomax.serving.index.build import parse_size
+from corinfomax.serving.index.store import IndexStore
+from corinfomax.serving.probe import LinearProbe
 
 # Runs the real entry point and fails if anything on the way imported PyTorch.
 RUN_WITHOUT_TORCH = (
-    "import sys, corinfomax_cli\n"
-    "code = corinfomax_cli.main()\n"
+    "import sys, corinfomax.cli\n"
+    "code = corinfomax.cli.main()\n"
     "assert 'torch' not in sys.modules, 'the serving commands imported torch'\n"
     "sys.exit(code)\n"
 )

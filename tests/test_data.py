@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from trainkit import small_folder
-from training.data import DataError, decode_folder, scan_images
+
+from corinfomax.core.errors import DataError
+from corinfomax.core.images import scan_images
+from corinfomax.training.data import decode_folder
 
 SIZE = 32
 

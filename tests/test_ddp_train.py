@@ -7,24 +7,40 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from trainkit import small_folder, tiny_config
 
-from trainkit import one_thread, small_folder, tiny_config
-from training.checkpoint import load_checkpoint
-from training.trainer import train
+from corinfomax.training.checkpoint import load_checkpoint
+from corinfomax.training.evaluate import one_cpu_thread as one_thread
+from corinfomax.training.trainer import train
 
 WORLD = 2
-# channels_last off: PyTorch's CPU channels-last BatchNorm2d is ~10x less precise in float32 (max relative error
-# ~1e-6 against float64, vs ~1e-7 contiguous). At that noise a ReLU input near zero flips sign, one flip among the
-# ~250k activations of a layer moves that layer's weight gradient by ~1%, and two runs whose batch norm is computed
-# differently (native kernel in 1 process, GlobalBatchNorm under DDP) part by ~1e-3 within three steps. The
-# contiguous layout keeps both runs at ~1e-7 of each other, so any real DDP error shows at the 1e-4 bound below.
+# channels_last off: PyTorch's CPU channels-last BatchNorm2d is ~10x less precise in float32 than contiguous.
 RECIPE = dict(epochs=1, lr=0.01, channels_last=False)
+# Both runs train in float64 (the default dtype, so model, views and probe are all float64). In float32 the two
+# runs compute batch norm and gradient sums in a different order (GlobalBatchNorm and all-reduce vs one native
+# kernel), each step's rounding differs by ~1e-7 relative, and how far that grows in three SGD steps depends on
+# the CPU's kernels (AMX vs AVX-512 vs AVX2 block sizes): 5.7e-6 on one Xeon against a 1e-6 bound tuned on an
+# EPYC. In float64 the same reordering costs ~1e-16 relative per operation, so any bound far above that and far
+# below a real DDP error (a wrong gradient average or BN statistic moves weights by > 1e-4) is CPU-independent.
+TOLERANCE = dict(rtol=1e-9, atol=1e-11)
+
+
+@contextmanager
+def float64() -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def worker(rank: int, port: int, data: str, out: str, cache: str) -> None:
@@ -32,7 +48,8 @@ def worker(rank: int, port: int, data: str, out: str, cache: str) -> None:
                       MASTER_PORT=str(port), CORINFOMAX_CACHE=cache)
     torch.set_num_threads(1)
     try:
-        train(tiny_config(Path(data), Path(out), **RECIPE), progress=False)
+        with float64():
+            train(tiny_config(Path(data), Path(out), **RECIPE), progress=False)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -54,16 +71,17 @@ def test_two_gloo_processes_train_like_one(cifar10: Path, tmp_path: Path, monkey
     cache = str(tmp_path / "cache")
     monkeypatch.setenv("CORINFOMAX_CACHE", cache)
     mp.spawn(worker, args=(free_port(), str(data), str(tmp_path / "ddp"), cache), nprocs=WORLD, join=True)
-    with one_thread():
+    with one_thread(), float64():
         train(tiny_config(data, tmp_path / "single", **RECIPE), progress=False)
 
     single, ddp = step_losses(tmp_path / "single"), step_losses(tmp_path / "ddp")
     assert len(single) == len(ddp) == 3
     # Every step, not only the first: data order, views, global BN, gradient averaging, weight decay, momentum and
-    # the lr schedule all agree, so the runs stay within float32 summation-order noise (measured ~1e-7).
-    torch.testing.assert_close(torch.tensor(ddp), torch.tensor(single), rtol=1e-4, atol=1e-5)
+    # the lr schedule all agree, so the runs stay within float64 summation-order noise.
+    torch.testing.assert_close(torch.tensor(ddp), torch.tensor(single), **TOLERANCE)
     a, b = load_checkpoint(tmp_path / "ddp"), load_checkpoint(tmp_path / "single")
     assert set(a["model"]) == set(b["model"]) and set(a["loss"]) == set(b["loss"])  # same format at any world size
-    torch.testing.assert_close(a["model"], b["model"], rtol=1e-4, atol=1e-6)  # weights and BN running stats
-    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-4, atol=1e-6)  # the loss's running mean and covariance
+    assert a["model"]["backbone.blocks.0.conv2.weight"].dtype == torch.float64
+    torch.testing.assert_close(a["model"], b["model"], **TOLERANCE)  # weights and BN running stats
+    torch.testing.assert_close(a["loss"], b["loss"], **TOLERANCE)  # the loss's running mean and covariance
     assert not (tmp_path / "ddp" / "rank1").exists() and len(list((tmp_path / "ddp").iterdir())) == 3

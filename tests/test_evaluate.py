@@ -12,11 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from training.data import normalize
-from training.eval_cli import add_eval_arguments, run_eval_command
-from training.evaluate import REPORT_FORMAT, EvalError, evaluate_checkpoint, extract_features, knn_top1, linear_probe
-from training.models import build_backbone
+from corinfomax.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from corinfomax.training.data import normalize
+from corinfomax.training.eval_cli import add_eval_arguments, run_eval_command
+from corinfomax.training.evaluate import (
+    REPORT_FORMAT,
+    EvalError,
+    evaluate_checkpoint,
+    extract_features,
+    knn_top1,
+    linear_probe,
+)
+from corinfomax.training.models import build_backbone
 
 
 @pytest.fixture(autouse=True)

@@ -14,12 +14,13 @@ import onnx
 import pytest
 import torch
 
-from corinfomax_cli import UserError
-from export import parity
-from export.bundle import export_bundle
-from export.card import METADATA_KEY
-from serving.embedder import Embedder, read_card
-from training.checkpoint import load_checkpoint, save_checkpoint
+from corinfomax.core.bundle import read_card
+from corinfomax.core.errors import UserError
+from corinfomax.export import parity
+from corinfomax.export.bundle import export_bundle
+from corinfomax.export.card import METADATA_KEY
+from corinfomax.serving.embedder import Embedder
+from corinfomax.training.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CARD_KEYS = {"format", "name", "version", "embedding_dim", "precision", "backbone", "input", "training",
@@ -46,7 +47,7 @@ def _left_over(folder: Path) -> list[str]:
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_bundle_card_metadata_and_parity(bundles: dict[str, Path], tiny_checkpoint: Path, precision: str) -> None:
     bundle = bundles[precision]
-    card = read_card(bundle)
+    card = read_card(bundle).to_json()
     assert CARD_KEYS <= set(card)
     assert card["precision"] == precision and card["embedding_dim"] == 256 and card["backbone"] == "tiny_resnet"
     assert card["input"]["size"] == [32, 32]
@@ -83,7 +84,7 @@ def test_graph_contract_dynamic_batch_and_torch_match(bundles: dict[str, Path], 
         assert embedding.shape == features.shape == (batch, 256) and embedding.dtype == np.float32
         np.testing.assert_allclose(embedding, features / np.linalg.norm(features, axis=1, keepdims=True), atol=1e-6)
 
-    from training.models import CorInfoMaxModel
+    from corinfomax.training.models import CorInfoMaxModel
 
     state = load_checkpoint(tiny_checkpoint)
     config = state["config"]
@@ -163,11 +164,11 @@ def test_bad_requests(tiny_checkpoint: Path, tmp_path: Path) -> None:
 def test_overwrite_replaces_a_bundle(tiny_checkpoint: Path, tiny_bundle: Path, tmp_path: Path) -> None:
     out = Path(shutil.copytree(tiny_bundle, tmp_path / "b"))
     export_bundle(tiny_checkpoint, out, verify=False, version="v2", overwrite=True)
-    assert read_card(out)["version"] == "v2" and _left_over(tmp_path) == ["b"]
+    assert read_card(out).version == "v2" and _left_over(tmp_path) == ["b"]
 
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "corinfomax_cli", *args], cwd=REPO, env={**os.environ, **env},
+    return subprocess.run([sys.executable, "-m", "corinfomax", *args], cwd=REPO, env={**os.environ, **env},
                           capture_output=True, text=True, timeout=300)
 
 
@@ -191,14 +192,14 @@ def test_cli_exports_registers_and_refuses(tiny_checkpoint: Path, tmp_path: Path
 
 def test_cli_bad_input_exits_2_without_traceback(tiny_checkpoint: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    import corinfomax_cli
+    import corinfomax.cli
 
     for args, message in [
         (["--precision", "int4"], "unsupported precision 'int4'"),
         (["--verify-images", "0"], "--verify-images must be at least 1"),
         (["--evaluation", str(tmp_path / "missing.json")], "--evaluation"),
     ]:
-        code = corinfomax_cli.main(
+        code = corinfomax.cli.main(
             ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "b"), *args])
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err

@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from serving.embedder import Embedder
-from serving.errors import BundleError
-from serving.extract import InputError, extract, list_inputs
-from serving.features import FeaturesError, failures, load_features, read_manifest
+from corinfomax.core.errors import BundleError
+from corinfomax.serving.embedder import Embedder
+from corinfomax.serving.extract.extract import InputError, extract, list_inputs
+from corinfomax.serving.extract.features import FeaturesError, failures, load_features, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("cat", "dog", "ship")
@@ -142,7 +142,7 @@ def test_bad_files_are_skipped_and_listed(tiny_bundle: Path, cifar10: Path, tmp_
 
 def _cli(*args: str) -> list[str]:
     """The `corinfomax` entry point (not `python -m`, under which UserError would be a second class)."""
-    return [sys.executable, "-c", "import sys, corinfomax_cli; sys.exit(corinfomax_cli.main())", *args]
+    return [sys.executable, "-c", "import sys, corinfomax.cli; sys.exit(corinfomax.cli.main())", *args]
 
 
 def test_killed_run_resumes_to_identical_output(tiny_bundle: Path, cifar10: Path, tmp_path: Path) -> None:

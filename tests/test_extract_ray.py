@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
-from serving.extract import extract
-from serving.features import failures, load_features, read_manifest
 from test_extract import make_image_folder
+
+from corinfomax.serving.extract.extract import extract
+from corinfomax.serving.extract.features import failures, load_features, read_manifest
 
 ray = pytest.importorskip("ray")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.errors import BadInput, NotFound
-from serving.index_store import DB_FILE, FAISS_FILE, FAISS_META, IndexMismatch, IndexStore, choose_kind
+from corinfomax.core.errors import BadInput, NotFound
+from corinfomax.serving.index.store import DB_FILE, FAISS_FILE, FAISS_META, IndexMismatch, IndexStore, choose_kind
 
 DIM = 16
 
@@ -190,7 +190,7 @@ def test_rebuild_approximate_kinds(tmp_path: Path, kind: str) -> None:
 
 def test_chosen_kind_that_misses_the_recall_target_falls_back_to_exact(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import serving.index_store as index_store
+    import corinfomax.serving.index.store as index_store
 
     monkeypatch.setattr(index_store, "FLAT_MAX", 10)  # so the chooser picks HNSW32 for a small index
     monkeypatch.setattr(index_store, "RECALL_TARGET", 1.01)  # unreachable for any approximate kind

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.loss import CorInfoMaxLoss
+from corinfomax.training.loss import CorInfoMaxLoss
 
 D = 8
 HYPER = dict(alpha=250.0, la_R=0.01, la_mu=0.01, eps=1e-8, R_init=1.0)

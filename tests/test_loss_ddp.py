@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from training.loss import CorInfoMaxLoss
+from corinfomax.training.loss import CorInfoMaxLoss
 
 WORLD, BATCH, IN_DIM, D, STEPS = 2, 16, 6, 4, 3
 

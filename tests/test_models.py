@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.models import (
+from corinfomax.training.models import (
     TINY_RESNET,
     CorInfoMaxModel,
     ModelConfigError,

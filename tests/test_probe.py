@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from serving.features import FeaturesWriter, Record
-from serving.probe import LinearProbe, ProbeError, fit_probe, fit_probe_on_features
+from corinfomax.core.bundle import InputSpec, ModelCard, write_card
+from corinfomax.core.images import ResizeRule
+from corinfomax.serving.extract.features import FeaturesWriter, Record
+from corinfomax.serving.probe import LinearProbe, ProbeError, fit_probe, fit_probe_on_features
 
 DIM = 16
-CARD = {"name": "t", "version": "1", "checkpoint_sha256": "f" * 64, "embedding_dim": DIM}
+CARD = ModelCard(name="t", version="1", embedding_dim=DIM, precision="fp32", backbone="tiny_resnet",
+                 input=InputSpec(ResizeRule.square(32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+                 checkpoint_sha256="f" * 64, opset=18, exported_at="2024-01-01T00:00:00+00:00")
 
 
 def blobs(n_per_class: int, classes: int = 4, spread: float = 0.35, seed: int = 0) -> tuple[np.ndarray, list[str]]:
@@ -67,7 +71,8 @@ def test_bad_inputs(tmp_path: Path) -> None:
 
 
 def write_features(folder: Path, x: np.ndarray, labels: list[str | None]) -> None:
-    writer = FeaturesWriter(folder, CARD, "float32", ["synthetic"], "listing", len(x), sorted({l for l in labels if l}))
+    classes = sorted({name for name in labels if name})
+    writer = FeaturesWriter(folder, CARD, "float32", ["synthetic"], "listing", len(x), classes)
     writer.write_shard(0, x, [Record(f"/img/{i}.png", label, 8, 8) for i, label in enumerate(labels)])
 
 
@@ -77,12 +82,12 @@ def test_fit_on_features_folder_writes_where_the_service_looks(tmp_path: Path) -
     write_features(features, x, [*labels[:-5], *[None] * 5])  # unlabelled rows are left out
     report = fit_probe_on_features(features, l2_grid=(1e-2,))
     assert report["path_written"] == str(features / "probe.npz") and report["holdout_accuracy"] > 0.9
-    assert LinearProbe.load(features / "probe.npz").model_sha256 == CARD["checkpoint_sha256"]
+    assert LinearProbe.load(features / "probe.npz").model_sha256 == CARD.checkpoint_sha256
 
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "model.onnx").write_bytes(b"")
-    (bundle / "model.json").write_text(json.dumps({"format": "corinfomax-bundle/1", "checkpoint_sha256": "0" * 64}))
+    write_card(bundle, dataclasses.replace(CARD, checkpoint_sha256="0" * 64))
     with pytest.raises(ProbeError, match="not the model"):
         fit_probe_on_features(features, bundle, l2_grid=(1e-2,))
     assert not (bundle / "probe.npz").exists()

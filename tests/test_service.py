@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,70 +16,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from corinfomax.serving.api.launcher import Server
+
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
 MAX_REQUEST = 2 << 20
 MAX_PIXELS = 1_000_000
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`bentoml serve` in its own process group, so a test can kill -9 all of it."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env, self.log, self.port, self.proc = env, log, free_port(), None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 120) -> "Server":
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "serving.service:CorInfoMax", "--host", "127.0.0.1",
-             "--port", str(self.port)],
-            cwd=REPO, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop(signal.SIGKILL)
-        raise RuntimeError(f"server not ready in {timeout}s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        """Signal the server and all its workers (they run in sessions of their own, so a group kill
-        alone would leave them orphaned after SIGKILL)."""
-        import psutil
-
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        workers = psutil.Process(self.proc.pid).children(recursive=True)
-        os.killpg(self.proc.pid, sig)
-        if sig == signal.SIGKILL:  # a crash takes every process of the service down at once
-            for worker in workers:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    worker.kill()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        _, alive = psutil.wait_procs(workers, timeout=10)
-        for worker in alive:  # a worker that outlived its arbiter
-            with contextlib.suppress(psutil.NoSuchProcess):
-                worker.kill()
 
 
 def write_probe(path: Path, dim: int) -> None:
@@ -292,7 +231,7 @@ def test_micro_batcher_merges_concurrent_requests_and_keeps_their_rows() -> None
     """Requests arriving while the model runs share its next call; each gets back its own rows."""
     import asyncio
 
-    from serving.service_batcher import MicroBatcher
+    from corinfomax.serving.api.batcher import MicroBatcher
 
     calls: list[int] = []
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from trainkit import small_folder
 
 CLI = Path(sys.executable).parent / "corinfomax"

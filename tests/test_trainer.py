@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainkit import small_folder, tiny_config
 
-from trainkit import one_thread, small_folder, tiny_config
-from training import trainer
-from training.checkpoint import CheckpointError, load_checkpoint
-from training.loss import CorInfoMaxLoss, CorInfoMaxOutput
-from training.trainer import ResumeConflict, TrainingDiverged, train
+from corinfomax.training import trainer
+from corinfomax.training.checkpoint import CheckpointError, load_checkpoint
+from corinfomax.training.evaluate import one_cpu_thread as one_thread
+from corinfomax.training.loss import CorInfoMaxLoss, CorInfoMaxOutput
+from corinfomax.training.trainer import ResumeConflict, TrainingDiverged, train
 
 
 @pytest.fixture(autouse=True)

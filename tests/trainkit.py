@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from training.config import TrainConfig, resolve
-from training.evaluate import one_cpu_thread as one_thread  # noqa: F401 (re-exported for the tests)
+from corinfomax.training.config import TrainConfig, resolve
 
 
 def small_folder(cifar10: Path, dest: Path, per_class: int, split: str = "train") -> Path:

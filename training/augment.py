@@ -242,7 +242,9 @@ class ViewParams:
 
     def select(self, index: Tensor | slice) -> "ViewParams":
         """The draws of the samples at ``index`` (e.g. one DDP rank's share of the global batch)."""
-        pick = lambda t: t[index]  # noqa: E731
+        def pick(t: Tensor) -> Tensor:
+            return t[index]
+
         jitter = JitterParams(*(pick(getattr(self.jitter, f)) for f in JitterParams.__dataclass_fields__))
         return ViewParams(pick(self.boxes), pick(self.flip), jitter, pick(self.gray), pick(self.sigma),
                           pick(self.blur), pick(self.solarize))
@@ -287,7 +289,8 @@ class BatchTwoView:
     def __call__(self, images: Tensor, generator: torch.Generator | None = None,
                  rank: int = 0, world: int = 1) -> tuple[Tensor, Tensor]:
         n, _, height, width = images.shape
-        x = images.float().div_(255.0)
+        # The default float type (float32; float64 where a test compares runs exactly, tests/test_ddp_train.py).
+        x = images.to(torch.get_default_dtype()).div_(255.0)
         views = []
         for blur_p, solarize_p in zip(BLUR_P, SOLARIZE_P):
             params = sample_view(n * world, height, width, blur_p, solarize_p, generator)

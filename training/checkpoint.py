@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from corinfomax_cli import UserError
-from serving.files import atomic_write
+from corinfomax.core.errors import UserError
+from corinfomax.core.files import atomic_write
 
 CHECKPOINT_FORMAT = "corinfomax-checkpoint/1"
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import typing
 
-from training.config import PRESETS, TrainConfig
+from corinfomax.training.config import PRESETS, TrainConfig
 
 _SKIP = {"preset"}
 
@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_config_arguments(train)
     train.set_defaults(handler=_train)
 
-    from training.eval_cli import add_eval_arguments, run_eval_command
+    from corinfomax.training.eval_cli import add_eval_arguments, run_eval_command
 
     evaluate = sub.add_parser("eval", help="kNN and linear-probe accuracy of a checkpoint vs a random-init baseline")
     add_eval_arguments(evaluate)
@@ -50,13 +50,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     if args.list_backbones:
-        from training.models import available_backbones
+        from corinfomax.training.models import available_backbones
 
         print("\n".join(available_backbones()))
         return 0
-    from training.config import resolve
-    from training.data import DataError
-    from training.trainer import train
+    from corinfomax.core.errors import DataError
+    from corinfomax.training.config import resolve
+    from corinfomax.training.trainer import train
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in _SKIP}
     config = resolve(args.preset, overrides)

@@ -19,70 +19,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from corinfomax_cli import UserError
-from serving.errors import ImageError
-from serving.files import atomic_write
-from serving.preprocess import load_image, to_model_input
+from corinfomax.core.errors import DataError, ImageError
+from corinfomax.core.files import atomic_write
+from corinfomax.core.images import ImageList, ResizeRule, load_image, scan_images, to_model_input
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 CACHE_MAX_SIDE = 64  # images up to this size are decoded once into an in-memory uint8 cache
-DECODER_VERSION = 2  # part of the cache key: bump when decoding changes (2: serving's rule for alpha and 16-bit)
-
-
-class DataError(UserError):
-    """A data folder that is missing, empty, or holds no readable image."""
-
-
-@dataclass
-class ImageList:
-    """The image files of a data folder; ``labels[i] == -1`` where the folder has no classes."""
-
-    root: Path
-    paths: list[Path]
-    labels: list[int]
-    classes: list[str]
-
-    @property
-    def labelled(self) -> bool:
-        return bool(self.classes)
-
-
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-
-
-def scan_images(root: str | Path) -> ImageList:
-    """List the images of an ImageFolder tree or a flat folder, in a stable sorted order."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist or is not a folder")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    loose = [p for p in root.iterdir() if _is_image(p)]
-    if class_dirs and not loose:
-        paths, labels = [], []
-        for index, class_dir in enumerate(class_dirs):
-            files = sorted(p for p in class_dir.rglob("*") if _is_image(p))
-            paths += files
-            labels += [index] * len(files)
-        classes = [d.name for d in class_dirs]
-    else:
-        paths, classes = sorted(p for p in root.rglob("*") if _is_image(p)), []
-        labels = [-1] * len(paths)
-    if not paths:
-        raise DataError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return ImageList(root, paths, labels, classes)
+DECODER_VERSION = 2  # part of the cache key: bump when decoding changes (2: the serving rule for alpha and 16-bit)
 
 
 def decode_resized(path: Path, size: int) -> np.ndarray | None:
-    """Decode one image to RGB uint8 ``[size, size, 3]`` by serving's rule (`serving.preprocess`: EXIF
+    """Decode one image to RGB uint8 ``[size, size, 3]`` by the one image rule (`core.images`: EXIF
     orientation, transparency onto white, 16-bit scaled not clipped, shorter side to ``size`` bicubic, centre
     crop), so the model trains on what the service will feed it. Returns None for a file that is not an image.
     """
-    spec = {"size": [size, size], "resize": {"shorter_side": size, "interpolation": "bicubic"}}
     try:
-        return to_model_input(load_image(path), spec)
+        return to_model_input(load_image(path), ResizeRule.square(size))
     except (ImageError, OSError) as err:  # load_image wraps every decoder error in ImageError
         log.warning("skipping unreadable image %s: %s", path, err)
         return None

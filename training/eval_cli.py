@@ -16,7 +16,7 @@ LINEAR_MODES = ("fast", "paper", "none")
 
 def write_report(report: dict[str, Any], out: Path) -> None:
     """Write the JSON atomically: a crash never leaves a half-written report."""
-    from serving.files import atomic_write_text
+    from corinfomax.core.files import atomic_write_text
 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
@@ -56,7 +56,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_eval_command(args: argparse.Namespace) -> int:
     """Handler of `corinfomax eval`: evaluate, write the JSON, print a table."""
-    from training.evaluate import evaluate_checkpoint
+    from corinfomax.training.evaluate import evaluate_checkpoint
 
     checkpoint = Path(args.checkpoint)
     out = Path(args.out) if args.out else (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "eval.json"

@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from corinfomax_cli import UserError
-from training.checkpoint import CHECKPOINT_FILE, CheckpointError, file_sha256, load_checkpoint
-from training.config import TrainConfig
-from training.data import load_labelled_images, normalize
-from training.eval_cli import LINEAR_MODES
-from training.models import CorInfoMaxModel
+from corinfomax.core.errors import UserError
+from corinfomax.training.checkpoint import CHECKPOINT_FILE, CheckpointError, file_sha256, load_checkpoint
+from corinfomax.training.config import TrainConfig
+from corinfomax.training.data import load_labelled_images, normalize
+from corinfomax.training.eval_cli import LINEAR_MODES
+from corinfomax.training.models import CorInfoMaxModel
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from corinfomax_cli import UserError
+from corinfomax.core.errors import UserError
 
 TINY_RESNET = "tiny_resnet"
 

@@ -20,16 +20,16 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from corinfomax_cli import UserError
-from serving.files import atomic_write_text
-from training.augment import BatchTwoView, PilTwoView
-from training.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
-from training.config import ConfigError, TrainConfig
-from training.data import CACHE_MAX_SIDE, DecodedImages, decode_folder
-from training.distributed import Dist, convert_global_batchnorm, setup_distributed
-from training.loss import CorInfoMaxLoss
-from training.models import CorInfoMaxModel
-from training.optim import LARS, lr_at
+from corinfomax.core.errors import UserError
+from corinfomax.core.files import atomic_write_text
+from corinfomax.training.augment import BatchTwoView, PilTwoView
+from corinfomax.training.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from corinfomax.training.config import ConfigError, TrainConfig
+from corinfomax.training.data import CACHE_MAX_SIDE, DecodedImages, decode_folder
+from corinfomax.training.distributed import Dist, convert_global_batchnorm, setup_distributed
+from corinfomax.training.loss import CorInfoMaxLoss
+from corinfomax.training.models import CorInfoMaxModel
+from corinfomax.training.optim import LARS, lr_at
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ def _run(config: TrainConfig, ddp: Dist, device: torch.device, out: Path, source
                 out_loss.loss.backward()
                 optimizer.step()
                 if train_probe is not None:
-                    logits = train_probe(f1.detach().float())
+                    logits = train_probe(f1.detach().to(torch.get_default_dtype()))  # bf16 under autocast
                     probe_loss = nn.functional.cross_entropy(logits, labels)
                     probe_opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
                     probe_loss.backward()
@@ -438,7 +438,7 @@ def _fit_budget(config: TrainConfig, steps_per_epoch: int, elapsed: float, ddp: 
 
 
 def _knn(model: CorInfoMaxModel, config: TrainConfig, device: torch.device, train_data: DecodedImages) -> float:
-    from training.evaluate import extract_features, knn_top1
+    from corinfomax.training.evaluate import extract_features, knn_top1
 
     test = decode_folder(config.val_data, config.image_size, progress=False)
     model.eval()

@@ -12,25 +12,26 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from corinfomax_cli import UserError
-from serving.extract import Item, ShardResult, decode, shard_slices
-from serving.features import Record
+from corinfomax.core.errors import UserError
+from corinfomax.core.images import ResizeRule
+from corinfomax.serving.extract.extract import InputFile, ShardResult, decode, shard_slices
+from corinfomax.serving.extract.features import Record
 
 log = logging.getLogger(__name__)
 
 
-def decode_batch(batch: dict[str, np.ndarray], input_spec: dict[str, Any], max_pixels: int) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], rule: ResizeRule, max_pixels: int) -> dict[str, np.ndarray]:
     """Ray task: read and preprocess files; failures get zero pixels and a non-empty ``error``."""
-    height, width = input_spec["size"]
+    height, width = rule.size
     pixels = np.zeros((len(batch["path"]), height, width, 3), np.uint8)
     sizes = np.full((len(batch["path"]), 2), -1, np.int32)
     errors = []
     for i, path in enumerate(batch["path"]):
-        array, record = decode(Item(str(path), None), input_spec, max_pixels)
+        array, record = decode(InputFile(str(path), None), rule, max_pixels)
         if array is not None:
             pixels[i] = array
         sizes[i] = record.width, record.height
@@ -42,7 +43,7 @@ class EmbedBatch:
     """Ray actor: one onnxruntime session, reused for every batch it is given."""
 
     def __init__(self, bundle: str, threads: int | None) -> None:
-        from serving.embedder import Embedder
+        from corinfomax.serving.embedder import Embedder
 
         self.embedder = Embedder(bundle, threads=threads)
 
@@ -53,7 +54,7 @@ class EmbedBatch:
 
 def ray_shards(
     bundle: str | Path,
-    items: Sequence[Item],
+    items: Sequence[InputFile],
     shards: Sequence[int],
     shard_rows: int,
     batch_size: int,
@@ -67,8 +68,8 @@ def ray_shards(
         import ray.data
     except ImportError as err:
         raise UserError("--engine ray needs Ray Data: pip install 'corinfomax[ray]'") from err
-    from serving.embedder import read_card
-    from serving.preprocess import DEFAULT_MAX_PIXELS
+    from corinfomax.core.bundle import read_card
+    from corinfomax.core.images import DEFAULT_MAX_PIXELS
 
     if not shards:
         return
@@ -91,7 +92,7 @@ def ray_shards(
     dataset = (
         ray.data.from_items([{"index": i, "path": items[i].path} for i in wanted])
         .map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
-                     fn_kwargs={"input_spec": card["input"], "max_pixels": DEFAULT_MAX_PIXELS})
+                     fn_kwargs={"rule": card.input.resize, "max_pixels": DEFAULT_MAX_PIXELS})
         .map_batches(EmbedBatch, batch_size=batch_size, batch_format="numpy", concurrency=actors,
                      num_cpus=0 if gpus else actor_threads, num_gpus=1 if gpus else 0,
                      fn_constructor_kwargs={"bundle": str(Path(bundle).resolve()), "threads": actor_threads})
@@ -107,7 +108,7 @@ def ray_shards(
                 vectors.append(embedding)
             shard = shard_of[int(index)]
             if int(index) == parts[shard].stop - 1:
-                dim = int(card["embedding_dim"])
+                dim = card.embedding_dim
                 yield shard, np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, dim), np.float32), records
                 vectors, records = [], []
         progress(len(batch["index"]))

@@ -7,13 +7,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.embedder import PROBE_FILE, cpu_threads_per_worker
-from serving.errors import BundleError
-from serving.preprocess import DEFAULT_MAX_PIXELS
+from corinfomax.core.bundle import PROBE_FILE
+from corinfomax.core.errors import BundleError
+from corinfomax.core.images import DEFAULT_MAX_PIXELS
+from corinfomax.serving.embedder import cpu_threads_per_worker
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+# The checkout this file lives in (serving/api/config.py); an installed wheel has no models/ or demo/ here,
+# so a Bento sets CORINFOMAX_MODEL and CORINFOMAX_DEMO_DIR (bentofile.yaml).
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _int(name: str, default: int) -> int:

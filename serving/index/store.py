@@ -22,8 +22,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import faiss
 import numpy as np
 
-from serving.errors import BadInput, NotFound
-from serving.files import atomic_write, atomic_write_text
+from corinfomax.core.errors import BadInput, NotFound
+from corinfomax.core.files import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from serving.errors import BadInput, ImageTooLarge
+from corinfomax.core.errors import BadInput, ImageTooLarge
 
 
 class UrlError(BadInput):

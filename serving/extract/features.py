@@ -18,8 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from corinfomax_cli import UserError
-from serving.files import atomic_write
+from corinfomax.core.bundle import ModelCard
+from corinfomax.core.errors import UserError
+from corinfomax.core.files import atomic_write
 
 FEATURES_FORMAT = "corinfomax-features/1"
 MANIFEST_FILE = "manifest.json"
@@ -67,9 +68,10 @@ def shard_name(index: int) -> str:
     return f"{index:05d}"
 
 
-def model_identity(card: dict[str, Any]) -> dict[str, Any]:
+def model_identity(card: ModelCard) -> dict[str, Any]:
     """The part of a model card that a features folder records and checks on resume."""
-    return {key: card.get(key) for key in ("name", "version", "checkpoint_sha256", "embedding_dim")}
+    return {"name": card.name, "version": card.version, "checkpoint_sha256": card.checkpoint_sha256,
+            "embedding_dim": card.embedding_dim}
 
 
 def _write_atomic(path: Path, write: Any) -> None:
@@ -119,7 +121,7 @@ class FeaturesWriter:
     def __init__(
         self,
         folder: str | Path,
-        card: dict[str, Any],
+        card: ModelCard,
         dtype: str,
         sources: Sequence[str],
         listing_sha256: str,

@@ -1,8 +1,11 @@
-"""Errors the serving side raises for bad input; the service maps them to 4xx, the CLI prints them."""
+"""Errors a user can fix, shared by every stage: the CLI prints them without a traceback, the service maps
+the `BadInput` family to 4xx answers."""
 
 from __future__ import annotations
 
-from corinfomax_cli import UserError
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, bad option, bad file): printed without a traceback."""
 
 
 class BadInput(UserError):
@@ -25,5 +28,13 @@ class NotFound(BadInput):
     status = 404
 
 
+class DataError(UserError):
+    """A data folder that is missing, empty, or holds no readable image."""
+
+
 class BundleError(UserError):
     """A model bundle folder that is missing, incomplete or of an unknown format."""
+
+
+class CardError(BundleError):
+    """A model card that breaks the bundle contract (e.g. a name or version that is not a valid tag)."""

@@ -2,7 +2,7 @@
 
 Each stage registers its own subcommands (``training.cli``, ``export.cli``, ``serving.cli``). Those
 modules import nothing heavy at module level, so ``corinfomax extract`` works in a serving-only
-environment without PyTorch.
+environment without PyTorch. Nothing imports this module: it sits on top of every stage.
 """
 
 from __future__ import annotations
@@ -11,15 +11,13 @@ import argparse
 import logging
 import sys
 
-
-class UserError(Exception):
-    """A problem the user can fix (bad path, bad option, bad file): printed without a traceback."""
+from corinfomax.core.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from export import cli as export_cli
-    from serving import cli as serving_cli
-    from training import cli as training_cli
+    from corinfomax.export import cli as export_cli
+    from corinfomax.serving import cli as serving_cli
+    from corinfomax.training import cli as training_cli
 
     parser = argparse.ArgumentParser(
         prog="corinfomax",
@@ -47,11 +45,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"corinfomax {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    # Under `python -m corinfomax_cli` this file runs as __main__, whose UserError is not the class the
-    # stages import; run the imported module's main so their errors are caught.
-    from corinfomax_cli import main as _main
-
-    sys.exit(_main())

@@ -23,16 +23,22 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from corinfomax_cli import UserError
-from serving.embedder import Embedder, read_card
-from serving.features import FeaturesWriter, Record, shard_name
-from serving.preprocess import DEFAULT_MAX_PIXELS, load_image, to_model_input
+from corinfomax.core.bundle import read_card
+from corinfomax.core.errors import UserError
+from corinfomax.core.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    ResizeRule,
+    is_image_file,
+    load_image,
+    to_model_input,
+    walk_images,
+)
+from corinfomax.serving.embedder import Embedder
+from corinfomax.serving.extract.features import FeaturesWriter, Record, shard_name
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".tga",
-})
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
 DEFAULT_SHARD_ROWS = 4096
 
@@ -45,14 +51,14 @@ class InputError(UserError):
 
 
 @dataclass(frozen=True)
-class Item:
+class InputFile:
     """One input file and its label (ImageFolder folder name or list-file column)."""
 
     path: str
     label: str | None
 
 
-def list_inputs(sources: Sequence[str]) -> list[Item]:
+def list_inputs(sources: Sequence[str]) -> list[InputFile]:
     """Expand folders (recursive), globs and list files into a sorted, de-duplicated list of files.
 
     In a folder, files directly inside get no label and files under ``FOLDER/<class>/...`` get the
@@ -79,42 +85,23 @@ def list_inputs(sources: Sequence[str]) -> list[Item]:
             raise InputError(f"source {source!r} does not exist (expected an image file, a folder, a glob or a .txt list)")
         if added == 0:
             raise InputError(f"source {source!r} contains no image files (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return [Item(path, found[path]) for path in sorted(found)]
+    return [InputFile(path, found[path]) for path in sorted(found)]
 
 
 def _add_path(path: Path, found: dict[str, str | None], explicit: bool) -> int:
     if path.is_dir():
         return _add_folder(path, found)
-    if explicit or path.suffix.lower() in IMAGE_EXTENSIONS:
+    if explicit or is_image_file(path):
         found.setdefault(os.path.abspath(path), None)
         return 1
     return 0
 
 
 def _add_folder(root: Path, found: dict[str, str | None]) -> int:
-    """Walk ``root`` following symbolic links, visiting each real folder once (so link loops end)."""
-    added, seen = 0, {os.path.realpath(root)}
-    for folder, subfolders, files in os.walk(root, followlinks=True, onerror=_warn_walk):
-        unseen = []
-        for name in sorted(subfolders):
-            real = os.path.realpath(os.path.join(folder, name))
-            if real in seen:
-                log.warning("skipping %s: symbolic link to a folder already visited (a loop?)", os.path.join(folder, name))
-            else:
-                seen.add(real)
-                unseen.append(name)
-        subfolders[:] = unseen
-        parts = Path(folder).relative_to(root).parts
-        label = parts[0] if parts else None
-        for name in files:
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.setdefault(os.path.abspath(os.path.join(folder, name)), label)
-                added += 1
-    return added
-
-
-def _warn_walk(err: OSError) -> None:
-    log.warning("cannot list %s: %s", err.filename, err.strerror)
+    images = walk_images(root)
+    for path, label in images:
+        found.setdefault(os.path.abspath(path), label)
+    return len(images)
 
 
 def _add_list(list_file: Path, found: dict[str, str | None]) -> int:
@@ -133,7 +120,7 @@ def _add_list(list_file: Path, found: dict[str, str | None]) -> int:
     return added
 
 
-def listing_sha256(items: Sequence[Item]) -> str:
+def listing_sha256(items: Sequence[InputFile]) -> str:
     """Fingerprint of the input listing: a resumed run must see exactly the same files."""
     digest = hashlib.sha256()
     for item in items:
@@ -141,7 +128,7 @@ def listing_sha256(items: Sequence[Item]) -> str:
     return digest.hexdigest()
 
 
-def decode(item: Item, input_spec: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray | None, Record]:
+def decode(item: InputFile, rule: ResizeRule, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray | None, Record]:
     """Read and preprocess one file; never raises: failures come back as a record with an error."""
     record = Record(item.path, item.label)
     try:
@@ -149,7 +136,7 @@ def decode(item: Item, input_spec: dict[str, Any], max_pixels: int = DEFAULT_MAX
             data = handle.read()
         image = load_image(data, max_pixels)
         record.width, record.height = image.size
-        return to_model_input(image, input_spec), record
+        return to_model_input(image, rule), record
     except UserError as err:
         record.error = str(err)
     except OSError as err:
@@ -165,7 +152,7 @@ def shard_slices(n_items: int, shard_rows: int) -> list[slice]:
 
 def local_shards(
     embedder: Embedder,
-    items: Sequence[Item],
+    items: Sequence[InputFile],
     shards: Sequence[int],
     shard_rows: int,
     batch_size: int,
@@ -173,7 +160,7 @@ def local_shards(
     progress: Callable[[int], None],
 ) -> Iterator[ShardResult]:
     """Embed the given shards on this machine: decode ``prefetch`` batches ahead in a thread pool."""
-    spec, max_pixels = embedder.input_spec, embedder.max_pixels
+    rule, max_pixels = embedder.resize, embedder.max_pixels
     # Batches never cross a shard boundary, so a resumed shard is computed exactly as before.
     parts = shard_slices(len(items), shard_rows)
     plan = iter([
@@ -188,7 +175,7 @@ def local_shards(
             step = next(plan, None)
             if step is not None:
                 index, start, stop, last = step
-                queue.append((index, [pool.submit(decode, items[i], spec, max_pixels) for i in range(start, stop)], last))
+                queue.append((index, [pool.submit(decode, items[i], rule, max_pixels) for i in range(start, stop)], last))
 
         for _ in range(3):
             submit_next()
@@ -256,7 +243,7 @@ def extract(
             results = local_shards(embedder, items, pending, shard_rows, batch_size,
                                    workers or default_workers(), bar.update)
         else:
-            from serving.ray_engine import ray_shards
+            from corinfomax.serving.extract.ray_engine import ray_shards
 
             results = ray_shards(bundle, items, pending, shard_rows, batch_size, threads, ray_address, bar.update)
         for index, embeddings, records in results:

@@ -8,7 +8,7 @@ Two services, one job each (start with ``bentoml serve serving.service:CorInfoMa
   request and SQLite has a single writer; ``CorInfoMax`` calls it through ``bentoml.depends``.
 Why the model is not a separate batchable service: the extra hop (uint8 arrays serialised both ways)
 and BentoML's dispatcher cost more than the model itself for small images (docs/RESULTS.md "Serving").
-Configuration comes from the environment (``serving.service_config.Settings``).
+Configuration comes from the environment (``serving.api.config.Settings``).
 """
 
 from __future__ import annotations
@@ -27,13 +27,15 @@ import bentoml
 import numpy as np
 from starlette.responses import JSONResponse
 
-from serving.embedder import Embedder, read_card
-from serving.errors import BadInput
-from serving.index_store import MAX_K, IndexStore, check_k, normalise
-from serving.service_batcher import MicroBatcher
-from serving.service_config import Settings
-from serving.service_fetch import fetch_url
-from serving.service_http import GuardMiddleware
+from corinfomax.core.bundle import read_card
+from corinfomax.core.errors import BadInput
+from corinfomax.core.images import walk_images
+from corinfomax.serving.api.batcher import MicroBatcher
+from corinfomax.serving.api.config import Settings
+from corinfomax.serving.api.fetch import fetch_url
+from corinfomax.serving.api.http import GuardMiddleware
+from corinfomax.serving.embedder import Embedder
+from corinfomax.serving.index.store import MAX_K, IndexStore, check_k, normalise
 
 log = logging.getLogger("corinfomax.service")
 SETTINGS = Settings.from_env()
@@ -77,8 +79,8 @@ class IndexOwner:
         faiss.omp_set_num_threads(1)
         bundle = SETTINGS.bundle_dir()
         card = read_card(bundle)
-        self.store = IndexStore(SETTINGS.index, dim=int(card["embedding_dim"]),
-                                model_sha256=card.get("checkpoint_sha256"))
+        self.store = IndexStore(SETTINGS.index, dim=card.embedding_dim,
+                                model_sha256=card.checkpoint_sha256)
         if SETTINGS.demo_dir is not None and self.store.count() == 0:
             # First start: index the demo collection so search and classify answer at once.
             added = seed_index_if_empty(self.store, Embedder(bundle, threads=1), SETTINGS.demo_dir)
@@ -107,7 +109,7 @@ class IndexOwner:
 
     @bentoml.api
     @_envelope
-    def get(self, id: int) -> dict[str, Any]:  # noqa: A002 - the API field is called "id"
+    def get(self, id: int) -> dict[str, Any]:  # BentoML names the API field after the parameter: "id"
         item = self.store.get(id)
         return {"id": item.id, "metadata": item.metadata, "label": item.label, "vector": item.vector.tolist()}
 
@@ -223,7 +225,7 @@ class CorInfoMax:
     index = bentoml.depends(IndexOwner)
 
     def __init__(self) -> None:
-        from serving.probe import LinearProbe
+        from corinfomax.serving.probe import LinearProbe
 
         self.bundle = SETTINGS.bundle_dir()
         self.embedder = Embedder(self.bundle, threads=SETTINGS.threads, max_pixels=SETTINGS.max_pixels)
@@ -234,8 +236,8 @@ class CorInfoMax:
         self.probe = LinearProbe.load(probe_path) if probe_path else None
         if self.probe is not None and self.probe.dim != self.dim:
             raise BadInput(f"probe {probe_path} takes {self.probe.dim}-dim embeddings, the model makes {self.dim}")
-        log.info("serving %s:%s on %s (%d intra-op threads, batches of <= %d), probe %s", self.card.get("name"),
-                 self.card.get("version"), self.embedder.providers[0], SETTINGS.threads, SETTINGS.batch_size, probe_path)
+        log.info("serving %s on %s (%d intra-op threads, batches of <= %d), probe %s", self.card.tag,
+                 self.embedder.providers[0], SETTINGS.threads, SETTINGS.batch_size, probe_path)
 
     @bentoml.on_shutdown
     def close(self) -> None:
@@ -294,7 +296,7 @@ class CorInfoMax:
                     images_b64: Optional[list[str]] = None) -> dict[str, Any]:
         """Images -> L2-normalised embeddings."""
         vectors = await self._embed(await self._images(images, urls, images_b64))
-        return {"embeddings": vectors.tolist(), "dim": self.dim, "model": self.card.get("name")}
+        return {"embeddings": vectors.tolist(), "dim": self.dim, "model": self.card.name}
 
     @bentoml.api
     @_http_errors
@@ -353,7 +355,7 @@ class CorInfoMax:
 
     @bentoml.api
     @_http_errors
-    async def get(self, id: int) -> dict[str, Any]:  # noqa: A002
+    async def get(self, id: int) -> dict[str, Any]:
         """One stored item: id, metadata, label and vector."""
         return _unwrap(await call(self.index.to_async.get, True, id=id))
 
@@ -368,7 +370,7 @@ class CorInfoMax:
     async def info(self) -> dict[str, Any]:
         """The model card, the index size and the probe's classes."""
         stats = _unwrap(await call(self.index.to_async.stats, True))
-        return {"model": self.card, "index": {"count": stats["count"], "labelled": stats["labelled"],
+        return {"model": self.card.to_json(), "index": {"count": stats["count"], "labelled": stats["labelled"],
                                               "kind": stats["kind"]},
                 "probe": {"classes": self.probe.classes} if self.probe is not None else None,
                 "limits": {"max_images": SETTINGS.max_images, "max_request_bytes": SETTINGS.max_request_bytes,
@@ -382,11 +384,11 @@ def seed_index_if_empty(store: IndexStore, embedder: Embedder, folder: str | Pat
     """Index a folder of sample images (label = sub-folder name) if the index is empty; return how many."""
     if store.count() > 0:
         return 0
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"})
+    files = walk_images(folder)
     added = 0
     for start in range(0, len(files), batch):
         chunk = files[start : start + batch]
-        vectors = embedder.embed_images(chunk)
-        labels = [p.parent.name if p.parent != Path(folder) else None for p in chunk]
-        added += len(store.add(vectors, [{"path": str(p.relative_to(folder))} for p in chunk], labels))
+        vectors = embedder.embed_images([path for path, _ in chunk])
+        metadata = [{"path": str(path.relative_to(folder))} for path, _ in chunk]
+        added += len(store.add(vectors, metadata, [label for _, label in chunk]))
     return added

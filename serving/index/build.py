@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from corinfomax_cli import UserError
-from serving.features import iter_shards, read_manifest
-from serving.index_store import IndexStore
+from corinfomax.core.errors import UserError
+from corinfomax.serving.extract.features import iter_shards, read_manifest
+from corinfomax.serving.index.store import IndexStore
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""CorInfoMax: train, export and serve self-supervised image embeddings (import names under `corinfomax.`)."""

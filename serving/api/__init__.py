@@ -1,0 +1,1 @@
+"""The HTTP service (BentoML): endpoints, micro-batching, settings, URL fetching, HTTP guards."""

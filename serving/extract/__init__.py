@@ -1,0 +1,1 @@
+"""Batch extraction: image files -> features folder (locally or on Ray)."""

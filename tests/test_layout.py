@@ -1,0 +1,80 @@
+"""The package layout and the import graph (docs/ARCHITECTURE.md): core <- training, core <- serving, export
+above both, the CLI on top; the core and every serving module import without PyTorch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+FOLDERS = {"corinfomax": "corinfomax", "core": "corinfomax.core", "training": "corinfomax.training",
+           "export": "corinfomax.export", "serving": "corinfomax.serving"}
+# What each folder's modules may import from the project (its own package is always allowed).
+ALLOWED = {
+    "core": set(),
+    "training": {"corinfomax.core"},
+    "serving": {"corinfomax.core"},
+    "export": {"corinfomax.core", "corinfomax.training", "corinfomax.serving"},
+    "corinfomax": {"corinfomax.core", "corinfomax.training", "corinfomax.export", "corinfomax.serving"},
+}
+CORE_THIRD_PARTY = {"numpy", "PIL"}
+
+
+def modules(folder: str) -> list[Path]:
+    return sorted((REPO / folder).rglob("*.py"))
+
+
+def imports(path: Path) -> set[str]:
+    """Every module name ``path`` imports, at module level or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_every_package_folder_is_listed_in_pyproject() -> None:
+    tool = PYPROJECT["tool"]["setuptools"]
+    assert tool["package-dir"] == {package: folder for folder, package in FOLDERS.items()}
+    found = {FOLDERS[folder] + "".join(f".{part}" for part in init.parent.relative_to(REPO / folder).parts)
+             for folder in FOLDERS for init in (REPO / folder).rglob("__init__.py")}
+    assert found == set(tool["packages"])
+
+
+@pytest.mark.parametrize("folder", sorted(ALLOWED))
+def test_imports_follow_the_layers(folder: str) -> None:
+    own = FOLDERS[folder]
+    for path in modules(folder):
+        for name in imports(path):
+            if name == "corinfomax" or not name.startswith("corinfomax."):
+                continue
+            assert any(name == a or name.startswith(a + ".") for a in ALLOWED[folder] | {own}), f"{path} imports {name}"
+            assert name != "corinfomax.cli" or path.parent == REPO / "corinfomax", f"{path} imports the CLI"
+
+
+def test_core_needs_only_numpy_and_pillow() -> None:
+    stdlib = sys.stdlib_module_names
+    for path in modules("core"):
+        outside = {name.split(".")[0] for name in imports(path)} - stdlib - CORE_THIRD_PARTY - {"corinfomax"}
+        assert not outside, f"{path} imports {outside}"
+
+
+def test_bench_does_not_import_the_tests() -> None:
+    for path in modules("bench"):
+        assert not any(name == "tests" or name.startswith("tests.") for name in imports(path)), path
+
+
+def test_core_and_serving_import_without_torch() -> None:
+    names = [FOLDERS[folder] + "." + ".".join(path.relative_to(REPO / folder).with_suffix("").parts)
+             for folder in ("core", "serving") for path in modules(folder) if path.name != "__init__.py"]
+    code = "import sys\nsys.modules['torch'] = None\n" + "".join(f"import {name}\n" for name in names)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
