@@ -1,23 +1,22 @@
 """Linear probe: multinomial logistic regression on embeddings, in NumPy (docs/FORMATS.md section 4).
 
-Fitted by `corinfomax probe fit` with full-batch L-BFGS (smooth, convex objective: no learning rate
-to tune), used by the service with `LinearProbe.load(...).predict_proba(x)`. No torch, no sklearn,
-so the serving image stays small.
+Fitted by `corinfomax probe fit` with SciPy's full-batch L-BFGS-B (smooth, convex objective: no learning
+rate to tune), used by the service with `LinearProbe.load(...).predict_proba(x)`. No torch.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
+from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
 
-from corinfomax_cli import UserError
-from serving.files import atomic_write
+from corinfomax.core.errors import UserError
+from corinfomax.core.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -25,35 +24,6 @@ log = logging.getLogger(__name__)
 DEFAULT_L2_GRID = (1e-1, 1e-2, 1e-3)
 DEFAULT_MAX_ITER = 300
 SWEEP_ROWS = 10_000
-
-
-@contextmanager
-def single_blas_thread() -> Iterator[None]:
-    """Run NumPy's OpenBLAS on one thread in this block (a no-op for other BLAS libraries).
-
-    Why: OpenBLAS threads spin-wait for each other; on shared, busy cores the probe's tall-and-skinny
-    products took 2.5 s each with 2 threads against 0.06 s with 1 (measured on the 2-core dev box).
-    """
-    setter = _openblas_thread_setter()
-    if setter is None:
-        yield
-        return
-    previous = setter(1)
-    try:
-        yield
-    finally:
-        setter(max(1, previous))
-
-
-def _openblas_thread_setter() -> Callable[[int], int] | None:
-    """``openblas_set_num_threads_local`` of the OpenBLAS bundled with NumPy, if there is one."""
-    libs = Path(np.__file__).resolve().parent.parent / "numpy.libs"
-    for path in sorted(libs.glob("*openblas*.so*")):
-        setter = getattr(ctypes.CDLL(str(path)), "openblas_set_num_threads_local", None)
-        if setter is not None:
-            setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
-            return setter
-    return None
 
 
 class ProbeError(UserError):
@@ -65,56 +35,6 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     np.exp(logits, out=logits)
     logits /= logits.sum(axis=1, keepdims=True)
     return logits
-
-
-def _lbfgs(
-    objective: Callable[[np.ndarray], tuple[float, np.ndarray]],
-    theta: np.ndarray,
-    max_iter: int,
-    tol: float,
-    memory: int = 10,
-) -> tuple[np.ndarray, int]:
-    """Minimise a smooth function with L-BFGS (two-loop recursion, backtracking Armijo line search)."""
-    value, grad = objective(theta)
-    s_hist: list[np.ndarray] = []
-    y_hist: list[np.ndarray] = []
-    for iteration in range(1, max_iter + 1):
-        if np.abs(grad).max() < tol:
-            return theta, iteration - 1
-        # Two-loop recursion: direction = -H grad.
-        q, alphas = grad.copy(), []
-        for s, y in zip(reversed(s_hist), reversed(y_hist)):
-            alpha = (s @ q) / (y @ s)
-            q -= alpha * y
-            alphas.append(alpha)
-        if s_hist:
-            q *= (s_hist[-1] @ y_hist[-1]) / (y_hist[-1] @ y_hist[-1])
-        else:
-            q /= max(1.0, float(np.linalg.norm(q)))
-        for (s, y), alpha in zip(zip(s_hist, y_hist), reversed(alphas)):
-            q += (alpha - (y @ q) / (y @ s)) * s
-        direction = -q
-        slope = grad @ direction
-        if slope >= 0:  # not a descent direction: restart from the gradient
-            s_hist.clear(), y_hist.clear()
-            direction, slope = -grad, -(grad @ grad)
-        step = 1.0
-        while True:
-            candidate = theta + step * direction
-            new_value, new_grad = objective(candidate)
-            if new_value <= value + 1e-4 * step * slope or step < 1e-10:
-                break
-            step *= 0.5
-        s, y = candidate - theta, new_grad - grad
-        if y @ s > 1e-12:
-            s_hist.append(s), y_hist.append(y)
-            if len(s_hist) > memory:
-                s_hist.pop(0), y_hist.pop(0)
-        converged = abs(value - new_value) <= 1e-7 * max(1.0, abs(value))
-        theta, value, grad = candidate, new_value, new_grad
-        if converged:
-            return theta, iteration
-    return theta, max_iter
 
 
 @dataclass
@@ -170,7 +90,9 @@ class LinearProbe:
             theta = np.concatenate([(init_weight * scale).ravel(), init.bias + init_weight @ mean])
         else:
             theta = np.zeros(n_classes * (dim + 1))
-        theta, iterations = _lbfgs(objective, theta, max_iter, tol)
+        result = minimize(objective, theta, jac=True, method="L-BFGS-B",
+                          options={"maxiter": max_iter, "gtol": tol, "ftol": 1e-7})
+        theta, iterations = result.x, int(result.nit)
         weight = theta[:-n_classes].reshape(n_classes, dim) / scale
         bias = theta[-n_classes:] - weight @ mean
         return cls(weight.astype(np.float32), bias.astype(np.float32), classes, model_sha256,
@@ -265,7 +187,9 @@ def fit_probe(
     if len(train) > SWEEP_ROWS:
         sweep = np.sort(np.random.default_rng(seed).choice(train, SWEEP_ROWS, replace=False))
     y_sweep, y_train, y_held = ([labels[i] for i in rows] for rows in (sweep, train, held))
-    with single_blas_thread():
+    # One BLAS thread: its threads spin-wait for each other, and on shared, busy cores the probe's
+    # tall-and-skinny products took 2.5 s each with 2 threads against 0.06 s with 1 (2-core dev box).
+    with threadpool_limits(limits=1, user_api="blas"):
         path, probes, probe = [], [], None
         for l2 in sorted(l2_grid, reverse=True):
             probe = LinearProbe.fit(x[sweep], y_sweep, l2=l2, max_iter=max_iter, init=probe)
@@ -298,17 +222,17 @@ def fit_probe_on_features(
     ``out`` is a file path, or a model bundle folder (its ``probe.npz``, after checking the bundle is the
     model the features came from); by default ``FEATURES_DIR/probe.npz``.
     """
-    from serving.embedder import PROBE_FILE, read_card
-    from serving.features import load_features
+    from corinfomax.core.bundle import PROBE_FILE, read_card
+    from corinfomax.serving.extract.features import load_features
 
     features = load_features(features_dir)
     model_sha256 = str(features.manifest["model"].get("checkpoint_sha256") or "")
     target = Path(out) if out is not None else Path(features_dir) / PROBE_FILE
     if target.is_dir():
         card = read_card(target)
-        if card.get("checkpoint_sha256") != model_sha256:
+        if card.checkpoint_sha256 != model_sha256:
             raise ProbeError(f"bundle {target} is not the model that produced {features_dir} "
-                             f"(checkpoint {str(card.get('checkpoint_sha256'))[:12]} vs {model_sha256[:12]})")
+                             f"(checkpoint {card.checkpoint_sha256[:12]} vs {model_sha256[:12]})")
         target = target / PROBE_FILE
     if not target.parent.is_dir():
         raise ProbeError(f"cannot write {target}: folder {target.parent} does not exist")
