@@ -89,9 +89,9 @@ def main() -> None:
         for batch in args.batches:
             pixels = np.ascontiguousarray(np.resize(sample, (batch, *sample.shape[1:])))
             tensor = torch.from_numpy(pixels)
-            engines: dict[str, Callable[[], object]] = {"torch": lambda: graph(tensor)}
+            engines: dict[str, Callable[[], object]] = {"torch": lambda t=tensor: graph(t)}
             for precision, embedder in embedders.items():
-                engines[f"ort_{precision}"] = (lambda e=embedder: e.session.run(["embedding"], {"pixels": pixels}))
+                engines[f"ort_{precision}"] = lambda e=embedder, p=pixels: e.session.run(["embedding"], {"pixels": p})
             best: dict[str, float] = {}
             with torch.inference_mode():
                 for _ in range(args.rounds):

@@ -43,7 +43,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads (the service uses 1)")
     parser.add_argument("--data", nargs="+", choices=["clustered", "random"], default=["clustered", "random"])
     parser.add_argument("--clusters", type=int, default=1000)
-    parser.add_argument("--spread", type=float, default=0.6, help="noise norm around a cluster centre (centres have norm 1)")
+    parser.add_argument("--spread", type=float, default=0.6,
+                        help="noise norm around a cluster centre (centres have norm 1)")
     args = parser.parse_args()
     faiss.omp_set_num_threads(args.threads)
     rng = np.random.default_rng(0)

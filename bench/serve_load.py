@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
 from corinfomax.serving.api.config import model_threads
 from corinfomax.serving.api.launcher import Server
 from corinfomax.serving.embedder import Embedder
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -137,7 +138,8 @@ def main() -> None:
         env = {**os.environ, "CORINFOMAX_MODEL": str(args.bundle), "CORINFOMAX_DEMO_DIR": "",
                "CORINFOMAX_INDEX": f"{tmp}/index", "CORINFOMAX_WORKERS": str(args.workers),
                "CORINFOMAX_THREADS": str(threads), "CORINFOMAX_BATCH_SIZE": str(args.max_batch),
-               "BENTOML_HOME": f"{tmp}/bentoml", "BENTOML_DO_NOT_TRACK": "True", **dict(kv.split("=", 1) for kv in args.env)}
+               "BENTOML_HOME": f"{tmp}/bentoml", "BENTOML_DO_NOT_TRACK": "True",
+               **dict(kv.split("=", 1) for kv in args.env)}
         server = Server(env, Path(tmp) / "server.log").start()
         try:
             load_in_child(server.url, jpegs[:16], args.clients, 3)  # warm-up: sessions, connections

@@ -42,7 +42,7 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         try:
             image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
         except FileNotFoundError as err:
-            raise ImageError(f"no such file: {source}") from err
+            raise ImageError(f"no such file: {source!s}") from err
         except Image.DecompressionBombError as err:
             raise ImageTooLarge(f"image declares too many pixels ({err})") from err
         except Exception as err:  # PIL raises many kinds for garbage input
@@ -127,7 +127,8 @@ def walk_images(root: str | Path) -> list[tuple[Path, str | None]]:
             if name.startswith("."):
                 continue
             if real in seen:
-                log.warning("skipping %s: symbolic link to a folder already visited (a loop?)", os.path.join(folder, name))
+                log.warning("skipping %s: symbolic link to a folder already visited (a loop?)",
+                            os.path.join(folder, name))
             else:
                 seen.add(real)
                 unseen.append(name)

@@ -33,6 +33,8 @@ class EmbeddingGraph(nn.Module):
         super().__init__()
         self.backbone = backbone.to(compute_dtype)
         self.compute_dtype = compute_dtype
+        self.scale: Tensor
+        self.shift: Tensor
         self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)))
         self.register_buffer("shift", (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std)).view(1, 3, 1, 1))
 

@@ -64,8 +64,9 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "serve", help="start the HTTP service (bentoml serve) on a model bundle and an index",
-        description="Start `bentoml serve corinfomax.serving.api.service:CorInfoMax`. Options override the CORINFOMAX_* environment "
-                    "variables (see the README); with none, the default model and the demo index are served.",
+        description="Start `bentoml serve corinfomax.serving.api.service:CorInfoMax`. Options override the "
+                    "CORINFOMAX_* environment variables (see the README); with none, the default model and the "
+                    "demo index are served.",
     )
     p.add_argument("--model", default=None, help="bundle folder or BentoML model tag (CORINFOMAX_MODEL)")
     p.add_argument("--index", default=None, help="index folder (CORINFOMAX_INDEX)")

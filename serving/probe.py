@@ -123,9 +123,9 @@ class LinearProbe:
     def save(self, path: str | Path) -> None:
         """Write ``probe.npz`` atomically (plain arrays, loadable without pickles)."""
         path = Path(path)
-        arrays = dict(weight=self.weight.astype(np.float32), bias=self.bias.astype(np.float32),
-                      classes=np.array(self.classes, dtype=np.str_),
-                      model_sha256=np.array(self.model_sha256, dtype=np.str_))
+        arrays: dict[str, Any] = dict(weight=self.weight.astype(np.float32), bias=self.bias.astype(np.float32),
+                                      classes=np.array(self.classes, dtype=np.str_),
+                                      model_sha256=np.array(self.model_sha256, dtype=np.str_))
         try:
             atomic_write(path, lambda handle: np.savez(handle, **arrays))
         except OSError as err:
@@ -155,7 +155,8 @@ def split_holdout(labels: Sequence[str], fraction: float, seed: int = 0) -> tupl
     for name in sorted(set(labels)):
         rows = rng.permutation(np.flatnonzero(labels_array == name))
         cut = int(round(len(rows) * fraction)) if len(rows) > 1 else 0
-        held.append(rows[:cut]), train.append(rows[cut:])
+        held.append(rows[:cut])
+        train.append(rows[cut:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
 
 
@@ -238,8 +239,8 @@ def fit_probe_on_features(
         raise ProbeError(f"cannot write {target}: folder {target.parent} does not exist")
     rows = [i for i, label in enumerate(features.labels) if label is not None]
     if not rows:
-        raise ProbeError(f"{features_dir} has no labelled rows: extract from an ImageFolder tree (FOLDER/<class>/image) "
-                         "or a .txt list with 'path<TAB>label' lines")
+        raise ProbeError(f"{features_dir} has no labelled rows: extract from an ImageFolder tree "
+                         "(FOLDER/<class>/image) or a .txt list with 'path<TAB>label' lines")
     labels = [features.labels[i] for i in rows]
     probe, report = fit_probe(features.embeddings[rows], labels, model_sha256=model_sha256, **fit_options)
     probe.save(target)

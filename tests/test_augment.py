@@ -65,7 +65,8 @@ def test_jitter_factors_follow_color_jitter() -> None:
     torch.manual_seed(1)
     b, c, s, h = A.JITTER
     jitter = T.ColorJitter(*A.JITTER)
-    draws = [T.ColorJitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) for _ in range(N)]
+    ranges = (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)
+    draws = [T.ColorJitter.get_params(*ranges) for _ in range(N)]
     ref_order = torch.stack([d[0] for d in draws])
     for ours, index, (lo, hi) in ((p.brightness, 1, (1 - b, 1 + b)), (p.contrast, 2, (1 - c, 1 + c)),
                                   (p.saturation, 3, (1 - s, 1 + s)), (p.hue, 4, (-h, h))):

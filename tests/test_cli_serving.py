@@ -15,6 +15,8 @@ from corinfomax.serving.index.build import parse_size
 from corinfomax.serving.index.store import IndexStore
 from corinfomax.serving.probe import LinearProbe
 
+pytestmark = pytest.mark.slow  # subprocesses, servers, DDP jobs or model exports
+
 # Runs the real entry point and fails if anything on the way imported PyTorch.
 RUN_WITHOUT_TORCH = (
     "import sys, corinfomax.cli\n"
@@ -56,7 +58,8 @@ def test_index_build_loads_in_the_store(features: Path, tmp_path: Path) -> None:
 
 
 def test_index_build_forced_kind_reports_recall(features: Path, tmp_path: Path) -> None:
-    result = corinfomax("index", "build", "--features", str(features), "--out", str(tmp_path / "hnsw"), "--kind", "HNSW32")
+    result = corinfomax("index", "build", "--features", str(features), "--out", str(tmp_path / "hnsw"), "--kind",
+                        "HNSW32")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
     assert report["kind"] == "HNSW32" and report["recall_at_10"] >= 0.9

@@ -21,6 +21,8 @@ from corinfomax.training.checkpoint import load_checkpoint
 from corinfomax.training.evaluate import one_cpu_thread as one_thread
 from corinfomax.training.trainer import train
 
+pytestmark = pytest.mark.slow  # subprocesses, servers, DDP jobs or model exports
+
 WORLD = 2
 # channels_last off: PyTorch's CPU channels-last BatchNorm2d is ~10x less precise in float32 than contiguous.
 RECIPE = dict(epochs=1, lr=0.01, channels_last=False)

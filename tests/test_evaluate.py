@@ -32,7 +32,8 @@ def private_image_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: p
     monkeypatch.setenv("CORINFOMAX_CACHE", str(tmp_path_factory.getbasetemp() / "image-cache"))
 
 
-def numpy_weighted_knn(train: np.ndarray, train_y: np.ndarray, test: np.ndarray, k: int, t: float, c: int) -> np.ndarray:
+def numpy_weighted_knn(train: np.ndarray, train_y: np.ndarray, test: np.ndarray, k: int, t: float,
+                       c: int) -> np.ndarray:
     """Brute-force reference: cosine similarities, k best, class votes weighted by exp(sim / t)."""
     train = train / np.linalg.norm(train, axis=1, keepdims=True)
     test = test / np.linalg.norm(test, axis=1, keepdims=True)

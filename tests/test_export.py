@@ -22,6 +22,8 @@ from corinfomax.export.card import METADATA_KEY
 from corinfomax.serving.embedder import Embedder
 from corinfomax.training.checkpoint import load_checkpoint, save_checkpoint
 
+pytestmark = pytest.mark.slow  # subprocesses, servers, DDP jobs or model exports
+
 REPO = Path(__file__).resolve().parents[1]
 CARD_KEYS = {"format", "name", "version", "embedding_dim", "precision", "backbone", "input", "training",
              "evaluation", "parity", "checkpoint_sha256", "exported_at"}
@@ -185,7 +187,8 @@ def test_cli_exports_registers_and_refuses(tiny_checkpoint: Path, tmp_path: Path
     card = json.loads((out / "model.json").read_text())
     assert card["evaluation"]["results"]["trained"]["knn_top1"] == 0.5
     assert card["provenance"] == {"hardware": "2-core CPU"}
-    listed = subprocess.run([sys.executable, "-m", "bentoml", "models", "list", "-o", "json"], env={**os.environ, **env},
+    listed = subprocess.run([sys.executable, "-m", "bentoml", "models", "list", "-o", "json"],
+                            env={**os.environ, **env},
                             capture_output=True, text=True, timeout=120)
     assert "tiny:t1" in listed.stdout, listed.stderr
 

@@ -112,7 +112,8 @@ def test_extract_writes_the_documented_format(tiny_bundle: Path, images: Path, t
 
 def test_float16_output_and_list_file_with_labels(tiny_bundle: Path, images: Path, tmp_path: Path) -> None:
     listing = tmp_path / "files.txt"
-    listing.write_text(f"# two files\n{images / 'dog' / '0001.jpg'}\tanimal\n\n{images / 'ship' / '0002.jpg'}\tvehicle\n")
+    dog, ship = images / "dog" / "0001.jpg", images / "ship" / "0002.jpg"
+    listing.write_text(f"# two files\n{dog}\tanimal\n\n{ship}\tvehicle\n")
     out = tmp_path / "features"
     extract([str(listing)], tiny_bundle, out, dtype="float16", show_progress=False)
     assert np.load(out / "shards" / "00000.npy").dtype == np.float16

@@ -12,6 +12,8 @@ from test_extract import make_image_folder
 from corinfomax.serving.extract.extract import extract
 from corinfomax.serving.extract.features import failures, load_features, read_manifest
 
+pytestmark = pytest.mark.slow  # subprocesses, servers, DDP jobs or model exports
+
 ray = pytest.importorskip("ray")
 
 

@@ -72,6 +72,7 @@ def test_bench_does_not_import_the_tests() -> None:
         assert not any(name == "tests" or name.startswith("tests.") for name in imports(path)), path
 
 
+@pytest.mark.slow
 def test_core_and_serving_import_without_torch() -> None:
     names = [FOLDERS[folder] + "." + ".".join(path.relative_to(REPO / folder).with_suffix("").parts)
              for folder in ("core", "serving") for path in modules(folder) if path.name != "__init__.py"]

@@ -5,11 +5,14 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from corinfomax.training.loss import CorInfoMaxLoss
+
+pytestmark = pytest.mark.slow  # subprocesses, servers, DDP jobs or model exports
 
 WORLD, BATCH, IN_DIM, D, STEPS = 2, 16, 6, 4, 3
 

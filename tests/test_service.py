@@ -18,6 +18,8 @@ from PIL import Image
 
 from corinfomax.serving.api.launcher import Server
 
+pytestmark = pytest.mark.slow  # subprocesses, servers, DDP jobs or model exports
+
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
 MAX_REQUEST = 2 << 20
@@ -35,7 +37,8 @@ def write_probe(path: Path, dim: int) -> None:
 def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("service")
     write_probe(root / "probe.npz", 256)
-    env = {**os.environ, "CORINFOMAX_MODEL": str(tiny_bundle), "CORINFOMAX_DEMO_DIR": "", "CORINFOMAX_INDEX": str(root / "index"),
+    env = {**os.environ, "CORINFOMAX_MODEL": str(tiny_bundle), "CORINFOMAX_DEMO_DIR": "",
+           "CORINFOMAX_INDEX": str(root / "index"),
            "CORINFOMAX_PROBE": str(root / "probe.npz"), "CORINFOMAX_API_KEY": API_KEY, "CORINFOMAX_WORKERS": "2",
            "CORINFOMAX_MAX_REQUEST_BYTES": str(MAX_REQUEST), "CORINFOMAX_MAX_PIXELS": str(MAX_PIXELS),
            "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(REPO)}
@@ -221,7 +224,7 @@ def test_restart_keeps_everything_and_kill9_keeps_acknowledged_adds(server: Serv
     server.start()
     stats = ok(client.post("/stats", json={}))
     assert stats["count"] >= before + len(acknowledged)
-    for item_id, vector in acknowledged:
+    for item_id, _ in acknowledged:
         assert ok(client.post("/get", json={"id": item_id}))["id"] == item_id
     last_id, last_vector = acknowledged[-1]
     assert ok(client.post("/search", json={"vectors": [last_vector], "k": 1}))["results"][0][0]["id"] == last_id

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from trainkit import small_folder
 
+pytestmark = pytest.mark.slow  # subprocesses, servers, DDP jobs or model exports
+
 CLI = Path(sys.executable).parent / "corinfomax"
 TINY = ["--projector", "64-32", "--batch-size", "16", "--epochs", "1", "--image-size", "16", "--time-budget-min", "0",
         "--device", "cpu", "--no-progress"]

@@ -58,8 +58,10 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         var = dist_fn.all_reduce((x - mean.view(shape)).pow(2).sum(dims)) / n
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
             with torch.no_grad():
-                self.num_batches_tracked += 1
-                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                tracked = self.num_batches_tracked
+                assert tracked is not None  # track_running_stats layers count their batches
+                tracked += 1
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(tracked)
                 self.running_mean.lerp_(mean.detach(), momentum)
                 self.running_var.lerp_(var.detach() * n / max(1.0, n - 1), momentum)
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
@@ -74,7 +76,8 @@ def convert_global_batchnorm(module: nn.Module) -> nn.Module:
     The new layers have new parameter objects: convert before building the optimizer."""
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
-            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                  child.track_running_stats)
             new.load_state_dict(child.state_dict())
             new.to(next(child.buffers(), torch.empty(0)).device)
             setattr(module, name, new)

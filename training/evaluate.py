@@ -38,8 +38,9 @@ from corinfomax.training.models import CorInfoMaxModel
 log = logging.getLogger(__name__)
 
 REPORT_FORMAT = "corinfomax-eval/1"
-PAPER_PROBE = dict(lr=0.2, momentum=0.9, weight_decay=0.0, epochs=100, batch_size=256, schedule="cosine")
-FAST_PROBE = dict(optimizer="lbfgs", max_iter=200, weight_decay=1e-4)
+PAPER_PROBE: dict[str, Any] = dict(lr=0.2, momentum=0.9, weight_decay=0.0, epochs=100, batch_size=256,
+                                   schedule="cosine")
+FAST_PROBE: dict[str, Any] = dict(optimizer="lbfgs", max_iter=200, weight_decay=1e-4)
 
 
 class EvalError(UserError):
@@ -112,8 +113,9 @@ def knn_top1(
 
 @contextmanager
 def one_cpu_thread() -> Iterator[None]:
-    """Run a block on one torch intra-op thread. Probe steps are tiny ([256, F] x [F, C]): extra intra-op threads only add synchronisation, and on a
-    busy machine they made a 400-sample SGD probe 70x slower (6.2 s vs 0.09 s, 2 cores, load 6)."""
+    """Run a block on one torch intra-op thread. Probe steps are tiny ([256, F] x [F, C]): extra intra-op
+    threads only add synchronisation, and on a busy machine they made a 400-sample SGD probe 70x slower
+    (6.2 s vs 0.09 s, 2 cores, load 6)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -116,8 +116,10 @@ class CorInfoMaxLoss(nn.Module):
                 # A non-finite batch (the trainer then skips the step) must not poison the running state;
                 # torch.where keeps the old state without a host sync.
                 finite = torch.isfinite(R1).all() & torch.isfinite(R2).all()
-                self.R1, self.mu1 = torch.where(finite, R1, self.R1).detach(), torch.where(finite, mu1, self.mu1).detach()
-                self.R2, self.mu2 = torch.where(finite, R2, self.R2).detach(), torch.where(finite, mu2, self.mu2).detach()
+                self.R1 = torch.where(finite, R1, self.R1).detach()
+                self.mu1 = torch.where(finite, mu1, self.mu1).detach()
+                self.R2 = torch.where(finite, R2, self.R2).detach()
+                self.mu2 = torch.where(finite, mu2, self.mu2).detach()
             big_bang = big_bang.to(dtype)
         return CorInfoMaxOutput(attraction + big_bang, attraction, big_bang)
 

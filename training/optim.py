@@ -32,7 +32,8 @@ class LARS(torch.optim.Optimizer):
                 if p.ndim > 1:
                     grad = grad.add(p, alpha=group["weight_decay"])
                     p_norm, g_norm = torch.norm(p), torch.norm(grad)
-                    trust = torch.where((p_norm > 0) & (g_norm > 0), group["eta"] * p_norm / g_norm, torch.ones_like(p_norm))
+                    trust = torch.where((p_norm > 0) & (g_norm > 0), group["eta"] * p_norm / g_norm,
+                                        torch.ones_like(p_norm))
                     grad = grad.mul(trust)
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                 buf.mul_(group["momentum"]).add_(grad)

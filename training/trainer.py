@@ -34,7 +34,8 @@ from corinfomax.training.optim import LARS, lr_at
 log = logging.getLogger(__name__)
 
 # Fields that may change between a run and its resumption without changing what is trained.
-RUNTIME_FIELDS = {"out", "workers", "device", "log_every", "time_budget_min", "compile", "knn_every", "val_data", "data"}
+RUNTIME_FIELDS = {"out", "workers", "device", "log_every", "time_budget_min", "compile", "knn_every", "val_data",
+                  "data"}
 
 
 class TrainingDiverged(UserError):
@@ -141,7 +142,8 @@ class BatchSource:
         self.config, self.device, self.ddp = config, device, ddp
         self.batch = config.batch_size // ddp.world
         if self.batch < 2:
-            raise ConfigError(f"batch size {config.batch_size} over {ddp.world} processes leaves < 2 images per process")
+            raise ConfigError(f"batch size {config.batch_size} over {ddp.world} processes leaves < 2 images "
+                              "per process")
         self.n = len(data.images)
         self.labels = data.labels
         if config.augment == "tensor":
@@ -233,8 +235,8 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
     and no checkpoint got written, a failure removes it again (no partial output).
     """
     validate(config)
-    device_kind = "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
-    ddp = setup_distributed(device_kind)
+    wants_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    ddp = setup_distributed("cuda" if wants_cuda else "cpu")
     device = pick_device(config.device, ddp.local_rank)
     out = Path(config.out)
     ckpt_path = out / CHECKPOINT_FILE
@@ -253,7 +255,8 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
     source = BatchSource(data, config, device, ddp)
     steps_per_epoch = source.steps_per_epoch()
     if steps_per_epoch == 0:
-        raise ConfigError(f"{len(data.images)} images are fewer than one batch of {config.batch_size}; lower --batch-size")
+        raise ConfigError(f"{len(data.images)} images are fewer than one batch of {config.batch_size}; "
+                          "lower --batch-size")
 
     if ddp.world > 1:  # global-batch BN; before the optimizer is built, as conversion makes new parameters
         if device.type == "cuda":
@@ -264,7 +267,8 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
         # On CPU its BatchNorm is ~10x noisier in float32 than contiguous: harmless for training, but enough for
         # runs with different BN code (1 process vs DDP) to part by ~1e-3 in a few steps; tests/test_ddp_train.py.
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = CorInfoMaxLoss(model.embedding_dim, config.alpha, config.la_R, config.la_mu, config.eps, config.R_init).to(device)
+    loss_fn = CorInfoMaxLoss(model.embedding_dim, config.alpha, config.la_R, config.la_mu, config.eps,
+                             config.R_init).to(device)
     num_classes = len(data.classes)
     probe = nn.Linear(model.feature_dim, num_classes).to(device) if (config.online_probe and num_classes) else None
     optimizer = _optimizer(config, model)
@@ -283,14 +287,14 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
         log.info("resuming %s at epoch %d (step %d)", out, start_epoch, step)
 
     train_model: nn.Module = model
-    train_probe = probe
+    train_probe: nn.Module | None = probe
     if ddp.world > 1:
         ids = [device.index] if device.type == "cuda" else None
         train_model = DistributedDataParallel(model, device_ids=ids)
         if probe is not None:
             train_probe = DistributedDataParallel(probe, device_ids=ids)
     if config.compile:
-        train_model = torch.compile(train_model)
+        train_model = torch.compile(train_model)  # type: ignore[assignment]  # compiled modules are callables
 
     created = ddp.main and not out.exists()
     try:
@@ -335,7 +339,8 @@ def _run(config: TrainConfig, ddp: Dist, device: torch.device, out: Path, source
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 if config.channels_last:
-                    v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+                    v1 = v1.contiguous(memory_format=torch.channels_last)
+                    v2 = v2.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     f1, z1 = train_model(v1)
                     _, z2 = train_model(v2)
@@ -346,7 +351,8 @@ def _run(config: TrainConfig, ddp: Dist, device: torch.device, out: Path, source
                     bad_steps += 1
                     optimizer.zero_grad(set_to_none=True)
                     log.warning("non-finite loss at step %d (%d in a row): step skipped", step, bad_steps)
-                    _log(metrics_file, {"event": "skipped_step", "step": step, "epoch": epoch, "consecutive": bad_steps})
+                    _log(metrics_file,
+                         {"event": "skipped_step", "step": step, "epoch": epoch, "consecutive": bad_steps})
                     if bad_steps >= config.max_bad_steps:
                         raise TrainingDiverged(
                             f"{bad_steps} consecutive non-finite losses at step {step}: training diverged. "
@@ -419,7 +425,8 @@ def _run(config: TrainConfig, ddp: Dist, device: torch.device, out: Path, source
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
     if config.optimizer == "lars":
         return LARS(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     raise ConfigError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'lars'")
@@ -433,7 +440,8 @@ def _fit_budget(config: TrainConfig, steps_per_epoch: int, elapsed: float, ddp: 
         t = torch.tensor([epochs], device=device)
         dist.broadcast(t, 0)
         epochs = int(t.item())
-    log.info("time budget %.0f min at %.3f s/step: schedule set to %d epoch(s)", config.time_budget_min, seconds_per_step, epochs)
+    log.info("time budget %.0f min at %.3f s/step: schedule set to %d epoch(s)", config.time_budget_min,
+             seconds_per_step, epochs)
     return epochs
 
 

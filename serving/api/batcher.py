@@ -54,7 +54,8 @@ class MicroBatcher:
 
     def _take(self) -> list[tuple[np.ndarray, asyncio.Future]]:
         """Pending requests (skipping cancelled ones) up to ``max_batch`` rows; at least one."""
-        taken, rows = [], 0
+        taken: list[tuple[np.ndarray, asyncio.Future]] = []
+        rows = 0
         while self._pending:
             pixels, future = self._pending[0]
             if future.done():  # the client went away

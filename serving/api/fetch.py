@@ -32,7 +32,7 @@ async def _resolve(host: str, port: int) -> str:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
         raise UrlError(f"cannot resolve host {host!r}: {err.strerror}") from err
-    addresses = sorted({info[4][0] for info in infos})
+    addresses = sorted({str(info[4][0]) for info in infos})
     private = [a for a in addresses if not _is_public(a)]
     if private:
         raise UrlError(f"URL host {host!r} resolves to a private or reserved address ({private[0]}); refused")
@@ -54,7 +54,8 @@ async def fetch_url(url: str, max_bytes: int, timeout: float = 10.0, allow_priva
         async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client:
             async with client.stream("GET", pinned, headers=headers, extensions={"sni_hostname": host}) as resp:
                 if resp.status_code != 200:
-                    raise UrlError(f"fetching {url[:200]} answered HTTP {resp.status_code}; give a URL that serves the image directly")
+                    raise UrlError(f"fetching {url[:200]} answered HTTP {resp.status_code}; "
+                                   "give a URL that serves the image directly")
                 body = bytearray()
                 async for chunk in resp.aiter_bytes():
                     body += chunk

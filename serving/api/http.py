@@ -47,7 +47,8 @@ class GuardMiddleware:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if self.api_key and not self._authorised(headers):
-            await send_error(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            await send_error(send, 401,
+                             "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
                              [(b"www-authenticate", b"Bearer")])
             return
         length = headers.get("content-length")

@@ -320,7 +320,8 @@ class CorInfoMax:
         if method == "auto":
             method = "probe" if self.probe is not None else "knn"
         if method == "probe" and self.probe is None:
-            raise BadInput("no linear probe loaded (set CORINFOMAX_PROBE or put probe.npz in the bundle); use method 'knn'")
+            raise BadInput("no linear probe loaded (set CORINFOMAX_PROBE or put probe.npz in the bundle); "
+                           "use method 'knn'")
         if method == "knn" and not 1 <= neighbours <= MAX_K:
             raise BadInput(f"neighbours must be between 1 and {MAX_K}, got {neighbours}")
         vectors = await self._embed(await self._images(images, urls, images_b64))
@@ -331,7 +332,8 @@ class CorInfoMax:
             predictions = [[{"label": self.probe.classes[j], "probability": round(float(p[j]), 6)} for j in row]
                            for p, row in zip(probs, order)]
         else:
-            rows = _unwrap(await call(self.index.to_async.search, True, vectors=vectors, k=neighbours, labelled_only=True))
+            rows = _unwrap(await call(self.index.to_async.search, True, vectors=vectors, k=neighbours,
+                                      labelled_only=True))
             if not any(rows):
                 raise BadInput("kNN classification needs labelled items in the index; add some with labels first")
             predictions = [knn_vote(row, k) for row in rows]
@@ -343,9 +345,10 @@ class CorInfoMax:
                   images_b64: Optional[list[str]] = None, vectors: Optional[list[list[float]]] = None,
                   metadata: Optional[list[dict[str, Any]]] = None,
                   labels: Optional[list[Optional[str]]] = None) -> dict[str, Any]:
-        """Store images (embedded here) or vectors with JSON metadata and optional labels; returns ids once committed."""
+        """Store images (embedded here) or vectors with JSON metadata and optional labels; ids once committed."""
         queries = await self._query_vectors(images, urls, images_b64, vectors, None)
-        return {"ids": _unwrap(await call(self.index.to_async.add, False, vectors=queries, metadata=metadata, labels=labels))}
+        return {"ids": _unwrap(await call(self.index.to_async.add, False, vectors=queries, metadata=metadata,
+                                          labels=labels))}
 
     @bentoml.api
     @_http_errors

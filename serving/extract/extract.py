@@ -82,9 +82,11 @@ def list_inputs(sources: Sequence[str]) -> list[InputFile]:
         elif os.path.lexists(source):
             added = _add_path(Path(source), found, explicit=True)
         else:
-            raise InputError(f"source {source!r} does not exist (expected an image file, a folder, a glob or a .txt list)")
+            raise InputError(f"source {source!r} does not exist "
+                             "(expected an image file, a folder, a glob or a .txt list)")
         if added == 0:
-            raise InputError(f"source {source!r} contains no image files (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+            extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+            raise InputError(f"source {source!r} contains no image files (extensions: {extensions})")
     return [InputFile(path, found[path]) for path in sorted(found)]
 
 
@@ -175,7 +177,8 @@ def local_shards(
             step = next(plan, None)
             if step is not None:
                 index, start, stop, last = step
-                queue.append((index, [pool.submit(decode, items[i], rule, max_pixels) for i in range(start, stop)], last))
+                queue.append((index, [pool.submit(decode, items[i], rule, max_pixels) for i in range(start, stop)],
+                              last))
 
         for _ in range(3):
             submit_next()

@@ -95,7 +95,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     """Read and check a features folder's manifest."""
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
-        raise FeaturesError(f"{folder} is not a features folder: no {MANIFEST_FILE} (create one with `corinfomax extract`)")
+        raise FeaturesError(f"{folder} is not a features folder: no {MANIFEST_FILE} "
+                            "(create one with `corinfomax extract`)")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -224,7 +225,8 @@ def iter_shards(folder: str | Path) -> Iterator[tuple[np.ndarray, pa.Table]]:
             embeddings = np.load(npy, allow_pickle=False).astype(np.float32, copy=False)
             table = pq.read_table(parquet)
         except (OSError, ValueError) as err:
-            raise FeaturesError(f"shard {name} of {folder} is unreadable ({err}); delete the folder and extract again") from err
+            raise FeaturesError(f"shard {name} of {folder} is unreadable ({err}); "
+                                "delete the folder and extract again") from err
         yield embeddings, table
 
 

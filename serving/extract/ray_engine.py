@@ -91,7 +91,7 @@ def ray_shards(
     card = read_card(bundle)
     dataset = (
         ray.data.from_items([{"index": i, "path": items[i].path} for i in wanted])
-        .map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
+        .map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",  # type: ignore[arg-type]  # fn_kwargs fills the rest
                      fn_kwargs={"rule": card.input.resize, "max_pixels": DEFAULT_MAX_PIXELS})
         .map_batches(EmbedBatch, batch_size=batch_size, batch_format="numpy", concurrency=actors,
                      num_cpus=0 if gpus else actor_threads, num_gpus=1 if gpus else 0,
@@ -109,6 +109,7 @@ def ray_shards(
             shard = shard_of[int(index)]
             if int(index) == parts[shard].stop - 1:
                 dim = card.embedding_dim
-                yield shard, np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, dim), np.float32), records
+                embeddings = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, dim), np.float32)
+                yield shard, embeddings, records
                 vectors, records = [], []
         progress(len(batch["index"]))

@@ -35,7 +35,8 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
-def _batches(features_dir: str | Path, total_shards: int) -> Iterator[tuple[np.ndarray, list[dict[str, Any]], list[str | None]]]:
+def _batches(features_dir: str | Path,
+             total_shards: int) -> Iterator[tuple[np.ndarray, list[dict[str, Any]], list[str | None]]]:
     """One batch per shard: its good rows in row order, with path and size as metadata."""
     for embeddings, table in tqdm(iter_shards(features_dir), total=total_shards, unit="shard", desc="index"):
         good = table.filter(pc.greater_equal(table["row"], 0)).sort_by("row")
@@ -66,7 +67,8 @@ def build_index(
     shutil.rmtree(building, ignore_errors=True)  # leftovers of an interrupted build
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with IndexStore(building, dim=int(model["embedding_dim"]), model_sha256=model.get("checkpoint_sha256")) as store:
+        with IndexStore(building, dim=int(model["embedding_dim"]),
+                        model_sha256=model.get("checkpoint_sha256")) as store:
             added = store.add_many(_batches(features_dir, len(manifest["shards"])), rebuild=False)
             if added == 0:
                 raise UserError(f"{features_dir} holds no embedded images (every file failed); nothing to index")

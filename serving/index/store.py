@@ -379,7 +379,8 @@ class IndexStore:
         out: dict[int, tuple[dict[str, Any], str | None]] = {}
         for chunk in _chunks(sorted(ids), 900):
             marks = ",".join("?" * len(chunk))
-            for i, meta, label in self._db.execute(f"SELECT id, metadata, label FROM items WHERE id IN ({marks})", chunk):
+            for i, meta, label in self._db.execute(f"SELECT id, metadata, label FROM items WHERE id IN ({marks})",
+                                                   chunk):
                 out[i] = (json.loads(meta), label)
         return out
 
@@ -391,7 +392,8 @@ class IndexStore:
             if cached is not None and cached[0] == generation:
                 return cached[1]
             ids, vectors, labels = [], [], []
-            for i, blob, label in self._db.execute("SELECT id, vector, label FROM items WHERE label IS NOT NULL ORDER BY id"):
+            query = "SELECT id, vector, label FROM items WHERE label IS NOT NULL ORDER BY id"
+            for i, blob, label in self._db.execute(query):
                 ids.append(i)
                 vectors.append(np.frombuffer(blob, np.float32))
                 labels.append(label)
@@ -485,7 +487,8 @@ class IndexStore:
             if not index.is_trained:
                 train = self._sample(min(count, max(TRAIN_PER_LIST * _lists(kind), 10_000), TRAIN_MAX))
                 if len(train) < _lists(kind):
-                    raise BadInput(f"kind {kind!r} needs at least {_lists(kind)} vectors to train; the index has {count}")
+                    raise BadInput(f"kind {kind!r} needs at least {_lists(kind)} vectors to train; "
+                                   f"the index has {count}")
                 index.train(train)
             for ids, vectors in self._scan():
                 index.add_with_ids(vectors, ids)
