@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from corinfomax.core.errors import BadInput, NotFound
-from corinfomax.serving.index.store import DB_FILE, FAISS_FILE, FAISS_META, IndexMismatch, IndexStore, choose_kind
+from corinfomax.serving.index import kinds
+from corinfomax.serving.index.kinds import choose_kind
+from corinfomax.serving.index.store import DB_FILE, FAISS_FILE, FAISS_META, IndexMismatch, IndexStore
 
 DIM = 16
 
@@ -190,10 +192,8 @@ def test_rebuild_approximate_kinds(tmp_path: Path, kind: str) -> None:
 
 def test_chosen_kind_that_misses_the_recall_target_falls_back_to_exact(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import corinfomax.serving.index.store as index_store
-
-    monkeypatch.setattr(index_store, "FLAT_MAX", 10)  # so the chooser picks HNSW32 for a small index
-    monkeypatch.setattr(index_store, "RECALL_TARGET", 1.01)  # unreachable for any approximate kind
+    monkeypatch.setattr(kinds, "FLAT_MAX", 10)  # so the chooser picks HNSW32 for a small index
+    monkeypatch.setattr(kinds, "RECALL_TARGET", 1.01)  # unreachable for any approximate kind
     with IndexStore(tmp_path / "ix", dim=DIM) as ix:
         ix.add_many([(unit(300), None, None)], rebuild=False)
         figures = ix.rebuild()

@@ -1,6 +1,6 @@
 """`corinfomax index build`: bulk-load a features folder into an index folder the service loads.
 
-All index files are written by ``serving.index_store.IndexStore`` (the one owner of that format);
+All index files are written by ``serving.index.store.IndexStore`` (the one owner of that format);
 this module only streams shards into it. The index is built in a hidden sibling folder and renamed
 into place at the end, so a failed or interrupted build never leaves a half-filled index behind.
 """

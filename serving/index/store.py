@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import sqlite3
 import threading
 import time
@@ -24,6 +22,7 @@ import numpy as np
 
 from corinfomax.core.errors import BadInput, NotFound
 from corinfomax.core.files import atomic_write, atomic_write_text
+from corinfomax.serving.index import kinds
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +31,6 @@ FAISS_FILE = "faiss.index"
 FAISS_META = "faiss.json"
 
 MAX_K = 1000  # beyond this a "top-k" is a data dump, not a search
-FLAT_MAX = 20_000  # exact search is fast enough up to here (about 1 ms per query at D=256)
-HNSW_MAX = 2_000_000  # above this HNSW build time becomes the bottleneck; IVF trains on a sample
-RECALL_TARGET = 0.95  # nprobe / efSearch are raised until recall@10 on the sample reaches this
-RECALL_SAMPLE = 256  # queries used to measure recall@10 against exact search
-TRAIN_PER_LIST = 64  # IVF training points per list (FAISS warns below 39)
-TRAIN_MAX = 200_000
 READ_BATCH = 50_000
 
 _SCHEMA = """
@@ -114,42 +107,6 @@ def check_k(k: Any) -> int:
     if not 1 <= k <= MAX_K:
         raise BadInput(f"k must be between 1 and {MAX_K}, got {k}")
     return int(k)
-
-
-def choose_kind(count: int, dim: int, memory_budget_bytes: int | None = None) -> str:
-    """Pick a FAISS factory string by collection size and memory (autofaiss-style rules).
-
-    Flat (exact) while small; HNSW32 while its graph plus raw vectors fit the budget; IVF-Flat when
-    raw vectors fit; IVF-PQ (compressed codes) otherwise.
-    """
-    budget = memory_budget_bytes or default_memory_budget()
-    flat_bytes = count * dim * 4
-    if count <= FLAT_MAX and flat_bytes <= budget:
-        return "Flat"
-    hnsw_bytes = count * (dim * 4 + 32 * 2 * 4 + 16)
-    if count <= HNSW_MAX and hnsw_bytes <= budget:
-        return "HNSW32"
-    nlist = ivf_lists(count)
-    if flat_bytes <= budget:
-        return f"IVF{nlist},Flat"
-    for m in (64, 32, 16, 8, 4):
-        if dim % m == 0 and count * (m + 8) <= budget:
-            return f"IVF{nlist},PQ{m}"
-    raise BadInput(f"{count} vectors of dim {dim} do not fit a memory budget of {budget} bytes, even as PQ4 codes")
-
-
-def ivf_lists(count: int) -> int:
-    """About 4*sqrt(N) lists (a power of two), with enough training points per list."""
-    nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(count))))
-    return max(1, min(nlist, count // TRAIN_PER_LIST))
-
-
-def default_memory_budget() -> int:
-    """A quarter of physical memory (the index shares the machine with the model and workers)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    except (ValueError, OSError):
-        return 4 << 30
 
 
 class IndexStore:
@@ -479,27 +436,28 @@ class IndexStore:
             started = time.perf_counter()
             generation, count = self.generation(), self.count()
             chosen = kind is None
-            kind = kind or choose_kind(count, self.dim, memory_budget_bytes)
+            kind = kind or kinds.choose_kind(count, self.dim, memory_budget_bytes)
             try:
                 index = faiss.IndexIDMap2(faiss.index_factory(self.dim, kind, faiss.METRIC_INNER_PRODUCT))
             except RuntimeError as err:
                 raise BadInput(f"FAISS cannot make an index of kind {kind!r}: {err}") from err
             if not index.is_trained:
-                train = self._sample(min(count, max(TRAIN_PER_LIST * _lists(kind), 10_000), TRAIN_MAX))
-                if len(train) < _lists(kind):
-                    raise BadInput(f"kind {kind!r} needs at least {_lists(kind)} vectors to train; "
+                lists = kinds.ivf_lists_of(kind)
+                train = self._sample(min(count, max(kinds.TRAIN_PER_LIST * lists, 10_000), kinds.TRAIN_MAX))
+                if len(train) < lists:
+                    raise BadInput(f"kind {kind!r} needs at least {lists} vectors to train; "
                                    f"the index has {count}")
                 index.train(train)
             for ids, vectors in self._scan():
                 index.add_with_ids(vectors, ids)
             meta: dict[str, Any] = {"generation": generation, "count": int(index.ntotal), "kind": kind}
             meta.update(self._tune(index, kind))
-            if chosen and meta["recall_at_10"] < RECALL_TARGET and kind != "Flat" \
-                    and count * self.dim * 4 <= (memory_budget_bytes or default_memory_budget()):
+            if chosen and meta["recall_at_10"] < kinds.RECALL_TARGET and kind != "Flat" \
+                    and count * self.dim * 4 <= (memory_budget_bytes or kinds.default_memory_budget()):
                 # E.g. HNSW on unclustered vectors: at its widest search it can stay under the target and be
                 # slower than exact search (bench/search_latency.py), so promise only what is reached.
                 log.warning("index %s: %s reaches recall@10 %.3f < %.2f; using exact Flat search instead",
-                            self.folder, kind, meta["recall_at_10"], RECALL_TARGET)
+                            self.folder, kind, meta["recall_at_10"], kinds.RECALL_TARGET)
                 return self.rebuild("Flat", memory_budget_bytes)
             meta["build_seconds"] = round(time.perf_counter() - started, 3)
             self._index, self._meta = index, meta
@@ -510,32 +468,11 @@ class IndexStore:
             return dict(meta)
 
     def _tune(self, index: faiss.Index, kind: str) -> dict[str, Any]:
-        """Measure recall@10 against exact search on a sample; raise nprobe/efSearch to the target."""
-        queries = self._sample(min(RECALL_SAMPLE, int(index.ntotal)))
+        """Recall@10 against exact search on a sample, with nprobe/efSearch raised to the target."""
+        queries = self._sample(min(kinds.RECALL_SAMPLE, int(index.ntotal)))
         if len(queries) == 0:
             return {"recall_at_10": 1.0}
-        truth = self._exact_top(queries, 10)
-        inner = faiss.downcast_index(index.index)
-
-        def recall(params: faiss.SearchParameters | None) -> float:
-            _, found = index.search(queries, 10, params=params) if params else index.search(queries, 10)
-            return _recall(found, truth)
-
-        if isinstance(inner, faiss.IndexIVF):
-            nprobe = 1
-            while True:
-                value = recall(faiss.SearchParametersIVF(nprobe=nprobe))
-                if value >= RECALL_TARGET or nprobe >= inner.nlist:
-                    return {"recall_at_10": round(value, 4), "nprobe": nprobe}
-                nprobe = min(nprobe * 2, inner.nlist)
-        if isinstance(inner, faiss.IndexHNSW):
-            ef = 16
-            while True:
-                value = recall(faiss.SearchParametersHNSW(efSearch=ef))
-                if value >= RECALL_TARGET or ef >= 1024:
-                    return {"recall_at_10": round(value, 4), "ef_search": ef}
-                ef *= 2
-        return {"recall_at_10": round(recall(None), 4)}
+        return kinds.tune(index, queries, self._exact_top(queries, 10))
 
     def _exact_top(self, queries: np.ndarray, k: int) -> np.ndarray:
         """Exact top-k ids by streaming SQLite (no second full copy of the vectors in memory)."""
@@ -617,16 +554,6 @@ def _ids(ids: Any) -> list[int]:
     if not out:
         raise BadInput("ids: empty list, give at least one id")
     return list(dict.fromkeys(out))
-
-
-def _lists(kind: str) -> int:
-    head = kind.split(",")[0]
-    return int(head[3:]) if head.startswith("IVF") and head[3:].isdigit() else 1
-
-
-def _recall(found: np.ndarray, truth: np.ndarray) -> float:
-    hits = sum(len(set(f[f >= 0].tolist()) & set(t.tolist())) for f, t in zip(found, truth))
-    return hits / max(1, truth.size)
 
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:

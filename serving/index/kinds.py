@@ -1,0 +1,94 @@
+"""Which FAISS index a collection gets (by size and memory budget) and how widely it must search to reach the
+recall target: the choices the index store (`serving.index.store`) delegates here."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import faiss
+import numpy as np
+
+from corinfomax.core.errors import BadInput
+
+FLAT_MAX = 20_000  # exact search is fast enough up to here (about 1 ms per query at D=256)
+HNSW_MAX = 2_000_000  # above this HNSW build time becomes the bottleneck; IVF trains on a sample
+RECALL_TARGET = 0.95  # nprobe / efSearch are raised until recall@10 on the sample reaches this
+RECALL_SAMPLE = 256  # queries used to measure recall@10 against exact search
+TRAIN_PER_LIST = 64  # IVF training points per list (FAISS warns below 39)
+TRAIN_MAX = 200_000
+
+
+def choose_kind(count: int, dim: int, memory_budget_bytes: int | None = None) -> str:
+    """Pick a FAISS factory string by collection size and memory (autofaiss-style rules).
+
+    Flat (exact) while small; HNSW32 while its graph plus raw vectors fit the budget; IVF-Flat when
+    raw vectors fit; IVF-PQ (compressed codes) otherwise.
+    """
+    budget = memory_budget_bytes or default_memory_budget()
+    flat_bytes = count * dim * 4
+    if count <= FLAT_MAX and flat_bytes <= budget:
+        return "Flat"
+    hnsw_bytes = count * (dim * 4 + 32 * 2 * 4 + 16)
+    if count <= HNSW_MAX and hnsw_bytes <= budget:
+        return "HNSW32"
+    nlist = ivf_lists(count)
+    if flat_bytes <= budget:
+        return f"IVF{nlist},Flat"
+    for m in (64, 32, 16, 8, 4):
+        if dim % m == 0 and count * (m + 8) <= budget:
+            return f"IVF{nlist},PQ{m}"
+    raise BadInput(f"{count} vectors of dim {dim} do not fit a memory budget of {budget} bytes, even as PQ4 codes")
+
+
+def ivf_lists(count: int) -> int:
+    """About 4*sqrt(N) lists (a power of two), with enough training points per list."""
+    nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(count))))
+    return max(1, min(nlist, count // TRAIN_PER_LIST))
+
+
+def default_memory_budget() -> int:
+    """A quarter of physical memory (the index shares the machine with the model and workers)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError):
+        return 4 << 30
+
+
+def ivf_lists_of(kind: str) -> int:
+    """The number of IVF lists in a factory string (1 for kinds without lists)."""
+    head = kind.split(",")[0]
+    return int(head[3:]) if head.startswith("IVF") and head[3:].isdigit() else 1
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    """Share of the true top-k ids found (rows of ids; -1 marks an empty slot)."""
+    hits = sum(len(set(f[f >= 0].tolist()) & set(t.tolist())) for f, t in zip(found, truth))
+    return hits / max(1, truth.size)
+
+
+def tune(index: faiss.Index, queries: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    """Recall@10 of ``index`` against the exact ``truth``; for IVF and HNSW, the narrowest search (nprobe,
+    efSearch) that reaches `RECALL_TARGET`, or the widest tried."""
+    inner = faiss.downcast_index(index.index)
+
+    def recall(params: faiss.SearchParameters | None) -> float:
+        _, found = index.search(queries, 10, params=params) if params else index.search(queries, 10)
+        return recall_at(found, truth)
+
+    if isinstance(inner, faiss.IndexIVF):
+        nprobe = 1
+        while True:
+            value = recall(faiss.SearchParametersIVF(nprobe=nprobe))
+            if value >= RECALL_TARGET or nprobe >= inner.nlist:
+                return {"recall_at_10": round(value, 4), "nprobe": nprobe}
+            nprobe = min(nprobe * 2, inner.nlist)
+    if isinstance(inner, faiss.IndexHNSW):
+        ef = 16
+        while True:
+            value = recall(faiss.SearchParametersHNSW(efSearch=ef))
+            if value >= RECALL_TARGET or ef >= 1024:
+                return {"recall_at_10": round(value, 4), "ef_search": ef}
+            ef *= 2
+    return {"recall_at_10": round(recall(None), 4)}
