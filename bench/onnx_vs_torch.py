@@ -74,7 +74,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or random_checkpoint(args.backbone, Path(tmp))
         state = load_checkpoint(checkpoint)
-        backbone, _ = load_backbone(state)
+        backbone, _ = load_backbone(state, checkpoint)
         graph = EmbeddingGraph(backbone, state["config"]["mean"], state["config"]["std"]).eval()
         embedders = {}
         for precision in PRECISIONS:

@@ -94,7 +94,7 @@ def export_bundle(
     _check_out(out, overwrite)
     state = load_checkpoint(checkpoint)
     config = state["config"]
-    backbone, feature_dim = load_backbone(state)
+    backbone, feature_dim = load_backbone(state, checkpoint)
     name = check_tag_part(name or default_name(checkpoint), "name")
     sha = file_sha256(checkpoint / CHECKPOINT_FILE if checkpoint.is_dir() else checkpoint)
     version = check_tag_part(version or sha[:12], "version")

@@ -13,8 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from corinfomax.training.checkpoint import CheckpointError
-from corinfomax.training.models import CorInfoMaxModel
+from corinfomax.training.checkpoint import load_model
 
 INPUT_NAME = "pixels"
 OUTPUT_NAMES = ("embedding", "features")
@@ -45,21 +44,9 @@ class EmbeddingGraph(nn.Module):
         return embedding, features
 
 
-def load_backbone(state: dict[str, Any]) -> tuple[nn.Module, int]:
-    """Rebuild the checkpoint's model, load its weights; return the backbone (eval mode) and its feature dim."""
-    config = state["config"]
-    missing = [k for k in ("backbone", "projector", "cifar_stem", "image_size", "mean", "std") if k not in config]
-    if missing:
-        raise CheckpointError(
-            f"the checkpoint's config lacks {', '.join(missing)}; it was not written by `corinfomax train`")
-    model = CorInfoMaxModel(config["backbone"], config["projector"], bool(config["cifar_stem"]))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"the checkpoint's weights do not fit its config (backbone {config['backbone']!r}, projector "
-            f"{config['projector']!r}, cifar_stem={config['cifar_stem']}): {str(err).splitlines()[0]}"
-        ) from err
+def load_backbone(state: dict[str, Any], path: str | Path) -> tuple[nn.Module, int]:
+    """The checkpoint's backbone (eval mode) and its feature dimension."""
+    model = load_model(state, path)
     return model.backbone.eval(), model.feature_dim
 
 

@@ -17,6 +17,7 @@ from corinfomax.core.errors import UserError
 from corinfomax.export.graph import EmbeddingGraph
 from corinfomax.export.images import Sample
 from corinfomax.serving.embedder import Embedder
+from corinfomax.training.distributed import pick_device
 from corinfomax.training.evaluate import knn_top1
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class ParityError(UserError):
 
 def torch_embed(graph: EmbeddingGraph, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Reference embeddings from the PyTorch graph (CUDA when present, TF32 off so fp32 means fp32)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     graph = graph.to(device).eval()
     out = []
     with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):

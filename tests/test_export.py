@@ -127,7 +127,7 @@ def _bad_checkpoints(tiny_checkpoint: Path, root: Path) -> dict[str, tuple[Path,
         "text": (text, "not a readable checkpoint"),
         "foreign": (foreign, "not a CorInfoMax checkpoint"),
         "no-config": (_save(root / "noconfig.pt", {"model": good["model"]}), "no 'config' entry"),
-        "architecture": (_save(root / "arch.pt", other_arch), "do not fit its config .*resnet18"),
+        "architecture": (_save(root / "arch.pt", other_arch), "another architecture.*resnet18"),
     }
 
 

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from corinfomax.core.errors import UserError
 from corinfomax.core.files import atomic_write
+from corinfomax.training.models import CorInfoMaxModel
 
 CHECKPOINT_FORMAT = "corinfomax-checkpoint/1"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -43,6 +45,31 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if key not in state:
             raise CheckpointError(f"checkpoint {path} has no {key!r} entry; it cannot be used")
     return state
+
+
+def load_weights(module: nn.Module, weights: dict[str, Any], what: str, path: str | Path, hint: str) -> None:
+    """Load ``weights`` into ``module``; a mismatch is a CheckpointError naming ``what``, the file and ``hint``
+    (what the user can do about it)."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[1:2] or [str(err)[:200]]
+        raise CheckpointError(f"{path} holds a {what} of another architecture ({first[0].strip()}); {hint}") from None
+
+
+def load_model(state: dict[str, Any], path: str | Path) -> CorInfoMaxModel:
+    """Rebuild a checkpoint's model from its own config and load its weights (the one checkpoint -> model path:
+    eval, export and anything else reading a finished run)."""
+    config = state["config"]
+    missing = [k for k in ("backbone", "projector", "cifar_stem", "image_size", "mean", "std") if k not in config]
+    if missing:
+        raise CheckpointError(f"{path}: the config lacks {', '.join(missing)}; "
+                              "it was not written by `corinfomax train`")
+    model = CorInfoMaxModel(config["backbone"], config["projector"], bool(config["cifar_stem"]))
+    hint = (f"its config says backbone {config['backbone']!r}, projector {config['projector']!r}, "
+            f"cifar_stem={config['cifar_stem']}: the checkpoint was altered or not written by `corinfomax train`")
+    load_weights(model, state["model"], "model", path, hint)
+    return model
 
 
 def file_sha256(path: str | Path) -> str:

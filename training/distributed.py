@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
+from corinfomax.training.config import ConfigError
+
 
 @dataclass
 class Dist:
@@ -27,6 +29,20 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> CUDA when present, else CPU (device ``local_rank`` of this machine); 'cuda' without a GPU is
+    a user error."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+        return torch.device("cuda", local_rank)
+    if requested != "cpu":
+        raise ConfigError(f"unknown device {requested!r}; use auto, cuda or cpu")
+    return torch.device("cpu")
 
 
 def setup_distributed(device_kind: str) -> Dist:

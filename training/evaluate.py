@@ -29,10 +29,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from corinfomax.core.errors import UserError
-from corinfomax.training.checkpoint import CHECKPOINT_FILE, CheckpointError, file_sha256, load_checkpoint
+from corinfomax.training.checkpoint import CHECKPOINT_FILE, file_sha256, load_checkpoint, load_model
 from corinfomax.training.config import TrainConfig
 from corinfomax.training.data import load_labelled_images, normalize
-from corinfomax.training.eval_cli import LINEAR_MODES
+from corinfomax.training.distributed import pick_device
+from corinfomax.training.eval_cli import KNN_TEMPERATURE, LINEAR_MODES
 from corinfomax.training.models import CorInfoMaxModel
 
 log = logging.getLogger(__name__)
@@ -45,17 +46,6 @@ FAST_PROBE: dict[str, Any] = dict(optimizer="lbfgs", max_iter=200, weight_decay=
 
 class EvalError(UserError):
     """Evaluation options or data that cannot work together (bad k, mismatched class folders...)."""
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EvalError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise EvalError(f"unknown device {name!r}; choose auto, cpu or cuda")
-    return torch.device(name)
 
 
 @torch.no_grad()
@@ -90,7 +80,7 @@ def knn_top1(
     test_labels: Tensor,
     num_classes: int,
     k: int = 200,
-    temperature: float = 0.1,
+    temperature: float = KNN_TEMPERATURE,
     chunk_size: int = 512,
 ) -> float:
     """Top-1 accuracy of the weighted kNN classifier (cosine similarity, votes exp(sim / T))."""
@@ -184,19 +174,6 @@ def linear_probe(
     return int((predictions == test_labels.cpu()).sum()) / len(predictions)
 
 
-def _load_trained(state: dict[str, Any], config: TrainConfig, path: Path) -> CorInfoMaxModel:
-    model = CorInfoMaxModel(config.backbone, config.projector, config.cifar_stem)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(
-            f"{path}: its weights do not fit the architecture in its own config (backbone {config.backbone!r}, "
-            f"projector {config.projector!r}, cifar_stem={config.cifar_stem}): {first}"
-        ) from err
-    return model
-
-
 def _test_set_notes(test_dir: Path) -> list[str]:
     """Say when accuracies are measured on lossy JPEG test images (the shared CIFAR-10 test split is q75)."""
     if next((p for p in test_dir.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg")), None) is None:
@@ -229,7 +206,7 @@ def evaluate_checkpoint(
     test_dir: str | Path,
     *,
     k: int = 200,
-    temperature: float = 0.1,
+    temperature: float = KNN_TEMPERATURE,
     linear: str = "fast",
     limit_per_class: int | None = None,
     baseline: bool = True,
@@ -248,7 +225,7 @@ def evaluate_checkpoint(
     path = path / CHECKPOINT_FILE if path.is_dir() else path
     state = load_checkpoint(path)
     config = TrainConfig.from_dict(state["config"])
-    trained = _load_trained(state, config, path)
+    trained = load_model(state, path)
 
     train_x, train_y, classes = load_labelled_images(train_dir, config.image_size, limit_per_class)
     test_x, test_y, test_classes = load_labelled_images(test_dir, config.image_size, limit_per_class)

@@ -23,10 +23,10 @@ from tqdm import tqdm
 from corinfomax.core.errors import UserError
 from corinfomax.core.files import atomic_write_text
 from corinfomax.training.augment import BatchTwoView, PilTwoView
-from corinfomax.training.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from corinfomax.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_weights, save_checkpoint
 from corinfomax.training.config import ConfigError, TrainConfig
 from corinfomax.training.data import CACHE_MAX_SIDE, DecodedImages, decode_folder
-from corinfomax.training.distributed import Dist, convert_global_batchnorm, setup_distributed
+from corinfomax.training.distributed import Dist, convert_global_batchnorm, pick_device, setup_distributed
 from corinfomax.training.loss import CorInfoMaxLoss
 from corinfomax.training.models import CorInfoMaxModel
 from corinfomax.training.optim import LARS, lr_at
@@ -38,25 +38,16 @@ RUNTIME_FIELDS = {"out", "workers", "device", "log_every", "time_budget_min", "c
                   "data"}
 
 
+# What to do when the run folder's checkpoint does not fit the model this config builds.
+RESUME_HINT = "it cannot be resumed with this config. Use another --out for the new architecture."
+
+
 class TrainingDiverged(UserError):
     """Too many consecutive non-finite losses."""
 
 
 class ResumeConflict(UserError):
     """The run folder holds a checkpoint trained with a different config."""
-
-
-def pick_device(requested: str, local_rank: int) -> torch.device:
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but no CUDA device is available")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    if requested != "cpu":
-        raise ConfigError(f"unknown device {requested!r}; use auto, cuda or cpu")
-    return torch.device("cpu")
 
 
 def validate(config: TrainConfig) -> None:
@@ -216,17 +207,6 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     atomic_write_text(path, "".join(kept))
 
 
-def _load_weights(module: nn.Module, state: dict[str, Any], what: str, ckpt_path: Path) -> None:
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[1:2] or [str(err)[:200]]
-        raise CheckpointError(
-            f"{ckpt_path} holds a {what} of another architecture ({first[0].strip()}); it cannot be resumed with "
-            "this config. Use another --out for the new architecture."
-        ) from None
-
-
 # --------------------------------------------------------------------------- the loop
 def train(config: TrainConfig, allow_config_change: bool = False, progress: bool = True) -> Path:
     """Train (or resume) the run in ``config.out``; return the checkpoint path.
@@ -235,9 +215,10 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
     and no checkpoint got written, a failure removes it again (no partial output).
     """
     validate(config)
-    wants_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    ddp = setup_distributed("cuda" if wants_cuda else "cpu")
+    ddp = setup_distributed(pick_device(config.device).type)
     device = pick_device(config.device, ddp.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     out = Path(config.out)
     ckpt_path = out / CHECKPOINT_FILE
     resume_state = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
@@ -276,11 +257,11 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
 
     start_epoch, step = 0, 0
     if resume_state is not None:
-        _load_weights(model, resume_state["model"], "model", ckpt_path)
-        _load_weights(loss_fn, resume_state["loss"], "loss state", ckpt_path)
+        load_weights(model, resume_state["model"], "model", ckpt_path, RESUME_HINT)
+        load_weights(loss_fn, resume_state["loss"], "loss state", ckpt_path, RESUME_HINT)
         optimizer.load_state_dict(resume_state["optimizer"])
         if probe is not None and "probe" in resume_state:
-            _load_weights(probe, resume_state["probe"], "online probe", ckpt_path)
+            load_weights(probe, resume_state["probe"], "online probe", ckpt_path, RESUME_HINT)
             probe_opt.load_state_dict(resume_state["probe_optimizer"])  # type: ignore[union-attr]
         start_epoch, step = int(resume_state["epoch"]), int(resume_state["step"])
         _restore_rng(resume_state["rng"])

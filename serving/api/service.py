@@ -39,7 +39,10 @@ from corinfomax.serving.index.store import MAX_K, IndexStore, check_k, normalise
 
 log = logging.getLogger("corinfomax.service")
 SETTINGS = Settings.from_env()
-KNN_TEMPERATURE = 0.07  # softmax temperature of the weighted kNN vote (as in the usual kNN evaluation)
+# Temperature of the /classify kNN vote: 0.07, InstDisc's and DINO's value. It turns the neighbours'
+# similarities into the class confidences the API returns (the top label rarely depends on it). `corinfomax eval`
+# votes at 0.1 instead (training/evaluate.py), the value every reported accuracy was measured with.
+KNN_TEMPERATURE = 0.07
 
 
 # -- the index ------------------------------------------------------------------------------------
