@@ -1,4 +1,5 @@
-"""The CorInfoMax training loop: one readable function, DDP through torchrun, AMP, auto-resume.
+"""The CorInfoMax training loop, DDP through torchrun, AMP, auto-resume: `train` sets a run up, then `_run`
+reads top to bottom: per batch `_step`, per epoch `_end_epoch`, over a small `LoopState`.
 
 One process: ``corinfomax train ...``. Several GPUs or machines: ``torchrun --nproc_per_node N
 $(which corinfomax) train ...`` (the WORLD_SIZE / RANK / LOCAL_RANK environment is honoured; rank 0 writes).
@@ -11,8 +12,9 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -279,129 +281,182 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
 
     created = ddp.main and not out.exists()
     try:
-        return _run(config, ddp, device, out, source, train_model, model, loss_fn, optimizer, train_probe, probe,
-                    probe_opt, data, start_epoch, step, fresh=resume_state is None, progress=progress)
+        run = Run(config, ddp, device, out, source, data, train_model, model, loss_fn, optimizer, train_probe,
+                  probe, probe_opt)
+        return _run(run, LoopState(start_epoch, step), fresh=resume_state is None, progress=progress)
     except BaseException:
         if created and not ckpt_path.exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _run(config: TrainConfig, ddp: Dist, device: torch.device, out: Path, source: BatchSource,
-         train_model: nn.Module, model: CorInfoMaxModel, loss_fn: CorInfoMaxLoss, optimizer: torch.optim.Optimizer,
-         train_probe: nn.Module | None, probe: nn.Module | None, probe_opt: torch.optim.Optimizer | None,
-         data: DecodedImages, start_epoch: int, step: int, fresh: bool, progress: bool) -> Path:
-    """The epochs themselves: steps, NaN guard, metrics, one checkpoint per epoch (rank 0 writes)."""
-    ckpt_path = out / CHECKPOINT_FILE
-    steps_per_epoch = source.steps_per_epoch()
-    metrics_file = None
+@dataclass
+class Run:
+    """What one training run works with; fixed once the loop starts."""
+
+    config: TrainConfig
+    ddp: Dist
+    device: torch.device
+    out: Path
+    source: BatchSource
+    data: DecodedImages
+    train_model: nn.Module  # `model` wrapped for DDP and/or compiled
+    model: CorInfoMaxModel
+    loss_fn: CorInfoMaxLoss
+    optimizer: torch.optim.Optimizer
+    train_probe: nn.Module | None
+    probe: nn.Module | None
+    probe_opt: torch.optim.Optimizer | None
+    metrics: IO[str] | None = None  # metrics.jsonl, open on rank 0
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / CHECKPOINT_FILE
+
+
+@dataclass
+class LoopState:
+    """Where the loop is, and what the current epoch has summed so far."""
+
+    epoch: int
+    step: int
+    started: float = field(default_factory=time.monotonic)
+    bad_steps: int = 0  # consecutive non-finite losses
+    # Epoch sums: loss, attraction, big_bang, online-probe correct, online-probe seen.
+    sums: Tensor = field(default_factory=lambda: torch.zeros(5, dtype=torch.float64))
+    good_steps: int = 0
+    window_start: float = field(default_factory=time.monotonic)
+    window_images: int = 0
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.sums, self.good_steps = epoch, torch.zeros(5, dtype=torch.float64), 0
+        self.window_start, self.window_images = time.monotonic(), 0
+
+
+def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
+    """The epochs: a step per batch, then the end-of-epoch summary and checkpoint (rank 0 writes)."""
+    config, ddp, out = run.config, run.ddp, run.out
+    steps_per_epoch = run.source.steps_per_epoch()
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "config.json", config.to_dict())
         if not fresh:
-            _trim_metrics(out / "metrics.jsonl", step)
-        metrics_file = open(out / "metrics.jsonl", "w" if fresh else "a")
-        _log(metrics_file, {"event": "data", "step": step, "images": len(data.images), "skipped": data.skipped,
-                            "classes": len(data.classes), "world_size": ddp.world, "device": str(device)})
-    use_amp = config.amp and device.type == "cuda"
-    bad_steps, started = 0, time.monotonic()
-    total_steps = config.epochs * steps_per_epoch
-
+            _trim_metrics(out / "metrics.jsonl", state.step)
+        run.metrics = open(out / "metrics.jsonl", "w" if fresh else "a")
+        _log(run.metrics, {"event": "data", "step": state.step, "images": len(run.data.images),
+                           "skipped": run.data.skipped, "classes": len(run.data.classes), "world_size": ddp.world,
+                           "device": str(run.device)})
+    first_epoch = state.epoch
     try:
-        for epoch in range(start_epoch, config.epochs):
-            model.train()
-            sums = torch.zeros(5, dtype=torch.float64)  # loss, attraction, big_bang, probe correct, probe seen
-            good_steps = 0
-            window_start, window_images = time.monotonic(), 0
-            bar = tqdm(source.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
+        for epoch in range(first_epoch, config.epochs):
+            state.start_epoch(epoch)
+            run.model.train()
+            bar = tqdm(run.source.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                        disable=not (progress and ddp.main), unit="step")
             for i, (v1, v2, labels) in enumerate(bar):
-                lr = lr_at(step, total_steps, config.warmup_epochs * steps_per_epoch, config.lr, config.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                if config.channels_last:
-                    v1 = v1.contiguous(memory_format=torch.channels_last)
-                    v2 = v2.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    f1, z1 = train_model(v1)
-                    _, z2 = train_model(v2)
-                out_loss = loss_fn(z1, z2)
-                # One host sync per step, on detached values (no autograd-tensor-to-float conversions).
-                terms = torch.stack([out_loss.loss, out_loss.attraction, out_loss.big_bang]).detach().double().cpu()
-                if not bool(torch.isfinite(terms).all()):
-                    bad_steps += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    log.warning("non-finite loss at step %d (%d in a row): step skipped", step, bad_steps)
-                    _log(metrics_file,
-                         {"event": "skipped_step", "step": step, "epoch": epoch, "consecutive": bad_steps})
-                    if bad_steps >= config.max_bad_steps:
-                        raise TrainingDiverged(
-                            f"{bad_steps} consecutive non-finite losses at step {step}: training diverged. "
-                            + (f"The last good checkpoint ({ckpt_path}) is intact; lower --lr or raise --eps and "
-                               "resume with --allow-config-change." if ckpt_path.exists() else
-                               "No epoch finished, so nothing was saved; lower --lr or raise --eps and start again.")
-                        )
-                    step += 1
-                    continue
-                bad_steps = 0
-                optimizer.zero_grad(set_to_none=True)
-                out_loss.loss.backward()
-                optimizer.step()
-                if train_probe is not None:
-                    logits = train_probe(f1.detach().to(torch.get_default_dtype()))  # bf16 under autocast
-                    probe_loss = nn.functional.cross_entropy(logits, labels)
-                    probe_opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
-                    probe_loss.backward()
-                    probe_opt.step()  # type: ignore[union-attr]
-                    sums[3] += float((logits.argmax(1) == labels).sum())
-                    sums[4] += len(labels)
-                step += 1
-                good_steps += 1
-                window_images += len(v1) * ddp.world
-                sums[:3] += terms
-                if step % config.log_every == 0:
-                    rate = window_images / max(1e-9, time.monotonic() - window_start)
-                    window_start, window_images = time.monotonic(), 0
+                lr = lr_at(state.step, config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch,
+                           config.lr, config.min_lr)
+                terms = _step(run, state, lr, v1, v2, labels)
+                if terms is not None and state.step % config.log_every == 0:
+                    rate = state.window_images / max(1e-9, time.monotonic() - state.window_start)
+                    state.window_start, state.window_images = time.monotonic(), 0
                     loss, attraction, big_bang = terms.tolist()
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
-                    _log(metrics_file, {"step": step, "epoch": epoch + (i + 1) / steps_per_epoch, "lr": lr,
-                                        "loss": loss, "attraction": attraction, "big_bang": big_bang,
-                                        "images_per_s": rate})
-                if epoch == start_epoch and i == 11 and config.time_budget_min > 0 and start_epoch == 0:
-                    config.epochs = _fit_budget(config, steps_per_epoch, time.monotonic() - started, ddp, device)
-                    total_steps = config.epochs * steps_per_epoch
+                    _log(run.metrics, {"step": state.step, "epoch": epoch + (i + 1) / steps_per_epoch, "lr": lr,
+                                       "loss": loss, "attraction": attraction, "big_bang": big_bang,
+                                       "images_per_s": rate})
+                if first_epoch == 0 and epoch == 0 and i == 11 and config.time_budget_min > 0:
+                    config.epochs = _fit_budget(config, steps_per_epoch, time.monotonic() - state.started, ddp,
+                                                run.device)
                     bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
                     if ddp.main:
                         _write_json(out / "config.json", config.to_dict())
-
-            if ddp.world > 1:
-                probe_counts = sums[3:].to(device)
-                dist.all_reduce(probe_counts)  # probe accuracy over every rank's images
-                sums[3:] = probe_counts.cpu()
-            means = (sums[:3] / max(1, good_steps)).tolist()
-            summary: dict[str, Any] = {"epoch": epoch + 1, "step": step, "elapsed_s": time.monotonic() - started,
-                                       "loss": means[0], "attraction": means[1], "big_bang": means[2],
-                                       **loss_fn.spectrum()}
-            if sums[4] > 0:
-                summary["online_probe_acc"] = float(sums[3] / sums[4])
-            last = epoch + 1 == config.epochs
-            if config.val_data and ddp.main and (last or (config.knn_every and (epoch + 1) % config.knn_every == 0)):
-                summary["knn_top1"] = _knn(model, config, device, data)
-            _log(metrics_file, summary)
-            log.info("epoch %d/%d: %s", epoch + 1, config.epochs,
-                     ", ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)))
-            if ddp.main:
-                save_checkpoint(ckpt_path, {
-                    "config": config.to_dict(), "model": model.state_dict(), "loss": loss_fn.state_dict(),
-                    "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step, "rng": _rng_state(),
-                    **({"probe": probe.state_dict(), "probe_optimizer": probe_opt.state_dict()}  # type: ignore[union-attr]
-                       if probe is not None else {}),
-                    "metrics": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
-                })
+            _end_epoch(run, state)
     finally:
-        if metrics_file is not None:
-            metrics_file.close()
-    return ckpt_path
+        if run.metrics is not None:
+            run.metrics.close()
+    return run.checkpoint
+
+
+def _step(run: Run, state: LoopState, lr: float, v1: Tensor, v2: Tensor, labels: Tensor) -> Tensor | None:
+    """One optimisation step (and one online-probe step); returns the float64 loss terms, or None for a
+    step skipped by the NaN guard."""
+    config, device = run.config, run.device
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    if config.channels_last:
+        v1 = v1.contiguous(memory_format=torch.channels_last)
+        v2 = v2.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
+        f1, z1 = run.train_model(v1)
+        _, z2 = run.train_model(v2)
+    out_loss = run.loss_fn(z1, z2)
+    # One host sync per step, on detached values (no autograd-tensor-to-float conversions).
+    terms = torch.stack([out_loss.loss, out_loss.attraction, out_loss.big_bang]).detach().double().cpu()
+    run.optimizer.zero_grad(set_to_none=True)
+    if not bool(torch.isfinite(terms).all()):
+        _skip_step(run, state)
+        return None
+    state.bad_steps = 0
+    out_loss.loss.backward()
+    run.optimizer.step()
+    if run.train_probe is not None and run.probe_opt is not None:
+        logits = run.train_probe(f1.detach().to(torch.get_default_dtype()))  # bf16 under autocast
+        probe_loss = nn.functional.cross_entropy(logits, labels)
+        run.probe_opt.zero_grad(set_to_none=True)
+        probe_loss.backward()
+        run.probe_opt.step()
+        state.sums[3] += float((logits.argmax(1) == labels).sum())
+        state.sums[4] += len(labels)
+    state.step += 1
+    state.good_steps += 1
+    state.window_images += len(v1) * run.ddp.world
+    state.sums[:3] += terms
+    return terms
+
+
+def _skip_step(run: Run, state: LoopState) -> None:
+    """The NaN guard: skip a step with a non-finite loss; stop after ``max_bad_steps`` in a row."""
+    state.bad_steps += 1
+    log.warning("non-finite loss at step %d (%d in a row): step skipped", state.step, state.bad_steps)
+    _log(run.metrics, {"event": "skipped_step", "step": state.step, "epoch": state.epoch,
+                       "consecutive": state.bad_steps})
+    if state.bad_steps >= run.config.max_bad_steps:
+        advice = (f"The last good checkpoint ({run.checkpoint}) is intact; lower --lr or raise --eps and resume "
+                  "with --allow-config-change." if run.checkpoint.exists() else
+                  "No epoch finished, so nothing was saved; lower --lr or raise --eps and start again.")
+        raise TrainingDiverged(f"{state.bad_steps} consecutive non-finite losses at step {state.step}: training "
+                               f"diverged. {advice}")
+    state.step += 1
+
+
+def _end_epoch(run: Run, state: LoopState) -> None:
+    """Summarise the epoch (losses, spectrum, online probe, kNN when due), log it, write the checkpoint."""
+    config, ddp, epoch = run.config, run.ddp, state.epoch
+    if ddp.world > 1:
+        probe_counts = state.sums[3:].to(run.device)
+        dist.all_reduce(probe_counts)  # probe accuracy over every rank's images
+        state.sums[3:] = probe_counts.cpu()
+    means = (state.sums[:3] / max(1, state.good_steps)).tolist()
+    summary: dict[str, Any] = {"epoch": epoch + 1, "step": state.step, "elapsed_s": time.monotonic() - state.started,
+                               "loss": means[0], "attraction": means[1], "big_bang": means[2],
+                               **run.loss_fn.spectrum()}
+    if state.sums[4] > 0:
+        summary["online_probe_acc"] = float(state.sums[3] / state.sums[4])
+    last = epoch + 1 == config.epochs
+    if config.val_data and ddp.main and (last or (config.knn_every and (epoch + 1) % config.knn_every == 0)):
+        summary["knn_top1"] = _knn(run.model, config, run.device, run.data)
+    _log(run.metrics, summary)
+    log.info("epoch %d/%d: %s", epoch + 1, config.epochs,
+             ", ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)))
+    if ddp.main:
+        probe = ({"probe": run.probe.state_dict(), "probe_optimizer": run.probe_opt.state_dict()}
+                 if run.probe is not None and run.probe_opt is not None else {})
+        save_checkpoint(run.checkpoint, {
+            "config": config.to_dict(), "model": run.model.state_dict(), "loss": run.loss_fn.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "epoch": epoch + 1, "step": state.step, "rng": _rng_state(),
+            **probe, "metrics": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
+        })
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
