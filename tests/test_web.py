@@ -54,6 +54,7 @@ def test_demo_index_has_thumbnails_served_with_cache_headers(server: Server, cli
     again = client.get("/thumbnails/1", headers={"If-None-Match": first.headers["etag"]})
     assert again.status_code == 304 and again.content == b""
     assert client.get("/thumbnails/x").status_code == 400
+    assert client.get(f"/thumbnails/{2**64}").status_code == 400
     assert client.get("/thumbnails/99999").json() == {"error": "no item with id 99999"}
 
 

@@ -25,10 +25,13 @@ from corinfomax.core.thumbnails import MEDIA_TYPE
 STATIC = Path(__file__).with_name("static")
 # A thumbnail of an id never changes (ids are never reused), but the key may be revoked: private, one day.
 CACHE_CONTROL = "private, max-age=86400"
+MAX_ID = 2**63 - 1  # SQLite's INTEGER
 
 
 async def thumbnail(request: Request) -> Response:
     item_id = request.path_params["item_id"]
+    if item_id > MAX_ID:
+        return JSONResponse({"error": f"thumbnail id {item_id} is out of range (ids are below 2**63)"}, status_code=400)
     try:
         data = await bentoml.get_current_service().thumbnail_bytes(item_id)
     except BadInput as err:
