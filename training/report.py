@@ -91,7 +91,7 @@ def figures(steps: list[dict[str, Any]], epochs: list[dict[str, Any]]) -> dict[s
             if xs:
                 axes[0].plot(xs, ys, marker="o", label=label)
         axes[0].set(title="accuracy", xlabel="epoch", ylim=(0, 1))
-        axes[0].legend(loc="lower right")
+        axes[0].legend(loc="best")
         spectra = [(r["epoch"], r["eigenvalues"]) for r in epochs if r.get("eigenvalues")]
         colours = plt.get_cmap("viridis")
         for i, (epoch, eigenvalues) in enumerate(spectra):
