@@ -10,6 +10,7 @@ from pathlib import Path
 from corinfomax.core.bundle import PROBE_FILE
 from corinfomax.core.errors import BundleError
 from corinfomax.core.images import DEFAULT_MAX_PIXELS
+from corinfomax.core.thumbnails import DEFAULT_SIDE, MAX_SIDE
 from corinfomax.serving.embedder import cpu_threads_per_worker
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,12 @@ def _demo_dir(raw: str | None) -> Path | None:
     return Path(raw) if raw else None
 
 
+def _thumbnail_side(side: int) -> int:
+    if not 0 <= side <= MAX_SIDE:
+        raise BundleError(f"CORINFOMAX_THUMBNAIL_PX={side}: give 0 (no thumbnails) to {MAX_SIDE} pixels")
+    return side
+
+
 def model_threads(workers: int) -> int:
     """Intra-op threads per worker: its share of the cores less one for the event loop (HTTP, decoding).
 
@@ -62,6 +69,7 @@ class Settings:
     allow_private_urls: bool  # only for tests and closed networks
     access_log: bool  # BentoML's per-request access log line (CORINFOMAX_ACCESS_LOG=0 saves CPU per request)
     demo_dir: Path | None  # images indexed on first start when the index is empty ("" disables)
+    thumbnail_side: int  # side of the thumbnail stored with each added image, in pixels (0: none)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -82,6 +90,7 @@ class Settings:
             allow_private_urls=os.environ.get("CORINFOMAX_ALLOW_PRIVATE_URLS") == "1",
             access_log=os.environ.get("CORINFOMAX_ACCESS_LOG", "1") != "0",
             demo_dir=_demo_dir(os.environ.get("CORINFOMAX_DEMO_DIR")),
+            thumbnail_side=_thumbnail_side(_int("CORINFOMAX_THUMBNAIL_PX", DEFAULT_SIDE)),
         )
 
     def bundle_dir(self) -> Path:
