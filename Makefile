@@ -3,7 +3,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PORT ?= 3000
 
 .PHONY: serve test test-fast lint bento install-serve install-dev demo-sample clean
 
@@ -23,8 +22,9 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 install-serve: $(VENV)/.serve-installed
 install-dev: $(VENV)/.dev-installed
 
+# `corinfomax serve` reads PORT itself (default 3000): `PORT=8080 make serve` and `PORT=8080 corinfomax serve` agree.
 serve: $(VENV)/.serve-installed
-	$(BIN)/corinfomax serve --port $(PORT)
+	$(BIN)/corinfomax serve
 
 test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q
