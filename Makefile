@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test test-fast lint bento install-serve install-dev demo-sample clean
+.PHONY: serve test test-fast lint bento lock install-serve install-dev demo-sample clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,11 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy core corinfomax training export serving
 
-# The Bento installs the project's wheel (bentofile.yaml), so build it first.
+# The Bento's pinned serving install, from the versions installed here (no index needed); commit the result.
+lock: $(VENV)/.serve-installed
+	$(BIN)/python scripts/lock_serve.py
+
+# The Bento installs the project's wheel (bentofile.yaml), so build it first. No network needed.
 bento: $(VENV)/.serve-installed
 	rm -rf dist
 	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w dist .

@@ -37,6 +37,23 @@ def _demo_dir(raw: str | None) -> Path | None:
     return Path(raw) if raw else None
 
 
+def _index_dir(raw: str | None) -> Path:
+    """CORINFOMAX_INDEX, else ``data/index`` under the working directory, except inside a Bento.
+
+    `bentoml serve <tag>` runs in the stored Bento's ``src/`` folder (a container in /home/bentoml/bento/src);
+    an index there would grow the stored Bento and vanish with it, so a Bento keeps it under BentoML's home
+    (``$BENTOML_HOME/data/index``: ~/bentoml/data/index locally, /home/bentoml/data/index in a container).
+    The path is made absolute so the start-up log says exactly where it is.
+    """
+    if raw:
+        return Path(raw).absolute()
+    cwd = Path.cwd()
+    if (cwd.parent / "bento.yaml").is_file():
+        home = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
+        return home.absolute() / "data" / "index"
+    return cwd / "data" / "index"
+
+
 def model_threads(workers: int) -> int:
     """Intra-op threads per worker: its share of the cores less one for the event loop (HTTP, decoding).
 
@@ -69,7 +86,7 @@ class Settings:
         workers = max(1, _int("CORINFOMAX_WORKERS", 1))
         return cls(
             model=os.environ.get("CORINFOMAX_MODEL", str(REPO / "models" / "default")),
-            index=Path(os.environ.get("CORINFOMAX_INDEX", "data/index")),
+            index=_index_dir(os.environ.get("CORINFOMAX_INDEX")),
             probe=Path(probe) if probe else None,
             api_key=os.environ.get("CORINFOMAX_API_KEY") or None,
             workers=workers,
