@@ -160,3 +160,4 @@ def test_bento_builds_with_the_network_cut_and_serves(tmp_path: Path, cifar10: P
     assert (index / "index.sqlite").is_file()  # under BentoML's home: the stored Bento does not grow
     assert not any(path.name == "index.sqlite" for path in stored.rglob("*"))
     assert f"index {index}:" in log.read_text()
+    assert f"probe {stored / 'src' / 'models' / 'default' / 'probe.npz'}" in log.read_text()  # the Bento's model
