@@ -151,3 +151,18 @@ def test_pil_pipeline_with_persistent_workers(data: Path, tmp_path: Path) -> Non
     train(tiny_config(data, run, augment="pil", workers=2), progress=False)
     state = load_checkpoint(run)
     assert state["epoch"] == 2 and torch.isfinite(torch.tensor(state["metrics"]["loss"]))
+
+
+def test_time_budget_says_when_it_shortens_epochs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The cpu preset's budget overrides --epochs: the log must name both numbers and how to keep --epochs."""
+    from corinfomax.training.distributed import Dist
+
+    config = tiny_config(tmp_path, tmp_path / "run", epochs=30, time_budget_min=1.0)
+    with caplog.at_level("INFO", logger=trainer.log.name):
+        # 12 steps took 1.2 s: 0.1 s/step, 100 steps per epoch -> 10 s per epoch -> 6 epochs in 1 minute
+        assert trainer._fit_budget(config, 100, 1.2, Dist(), torch.device("cpu")) == 6
+        assert trainer._fit_budget(config, 1, 1.2, Dist(), torch.device("cpu")) == 30
+    shortened, kept = caplog.records[-2:]
+    assert shortened.levelname == "WARNING" and "shortened from --epochs 30 to 6" in shortened.getMessage()
+    assert "--time-budget-min 0" in shortened.getMessage()
+    assert kept.levelname == "INFO" and "all 30 epoch(s) fit" in kept.getMessage()

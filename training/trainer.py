@@ -476,8 +476,13 @@ def _fit_budget(config: TrainConfig, steps_per_epoch: int, elapsed: float, ddp: 
         t = torch.tensor([epochs], device=device)
         dist.broadcast(t, 0)
         epochs = int(t.item())
-    log.info("time budget %.0f min at %.3f s/step: schedule set to %d epoch(s)", config.time_budget_min,
-             seconds_per_step, epochs)
+    if epochs < config.epochs:  # the user asked for more: say so, and how to keep them
+        log.warning("time budget %.0f min at %.3f s/step: schedule shortened from --epochs %d to %d "
+                    "(--time-budget-min 0 keeps --epochs)", config.time_budget_min, seconds_per_step,
+                    config.epochs, epochs)
+    else:
+        log.info("time budget %.0f min at %.3f s/step: all %d epoch(s) fit", config.time_budget_min,
+                 seconds_per_step, epochs)
     return epochs
 
 

@@ -15,9 +15,20 @@ from corinfomax.serving.embedder import cpu_threads_per_worker
 
 log = logging.getLogger(__name__)
 
-# The checkout this file lives in (serving/api/config.py); an installed wheel has no models/ or demo/ here,
-# so a Bento sets CORINFOMAX_MODEL and CORINFOMAX_DEMO_DIR (bentofile.yaml).
+# The checkout this file lives in (serving/api/config.py).
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _inside_bento() -> bool:
+    """Whether this is a Bento being served: `bentoml serve <tag>` runs in the stored Bento's ``src/`` folder,
+    beside ``bento.yaml`` (a container likewise, in /home/bentoml/bento/src)."""
+    return (Path.cwd().parent / "bento.yaml").is_file()
+
+
+def _shipped() -> Path:
+    """Where the default model and the demo images ship: the Bento's copy inside a Bento (an installed wheel
+    has no models/ or demo/ beside it), else the checkout."""
+    return Path.cwd() if _inside_bento() else REPO
 
 
 def _int(name: str, default: int) -> int:
@@ -31,9 +42,9 @@ def _int(name: str, default: int) -> int:
 
 
 def _demo_dir(raw: str | None) -> Path | None:
-    """CORINFOMAX_DEMO_DIR; unset means the demo collection shipped in the repo, empty means none."""
+    """CORINFOMAX_DEMO_DIR; unset means the shipped demo collection (checkout or Bento), empty means none."""
     if raw is None:
-        default = REPO / "demo" / "images"
+        default = _shipped() / "demo" / "images"
         return default if default.is_dir() else None
     return Path(raw) if raw else None
 
@@ -42,6 +53,22 @@ def _thumbnail_side(side: int) -> int:
     if not 0 <= side <= MAX_SIDE:
         raise BundleError(f"CORINFOMAX_THUMBNAIL_PX={side}: give 0 (no thumbnails) to {MAX_SIDE} pixels")
     return side
+
+
+def _index_dir(raw: str | None) -> Path:
+    """CORINFOMAX_INDEX, else ``data/index`` under the working directory, except inside a Bento.
+
+    An index in a Bento's ``src/`` folder would grow the stored Bento and vanish with it, so a Bento keeps it
+    under BentoML's home (``$BENTOML_HOME/data/index``: ~/bentoml/data/index locally, /home/bentoml/data/index
+    in a container).
+    The path is made absolute so the start-up log says exactly where it is.
+    """
+    if raw:
+        return Path(raw).absolute()
+    if _inside_bento():
+        home = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
+        return home.absolute() / "data" / "index"
+    return Path.cwd() / "data" / "index"
 
 
 def model_threads(workers: int) -> int:
@@ -76,8 +103,8 @@ class Settings:
         probe = os.environ.get("CORINFOMAX_PROBE")
         workers = max(1, _int("CORINFOMAX_WORKERS", 1))
         return cls(
-            model=os.environ.get("CORINFOMAX_MODEL", str(REPO / "models" / "default")),
-            index=Path(os.environ.get("CORINFOMAX_INDEX", "data/index")),
+            model=os.environ.get("CORINFOMAX_MODEL", str(_shipped() / "models" / "default")),
+            index=_index_dir(os.environ.get("CORINFOMAX_INDEX")),
             probe=Path(probe) if probe else None,
             api_key=os.environ.get("CORINFOMAX_API_KEY") or None,
             workers=workers,

@@ -40,6 +40,9 @@ from corinfomax.serving.embedder import Embedder
 from corinfomax.serving.index.store import MAX_K, IndexStore, check_k, normalise
 
 log = logging.getLogger("corinfomax.service")
+# BentoML's server logging shows its own loggers at INFO and the rest at WARNING: without this, the start-up
+# lines (which model, which index folder) never reach the log.
+log.setLevel(logging.INFO)
 SETTINGS = Settings.from_env()
 # Temperature of the /classify kNN vote: 0.07, InstDisc's and DINO's value. It turns the neighbours'
 # similarities into the class confidences the API returns (the top label rarely depends on it). `corinfomax eval`
