@@ -37,6 +37,7 @@ MAX_ID = 2**63 - 1  # SQLite's INTEGER range
 # Metadata is a small description of an item, not a document store: every search answer carries it.
 MAX_METADATA_BYTES = 16 << 10  # per item, as JSON text
 MAX_METADATA_DEPTH = 32
+MAX_ANSWER_BYTES = 8 << 20  # metadata in one search answer: bounds what a request makes the server build
 MAX_LABEL_CHARS = 200
 MAX_KEY_CHARS = 128  # an idempotency key (a UUID is 36)
 KEY_TTL_S = 24 * 3600  # a retried write is recognised for a day
@@ -54,6 +55,12 @@ CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS writes (key TEXT PRIMARY KEY, result TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS writes_created ON writes(created_at);
 """
+
+
+class AnswerTooLarge(BadInput):
+    """A search whose answer would carry more than MAX_ANSWER_BYTES of metadata (413)."""
+
+    status = 413
 
 
 class IndexMismatch(BadInput):
@@ -381,11 +388,15 @@ class IndexStore:
             fetch = min(index.ntotal, k + len(self._tombstones))
             scores, ids = index.search(queries, fetch, params=params) if params else index.search(queries, fetch)
             wanted = {int(i) for i in ids.ravel() if i >= 0 and int(i) not in self._tombstones}
-            rows = self._rows_by_id(wanted)
-        return [
-            [Hit(int(i), float(s), *rows[int(i)]) for s, i in zip(srow, irow) if int(i) in rows][:k]
-            for srow, irow in zip(scores, ids)
-        ]
+            texts = self._rows_by_id(wanted)
+        answer = [[(int(i), float(s)) for s, i in zip(srow, irow) if int(i) in texts][:k]
+                  for srow, irow in zip(scores, ids)]
+        size = sum(len(texts[i][0]) for row in answer for i, _ in row)
+        if size > MAX_ANSWER_BYTES:  # checked before parsing: the same item may be in every row
+            raise AnswerTooLarge(f"the answer would carry {size} bytes of metadata; the limit is {MAX_ANSWER_BYTES}: "
+                                 "lower k or send fewer queries per request")
+        parsed = {i: json.loads(text) for i, (text, _) in texts.items()}
+        return [[Hit(i, s, parsed[i], texts[i][1]) for i, s in row] for row in answer]
 
     def _search_params(self, labelled_only: bool) -> faiss.SearchParameters | None:
         nprobe, ef = self._meta.get("nprobe"), self._meta.get("ef_search")
@@ -398,13 +409,14 @@ class IndexStore:
             return faiss.SearchParametersHNSW(efSearch=int(ef), sel=selector)
         return faiss.SearchParameters(sel=selector) if selector is not None else None
 
-    def _rows_by_id(self, ids: set[int]) -> dict[int, tuple[dict[str, Any], str | None]]:
-        out: dict[int, tuple[dict[str, Any], str | None]] = {}
+    def _rows_by_id(self, ids: set[int]) -> dict[int, tuple[str, str | None]]:
+        """Metadata (JSON text) and label of each id."""
+        out: dict[int, tuple[str, str | None]] = {}
         for chunk in _chunks(sorted(ids), 900):
             marks = ",".join("?" * len(chunk))
             for i, meta, label in self._db.execute(f"SELECT id, metadata, label FROM items WHERE id IN ({marks})",
                                                    chunk):
-                out[i] = (json.loads(meta), label)
+                out[i] = (meta, label)
         return out
 
     def labelled(self) -> Labelled:
