@@ -22,6 +22,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -99,7 +100,9 @@ class Client:
             self.errors.append(f"{op}: HTTP {resp.status_code} {resp.text[:200]}")
 
 
-async def run_load(url: str, jpegs: list[bytes], dim: int, clients: int, seconds: float) -> list[Client]:
+async def run_load(url: str, jpegs: list[bytes], dim: int, clients: int, seconds: float,
+                   on_tick: Any = None) -> list[Client]:
+    """Run the clients for ``seconds``; call ``on_tick()`` every 10 s meanwhile (e.g. to sample RSS)."""
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
         workers = [Client(c, http, jpegs, dim, seed=c) for c in range(clients)]
@@ -109,7 +112,12 @@ async def run_load(url: str, jpegs: list[bytes], dim: int, clients: int, seconds
             while time.monotonic() < deadline:
                 await client.step()
 
-        await asyncio.gather(*(loop(c) for c in workers))
+        async def ticker() -> None:
+            while on_tick is not None and time.monotonic() < deadline - 5:
+                await asyncio.sleep(10)
+                on_tick()
+
+        await asyncio.gather(ticker(), *(loop(c) for c in workers))
     return workers
 
 
@@ -155,8 +163,10 @@ def main() -> None:
                 asyncio.run(run_load(server.url, jpegs, stats["dim"], args.clients, 3))  # warm-up
                 count_before = http.post("/stats", json={}).json()["count"]
                 rss_before = server_rss(server)
+                samples: list[int] = []
                 started = time.perf_counter()
-                workers = asyncio.run(run_load(server.url, jpegs, stats["dim"], args.clients, args.seconds))
+                workers = asyncio.run(run_load(server.url, jpegs, stats["dim"], args.clients, args.seconds,
+                                               on_tick=lambda: samples.append(server_rss(server))))
                 elapsed = time.perf_counter() - started
                 rss_after = server_rss(server)
                 problems = verify(http, workers, count_before)
@@ -184,6 +194,8 @@ def main() -> None:
     for problem in problems[:5]:
         print(f"  problem: {problem}")
     net = count_after - count_before
+    print("server RSS every 10 s: " + ", ".join(f"{s / 2**20:.0f}" for s in [rss_before, *samples, rss_after])
+          + " MiB")
     grown = (rss_after - rss_before) / 2**20
     print(f"server RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB ({grown:+.1f} MiB); net {net} items "
           f"stored = {net * stats['dim'] * 4 / 2**20:.1f} MiB of vectors; index folder "

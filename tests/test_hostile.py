@@ -63,7 +63,7 @@ class _Bait(http.server.BaseHTTPRequestHandler):
 
     hits = 0
 
-    def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+    def do_GET(self) -> None:  # the name http.server calls
         type(self).hits += 1
         self.send_response(200)
         self.end_headers()
@@ -113,6 +113,7 @@ def _hostile(jpeg: bytes, bait: str) -> list[tuple[str, str, str, dict[str, Any]
     vec = [0.1] * DIM
     b64 = base64.b64encode(jpeg).decode()
     form_fields = "&".join(f"f{i}=1" for i in range(10_000))
+    big = _png((7000, 7000))  # 49 Mpx each: under the per-image limit, three are over the per-request one
     return [
         # images only through paths the service controls: text in a file field is never fetched
         ("URL in a file field", "POST", "/embed", {"files": {"images": (None, f"{bait}/a.jpg")}}, 400),
@@ -169,6 +170,8 @@ def _hostile(jpeg: bytes, bait: str) -> list[tuple[str, str, str, dict[str, Any]
         ("65 images", "POST", "/embed", {"json": {"images_b64": [b64] * 65}}, 400),
         ("pixel bomb PNG", "POST", "/embed", {"files": [("images", ("a.png", _png((20_000, 20_000)), "image/png"))]},
          413),
+        ("images declaring 147 Mpx together", "POST", "/embed",
+         {"files": [("images", ("a.png", big, "image/png"))] * 3}, 413),
         ("k as a word", "POST", "/search", {"json": {"vectors": [vec], "k": "ten"}}, 400),
         ("k = 10**30", "POST", "/search", {"json": {"vectors": [vec], "k": 10**30}}, 400),
         ("neighbours = -5", "POST", "/classify", {"json": {"images_b64": [b64], "method": "knn",

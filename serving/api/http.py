@@ -130,7 +130,8 @@ def error_message(body: bytes, status: int) -> str:
     if isinstance(data, list) and len(data) == 1:
         data = data[0]
     if isinstance(data, dict) and isinstance(data.get("error"), str):
-        details = data.get("detail") if isinstance(data.get("detail"), list) else []
+        detail = data.get("detail")
+        details: list[Any] = detail if isinstance(detail, list) else []
         # Pydantic's validation details: where (the field) and what, so the message names the problem.
         where = ["{}: {}".format(".".join(map(str, d.get("loc", ()))), d.get("msg", ""))
                  for d in details[:3] if isinstance(d, dict)]

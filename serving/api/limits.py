@@ -6,9 +6,12 @@ answer size) in ``serving.index.store``. This module adds the per-request produc
 
 from __future__ import annotations
 
+import io
 from typing import Any, Optional, Sized
 
-from corinfomax.core.errors import BadInput
+from PIL import Image
+
+from corinfomax.core.errors import BadInput, ImageTooLarge
 from corinfomax.serving.index.store import MAX_ANSWER_BYTES, MAX_METADATA_BYTES, MAX_METADATA_DEPTH
 
 MAX_HITS = 10_000  # queries x k in one search or kNN vote: 10 queries at k=1000, or 1000 at k=10
@@ -28,6 +31,25 @@ def check_hits(queries: int, k: int, name: str = "k") -> None:
     if queries * k > MAX_HITS:
         raise BadInput(f"{queries} queries x {name}={k} asks for {queries * k} results; the limit is {MAX_HITS} "
                        "per request: split the queries or lower k")
+
+
+def check_request_pixels(raw: list[bytes], limit: int) -> None:
+    """Refuse a request whose images declare more than ``limit`` pixels together, before decoding any.
+
+    Decoding runs at roughly 100 Mpx/s per core, so this bounds the CPU time one request can take. Only
+    the image headers are read here; an image without a readable header is left to the decoder to name.
+    """
+    total = 0
+    for data in raw:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+        except Exception:  # any unreadable header: the decoder reports it, with the image's number
+            continue
+        total += width * height
+        if total > limit:
+            raise ImageTooLarge(f"the images of this request declare more than {limit} pixels together (the limit); "
+                                "send fewer or smaller images per request")
 
 
 def public_card(card: dict[str, Any]) -> dict[str, Any]:

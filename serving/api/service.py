@@ -288,6 +288,7 @@ class CorInfoMax:
 
     def _pixels(self, raw: list[bytes]) -> np.ndarray:
         """Decode + the model card's preprocessing; a failure names the image."""
+        limits.check_request_pixels(raw, SETTINGS.max_request_pixels)
         out = []
         for i, data in enumerate(raw):
             try:
@@ -410,7 +411,8 @@ class CorInfoMax:
                 "index": {"count": stats["count"], "labelled": stats["labelled"], "kind": stats["kind"]},
                 "probe": {"classes": self.probe.classes} if self.probe is not None else None,
                 "limits": {"max_images": SETTINGS.max_images, "max_request_bytes": SETTINGS.max_request_bytes,
-                           "max_pixels": SETTINGS.max_pixels, "max_k": MAX_K, **limits.PUBLIC}}
+                           "max_pixels": SETTINGS.max_pixels, "max_request_pixels": SETTINGS.max_request_pixels,
+                           "max_k": MAX_K, **limits.PUBLIC}}
 
 
 serde.install()
