@@ -172,6 +172,8 @@ def main() -> None:
                 problems = verify(http, workers, count_before)
                 count_after = http.post("/stats", json={}).json()["count"]
             db_bytes = sum(f.stat().st_size for f in Path(tmp, "index").iterdir())
+            # Dropped internal connections the service retried (serving/api/service.py `call` logs each one).
+            retries = (Path(tmp) / "server.log").read_text(errors="replace").count("retrying ")
         finally:
             server.stop()
 
@@ -191,6 +193,7 @@ def main() -> None:
     print(f"writes: {sum(len(w.live) + len(w.deleted) for w in workers)} adds and "
           f"{sum(len(w.deleted) for w in workers)} deletes acknowledged; index {count_before} -> {count_after} items; "
           f"check: {'every acknowledged write present once' if not problems else f'{len(problems)} problems'}")
+    print(f"internal calls to IndexOwner retried after a dropped connection: {retries}")
     for problem in problems[:5]:
         print(f"  problem: {problem}")
     net = count_after - count_before
