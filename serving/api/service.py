@@ -416,7 +416,7 @@ class CorInfoMax:
 
 
 serde.install()
-count_known_routes_only(frozenset(f"/{name}" for name in CorInfoMax.apis))
+count_known_routes_only(frozenset(f"/{name}" for name in [*CorInfoMax.apis, *IndexOwner.apis]))
 CorInfoMax.add_asgi_middleware(JsonErrors)  # outermost of the two: it also reshapes the guard's answers
 CorInfoMax.add_asgi_middleware(GuardMiddleware, api_key=SETTINGS.api_key, max_bytes=SETTINGS.max_request_bytes)
 
