@@ -36,16 +36,21 @@ MIX = {"embed": 0.2, "search_image": 0.15, "search_vector": 0.15, "classify": 0.
        "get": 0.05}
 
 
-def server_rss(server: Server) -> int:
+def rss_by_process(server: Server) -> dict[int, int]:
+    """RSS in bytes of the server and each of its workers, by pid."""
     assert server.proc is not None
     root = psutil.Process(server.proc.pid)
-    total = 0
+    out = {}
     for proc in [root, *root.children(recursive=True)]:
         try:
-            total += proc.memory_info().rss
+            out[proc.pid] = proc.memory_info().rss
         except psutil.NoSuchProcess:
             pass
-    return total
+    return out
+
+
+def server_rss(server: Server) -> int:
+    return sum(rss_by_process(server).values())
 
 
 class Client:
@@ -162,13 +167,13 @@ def main() -> None:
                 stats = http.post("/stats", json={}).json()
                 asyncio.run(run_load(server.url, jpegs, stats["dim"], args.clients, 3))  # warm-up
                 count_before = http.post("/stats", json={}).json()["count"]
-                rss_before = server_rss(server)
+                rss_before, per_process_before = server_rss(server), rss_by_process(server)
                 samples: list[int] = []
                 started = time.perf_counter()
                 workers = asyncio.run(run_load(server.url, jpegs, stats["dim"], args.clients, args.seconds,
                                                on_tick=lambda: samples.append(server_rss(server))))
                 elapsed = time.perf_counter() - started
-                rss_after = server_rss(server)
+                rss_after, per_process_after = server_rss(server), rss_by_process(server)
                 problems = verify(http, workers, count_before)
                 count_after = http.post("/stats", json={}).json()["count"]
             db_bytes = sum(f.stat().st_size for f in Path(tmp, "index").iterdir())
@@ -199,6 +204,8 @@ def main() -> None:
     net = count_after - count_before
     print("server RSS every 10 s: " + ", ".join(f"{s / 2**20:.0f}" for s in [rss_before, *samples, rss_after])
           + " MiB")
+    print("growth per process (MiB): " + ", ".join(
+        f"{pid}: {(per_process_after.get(pid, 0) - rss) / 2**20:+.1f}" for pid, rss in per_process_before.items()))
     grown = (rss_after - rss_before) / 2**20
     print(f"server RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB ({grown:+.1f} MiB); net {net} items "
           f"stored = {net * stats['dim'] * 4 / 2**20:.1f} MiB of vectors; index folder "
