@@ -29,6 +29,7 @@ from corinfomax.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, loa
 from corinfomax.training.config import ConfigError, TrainConfig
 from corinfomax.training.data import CACHE_MAX_SIDE, DecodedImages, decode_folder
 from corinfomax.training.distributed import Dist, convert_global_batchnorm, pick_device, setup_distributed
+from corinfomax.training.guard import StepGuard
 from corinfomax.training.loss import CorInfoMaxLoss
 from corinfomax.training.models import CorInfoMaxModel
 from corinfomax.training.optim import LARS, lr_at
@@ -45,7 +46,7 @@ RESUME_HINT = "it cannot be resumed with this config. Use another --out for the 
 
 
 class TrainingDiverged(UserError):
-    """Too many consecutive non-finite losses."""
+    """Too many consecutive steps with a non-finite loss or model state."""
 
 
 class ResumeConflict(UserError):
@@ -281,8 +282,10 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
 
     created = ddp.main and not out.exists()
     try:
+        guard = StepGuard([m for m in (model, loss_fn, probe) if m is not None],
+                          [o for o in (optimizer, probe_opt) if o is not None])
         run = Run(config, ddp, device, out, source, data, train_model, model, loss_fn, optimizer, train_probe,
-                  probe, probe_opt)
+                  probe, probe_opt, guard)
         return _run(run, LoopState(start_epoch, step), fresh=resume_state is None, progress=progress)
     except BaseException:
         if created and not ckpt_path.exists():
@@ -307,6 +310,7 @@ class Run:
     train_probe: nn.Module | None
     probe: nn.Module | None
     probe_opt: torch.optim.Optimizer | None
+    guard: StepGuard
     metrics: MetricsLog | None = None  # metrics.jsonl (and TensorBoard), open on rank 0
 
     @property
@@ -321,7 +325,7 @@ class LoopState:
     epoch: int
     step: int
     started: float = field(default_factory=time.monotonic)
-    bad_steps: int = 0  # consecutive non-finite losses
+    bad_steps: int = 0  # consecutive steps skipped by the NaN guard
     # Epoch sums: loss, attraction, big_bang, online-probe correct, online-probe seen.
     sums: Tensor = field(default_factory=lambda: torch.zeros(5, dtype=torch.float64))
     good_steps: int = 0
@@ -380,53 +384,63 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
 
 def _step(run: Run, state: LoopState, lr: float, v1: Tensor, v2: Tensor, labels: Tensor) -> Tensor | None:
     """One optimisation step (and one online-probe step); returns the float64 loss terms, or None for a
-    step skipped by the NaN guard."""
+    step skipped by the NaN guard, which then rolls the whole state back (`StepGuard`)."""
     config, device = run.config, run.device
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     if config.channels_last:
         v1 = v1.contiguous(memory_format=torch.channels_last)
         v2 = v2.contiguous(memory_format=torch.channels_last)
+    run.guard.save()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
         f1, z1 = run.train_model(v1)
         _, z2 = run.train_model(v2)
     out_loss = run.loss_fn(z1, z2)
-    # One host sync per step, on detached values (no autograd-tensor-to-float conversions).
-    terms = torch.stack([out_loss.loss, out_loss.attraction, out_loss.big_bang]).detach().double().cpu()
     run.optimizer.zero_grad(set_to_none=True)
-    if not bool(torch.isfinite(terms).all()):
-        _skip_step(run, state)
-        return None
-    state.bad_steps = 0
     out_loss.loss.backward()
     run.optimizer.step()
+    correct = torch.zeros((), device=device)
     if run.train_probe is not None and run.probe_opt is not None:
         logits = run.train_probe(f1.detach().to(torch.get_default_dtype()))  # bf16 under autocast
         probe_loss = nn.functional.cross_entropy(logits, labels)
         run.probe_opt.zero_grad(set_to_none=True)
         probe_loss.backward()
         run.probe_opt.step()
-        state.sums[3] += float((logits.argmax(1) == labels).sum())
+        correct = (logits.argmax(1) == labels).sum()
+    terms = torch.stack([out_loss.loss, out_loss.attraction, out_loss.big_bang]).detach().double()
+    ok = (run.guard.finite(device) & torch.isfinite(terms).all()).to(torch.int32)
+    if run.ddp.world > 1:  # every rank skips or none does
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    # One host sync per step, on detached values (no autograd-tensor-to-float conversions).
+    host = torch.cat([terms, correct.double().view(1), ok.double().view(1)]).cpu()
+    if not host[-1]:
+        run.guard.restore()
+        _skip_step(run, state)
+        return None
+    state.bad_steps = 0
+    if run.train_probe is not None:
+        state.sums[3] += host[3]
         state.sums[4] += len(labels)
     state.step += 1
     state.good_steps += 1
     state.window_images += len(v1) * run.ddp.world
-    state.sums[:3] += terms
-    return terms
+    state.sums[:3] += host[:3]
+    return host[:3]
 
 
 def _skip_step(run: Run, state: LoopState) -> None:
-    """The NaN guard: skip a step with a non-finite loss; stop after ``max_bad_steps`` in a row."""
+    """The NaN guard: skip a step that left a non-finite loss or state; stop after ``max_bad_steps`` in a row."""
     state.bad_steps += 1
-    log.warning("non-finite loss at step %d (%d in a row): step skipped", state.step, state.bad_steps)
+    log.warning("non-finite loss or model state at step %d (%d in a row): step skipped and rolled back",
+                state.step, state.bad_steps)
     _log(run.metrics, {"event": "skipped_step", "step": state.step, "epoch": state.epoch,
                        "consecutive": state.bad_steps})
     if state.bad_steps >= run.config.max_bad_steps:
         advice = (f"The last good checkpoint ({run.checkpoint}) is intact; lower --lr or raise --eps and resume "
                   "with --allow-config-change." if run.checkpoint.exists() else
                   "No epoch finished, so nothing was saved; lower --lr or raise --eps and start again.")
-        raise TrainingDiverged(f"{state.bad_steps} consecutive non-finite losses at step {state.step}: training "
-                               f"diverged. {advice}")
+        raise TrainingDiverged(f"{state.bad_steps} consecutive steps with a non-finite loss or model state at step "
+                               f"{state.step}: training diverged. {advice}")
     state.step += 1
 
 
