@@ -208,6 +208,17 @@ def test_checkpoint_writer_refuses_non_finite_tensors(tmp_path: Path) -> None:
     assert path.read_bytes() == before
 
 
+def test_time_budget_is_fitted_after_the_warm_up_steps(data: Path, tmp_path: Path) -> None:
+    # Warm-up steps (cuDNN autotuning, compilation) are not timed; short epochs are fitted too.
+    assert trainer._budget_window(100) == (10, 30)
+    assert trainer._budget_window(12) == (6, 12)
+    assert trainer._budget_window(1) == (0, 1)
+    run = tmp_path / "run"
+    train(tiny_config(data, run, epochs=50, batch_size=8, time_budget_min=1e-4), progress=False)
+    assert json.loads((run / "config.json").read_text())["epochs"] == 1  # 6 ms cannot hold two epochs
+    assert load_checkpoint(run)["epoch"] == 1
+
+
 def test_pil_pipeline_with_persistent_workers(data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(tiny_config(data, run, augment="pil", workers=2), progress=False)

@@ -41,6 +41,10 @@ RUNTIME_FIELDS = {"out", "workers", "device", "log_every", "time_budget_min", "c
                   "data", "tensorboard"}
 
 
+# --time-budget-min fits the epochs to the speed of steps [10, 30) of the first epoch. The first steps are slow
+# (cuDNN autotuning, torch.compile, loader start-up): on an H100, timing steps 1-12 overestimated the step 3x.
+BUDGET_SKIP_STEPS, BUDGET_TIMED_STEPS = 10, 20
+
 # What to do when the run folder's checkpoint does not fit the model this config builds.
 RESUME_HINT = "it cannot be resumed with this config. Use another --out for the new architecture."
 
@@ -351,8 +355,12 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
                            "skipped": run.data.skipped, "classes": len(run.data.classes), "world_size": ddp.world,
                            "device": str(run.device)})
     first_epoch = state.epoch
+    fit_budget = first_epoch == 0 and config.time_budget_min > 0  # a fresh run fits its schedule in epoch 0
+    timed = _budget_window(steps_per_epoch)
+    timer = time.monotonic()
     try:
-        for epoch in range(first_epoch, config.epochs):
+        epoch = first_epoch
+        while epoch < config.epochs:  # not range(): fitting the time budget changes config.epochs
             state.start_epoch(epoch)
             run.model.train()
             bar = tqdm(run.source.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -369,13 +377,16 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
                     _log(run.metrics, {"step": state.step, "epoch": epoch + (i + 1) / steps_per_epoch, "lr": lr,
                                        "loss": loss, "attraction": attraction, "big_bang": big_bang,
                                        "images_per_s": rate}, group="step")
-                if first_epoch == 0 and epoch == 0 and i == 11 and config.time_budget_min > 0:
-                    config.epochs = _fit_budget(config, steps_per_epoch, time.monotonic() - state.started, ddp,
-                                                run.device)
+                if fit_budget and epoch == 0 and i == timed[0] - 1:
+                    timer = time.monotonic()
+                if fit_budget and epoch == 0 and i == timed[1] - 1:
+                    seconds_per_step = (time.monotonic() - timer) / (timed[1] - timed[0])
+                    config.epochs = _fit_budget(config, steps_per_epoch, seconds_per_step, ddp, run.device)
                     bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
                     if ddp.main:
                         _write_json(out / "config.json", config.to_dict())
             _end_epoch(run, state)
+            epoch += 1
     finally:
         if run.metrics is not None:
             run.metrics.close()
@@ -482,9 +493,15 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     raise ConfigError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'lars'")
 
 
-def _fit_budget(config: TrainConfig, steps_per_epoch: int, elapsed: float, ddp: Dist, device: torch.device) -> int:
-    """Epochs that fit the time budget, from the speed of the first steps (all ranks agree)."""
-    seconds_per_step = elapsed / 12
+def _budget_window(steps_per_epoch: int) -> tuple[int, int]:
+    """The first epoch's steps [start, end) timed to fit --time-budget-min: after the warm-up steps."""
+    start = min(BUDGET_SKIP_STEPS, steps_per_epoch // 2)
+    return start, min(steps_per_epoch, start + BUDGET_TIMED_STEPS)
+
+
+def _fit_budget(config: TrainConfig, steps_per_epoch: int, seconds_per_step: float, ddp: Dist,
+                device: torch.device) -> int:
+    """Epochs that fit the time budget at the measured speed (all ranks agree)."""
     epochs = max(1, min(config.epochs, int(config.time_budget_min * 60 / (seconds_per_step * steps_per_epoch))))
     if ddp.world > 1:
         t = torch.tensor([epochs], device=device)
