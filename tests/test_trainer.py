@@ -11,6 +11,7 @@ from trainkit import small_folder, tiny_config
 
 from corinfomax.training import trainer
 from corinfomax.training.checkpoint import CheckpointError, load_checkpoint, non_finite, save_checkpoint
+from corinfomax.training.config import ConfigError
 from corinfomax.training.evaluate import one_cpu_thread as one_thread
 from corinfomax.training.guard import StepGuard
 from corinfomax.training.loss import CorInfoMaxLoss, CorInfoMaxOutput
@@ -217,6 +218,14 @@ def test_time_budget_is_fitted_after_the_warm_up_steps(data: Path, tmp_path: Pat
     train(tiny_config(data, run, epochs=50, batch_size=8, time_budget_min=1e-4), progress=False)
     assert json.loads((run / "config.json").read_text())["epochs"] == 1  # 6 ms cannot hold two epochs
     assert load_checkpoint(run)["epoch"] == 1
+
+
+def test_a_folder_too_large_for_the_cache_is_refused_before_decoding(data: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trainer, "CACHE_MAX_BYTES", 100 * 3 * 16**2 - 1)  # one byte short of these 100 images
+    with pytest.raises(ConfigError, match="100 images at 16 px need .* GiB as a uint8 cache"):
+        train(tiny_config(data, tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
 def test_pil_pipeline_with_persistent_workers(data: Path, tmp_path: Path) -> None:

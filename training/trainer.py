@@ -24,10 +24,11 @@ from tqdm import tqdm
 
 from corinfomax.core.errors import UserError
 from corinfomax.core.files import atomic_write_text
+from corinfomax.core.images import scan_images
 from corinfomax.training.augment import BatchTwoView, PilTwoView
 from corinfomax.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_weights, save_checkpoint
 from corinfomax.training.config import ConfigError, TrainConfig
-from corinfomax.training.data import CACHE_MAX_SIDE, DecodedImages, decode_folder
+from corinfomax.training.data import DecodedImages, decode_folder
 from corinfomax.training.distributed import Dist, convert_global_batchnorm, pick_device, setup_distributed
 from corinfomax.training.guard import StepGuard
 from corinfomax.training.loss import CorInfoMaxLoss
@@ -44,6 +45,10 @@ RUNTIME_FIELDS = {"out", "workers", "device", "log_every", "time_budget_min", "c
 # --time-budget-min fits the epochs to the speed of steps [10, 30) of the first epoch. The first steps are slow
 # (cuDNN autotuning, torch.compile, loader start-up): on an H100, timing steps 1-12 overestimated the step 3x.
 BUDGET_SKIP_STEPS, BUDGET_TIMED_STEPS = 10, 20
+
+# This version trains from a uint8 cache of the whole folder (held in memory, and on the device with the tensor
+# pipeline), at any resolution; a folder whose cache would exceed this is refused before anything is decoded.
+CACHE_MAX_BYTES = 8 << 30
 
 # What to do when the run folder's checkpoint does not fit the model this config builds.
 RESUME_HINT = "it cannot be resumed with this config. Use another --out for the new architecture."
@@ -63,12 +68,6 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"unknown augmentation pipeline {config.augment!r}; use 'tensor' or 'pil'")
     if config.optimizer not in ("sgd", "lars"):
         raise ConfigError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'lars'")
-    if config.image_size > CACHE_MAX_SIDE:
-        raise ConfigError(
-            f"image_size {config.image_size} is above {CACHE_MAX_SIDE}: this version trains only from the decoded "
-            f"uint8 cache, which holds images up to {CACHE_MAX_SIDE} px. Pass --image-size {CACHE_MAX_SIDE} or less "
-            "(the cpu, cifar10, cifar100 and tiny-imagenet presets fit; imagenet100 at 224 px does not yet)."
-        )
     if config.image_size < 8:
         raise ConfigError(f"image_size {config.image_size} is too small; use at least 8")
     for name in ("epochs", "batch_size", "max_bad_steps", "log_every"):
@@ -78,6 +77,16 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"--lr must be a positive number, got {config.lr}")
     if config.workers < 0:
         raise ConfigError(f"--workers must be 0 or more, got {config.workers}")
+
+
+def check_cache_size(config: TrainConfig) -> None:
+    """Refuse a data folder whose uint8 cache at ``config.image_size`` would exceed `CACHE_MAX_BYTES`."""
+    count = len(scan_images(config.data).paths)
+    need = count * 3 * config.image_size**2
+    if need > CACHE_MAX_BYTES:
+        raise ConfigError(f"{count} images at {config.image_size} px need {need / 2**30:.1f} GiB as a uint8 cache, "
+                          f"above the {CACHE_MAX_BYTES / 2**30:.0f} GiB this version trains from; pass a smaller "
+                          "--image-size or a smaller folder.")
 
 
 # --------------------------------------------------------------------------- batches
@@ -236,6 +245,7 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
 
     torch.manual_seed(config.seed + ddp.rank)
     model = CorInfoMaxModel(config.backbone, config.projector, config.cifar_stem).to(device)  # bad names fail here
+    check_cache_size(config)
     data = decode_folder(config.data, config.image_size, progress=progress and ddp.main)
     if data.skipped:
         log.warning("skipped %d unreadable file(s) in %s; training on %d images", data.skipped, config.data,
