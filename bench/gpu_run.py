@@ -9,7 +9,7 @@
 Writes ``OUT/gpu_run.json`` and ``OUT/gpu_run.log``. Images/s is the median per-step rate after the warm-up steps
 (cuDNN autotuning and compilation make the first steps slow). ``--dry`` runs every stage tiny on the CPU.
 
-    python bench/gpu_run.py --data /tmp/cifar10/train --val-data /tmp/cifar10/test --out $OUT --minutes 6
+    python bench/gpu_run.py --data /tmp/cifar10/train --val-data /tmp/cifar10/test --out $OUT --minutes 5
     python bench/gpu_run.py --dry --data ../shared/datasets/cifar10/train --val-data ../shared/datasets/cifar10/test \\
         --out /tmp/gpu-dry
 """
@@ -52,10 +52,10 @@ VARIANTS = [
 
 
 class GpuBusy:
-    """Samples nvidia-smi's utilisation every 200 ms while in use; `mean` over the second half (past warm-up)."""
+    """Samples nvidia-smi's utilisation every 200 ms while in use; `mean` over the last seconds of it."""
 
     def __init__(self) -> None:
-        self.samples: list[float] = []
+        self.samples: list[tuple[float, float]] = []  # (time.monotonic(), utilisation %)
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> GpuBusy:
@@ -73,15 +73,17 @@ class GpuBusy:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
             if line.strip().isdigit():
-                self.samples.append(float(line))
+                self.samples.append((time.monotonic(), float(line)))
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait()
 
-    def mean(self) -> float | None:
-        late = self.samples[len(self.samples) // 2:]
+    def mean(self, last_seconds: float) -> float | None:
+        """Mean utilisation over the last ``last_seconds`` sampled (the timed steps, not decoding or warm-up)."""
+        end = self.samples[-1][0] if self.samples else 0.0
+        late = [value for t, value in self.samples if t >= end - last_seconds]
         return round(statistics.fmean(late), 1) if late else None
 
 
@@ -113,14 +115,16 @@ def make_photos(dest: Path, count: int, side: int) -> Path:
 
 def timed_train(preset: str, overrides: dict[str, Any], skip: int) -> dict[str, Any]:
     """One short run of the real trainer; median images/s of the steps after ``skip``, GPU busy %."""
+    config = resolve(preset, {"log_every": 1, "time_budget_min": 0.0, **overrides})
     with GpuBusy() as busy:
         started = time.monotonic()
-        checkpoint = train(resolve(preset, {"log_every": 1, "time_budget_min": 0.0, **overrides}), progress=False)
+        checkpoint = train(config, progress=False)
         seconds = time.monotonic() - started
     rows = [json.loads(line) for line in (checkpoint.parent / "metrics.jsonl").read_text().splitlines()]
     rates = [r["images_per_s"] for r in rows if "images_per_s" in r][skip:]
+    timed_seconds = sum(config.batch_size / r for r in rates)
     return {"images_per_s": round(statistics.median(rates), 1) if rates else None, "steps_timed": len(rates),
-            "gpu_busy_pct": busy.mean(), "seconds": round(seconds, 1)}
+            "gpu_busy_pct": busy.mean(timed_seconds), "seconds": round(seconds, 1)}
 
 
 def loader_rate(preset: str, overrides: dict[str, Any], batches: int) -> float:
@@ -224,8 +228,9 @@ def main() -> None:
             train(resolve("cifar10", overrides), progress=False)
         state = load_checkpoint(run_out)
         rows = [json.loads(line) for line in (run_out / "metrics.jsonl").read_text().splitlines()]
-        report["run"] = {"seconds": round(time.monotonic() - started, 1), "epochs": state["epoch"],
-                         "steps": state["step"], "gpu_busy_pct": busy.mean(),
+        seconds = time.monotonic() - started
+        report["run"] = {"seconds": round(seconds, 1), "epochs": state["epoch"], "steps": state["step"],
+                         "gpu_busy_pct": busy.mean(seconds / 2),
                          "median_images_per_s": statistics.median(r["images_per_s"] for r in rows
                                                                   if "images_per_s" in r),
                          **{k: state["metrics"].get(k) for k in ("knn_top1", "effective_rank", "online_probe_acc",
