@@ -127,24 +127,18 @@ def timed_train(preset: str, overrides: dict[str, Any], skip: int) -> dict[str, 
             "gpu_busy_pct": busy.mean(timed_seconds), "seconds": round(seconds, 1)}
 
 
-def loader_rate(preset: str, overrides: dict[str, Any], batches: int) -> float:
-    """Images/s of the data pipeline alone (decode, augment, to the device), no model: can it feed the GPU?"""
+def loader_rate(preset: str, overrides: dict[str, Any]) -> float:
+    """Images/s of the data pipeline alone (augment, to the device; no model) over one whole epoch, worker
+    start-up included: conservative, since loader workers prefetch and a short timed window would flatter them."""
     config = resolve(preset, overrides)
     device = pick_device(config.device)
     source = BatchSource(decode_folder(config.data, config.image_size, progress=False), config, device, Dist())
-    done, started = 0, 0.0
-    for i, (v1, _, _) in enumerate(source.epoch(0)):
-        if i == 1:  # past worker start-up
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.monotonic()
-        if i > 1:
-            done += len(v1)
-        if i == batches:
-            break
+    done, started = 0, time.monotonic()
+    for v1, _, _ in source.epoch(0):
+        done += len(v1)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return round(done / max(1e-9, time.monotonic() - started), 1)
+    return round(done / (time.monotonic() - started), 1)
 
 
 def main() -> None:
@@ -154,7 +148,7 @@ def main() -> None:
     parser.add_argument("--photos", help="folder of large JPEGs for the real-resolution stage (default: generated)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--minutes", type=float, default=6.0, help="length of the real run")
-    parser.add_argument("--steps", type=int, default=40, help="steps per throughput measurement")
+    parser.add_argument("--steps", type=int, default=80, help="steps per throughput measurement")
     parser.add_argument("--skip", type=int, default=10, help="warm-up steps not timed")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="PIL / loader workers")
     parser.add_argument("--sizes", default="128,160,224", help="real-resolution image sizes")
@@ -186,6 +180,10 @@ def main() -> None:
                 data=str(data), out=str(work / f"recipe-{len(report['recipe'])}"), epochs=1, workers=args.workers,
                 online_probe=False, **overrides, **tiny), skip)
             log.info("recipe: %s -> %s", name, report["recipe"][name])
+        # Loader workers prefetch 2 batches each, which can hide a slow pipeline for part of a short run.
+        report["recipe_loader_images_per_s"] = {augment: loader_rate("cifar10", dict(
+            data=str(data), out=str(work / "loader"), augment=augment, workers=args.workers, **tiny))
+            for augment in ("tensor", "pil")}
         rates = {name: r["images_per_s"] for name, r in report["recipe"].items()}
         base = rates["tensor bf16 channels_last"]
         report["recipe_ratios"] = {"batched / pil": base / rates["pil bf16 channels_last"],
@@ -196,7 +194,8 @@ def main() -> None:
 
     if "realres" in stages:
         rbatch = 16 if args.dry else 256
-        photos = Path(args.photos) if args.photos else make_photos(work / "photos", steps * rbatch,
+        # 40 steps a size (the loader is timed over a whole epoch); more photos would only cost generation time.
+        photos = Path(args.photos) if args.photos else make_photos(work / "photos", min(steps, 40) * rbatch,
                                                                    64 if args.dry else 256)
         report["realres"] = {}
         for size in [int(s) for s in args.sizes.split(",")]:
@@ -208,7 +207,7 @@ def main() -> None:
                                  **{**tiny, "batch_size": rbatch})
                 log.info("realres: %s", name)
                 result = timed_train("imagenet100", overrides, skip)
-                result["loader_images_per_s"] = loader_rate("imagenet100", overrides, steps)
+                result["loader_images_per_s"] = loader_rate("imagenet100", overrides)
                 result["loader_keeps_up"] = bool(result["images_per_s"]
                                                  and result["loader_images_per_s"] >= result["images_per_s"])
                 report["realres"][name] = result

@@ -28,6 +28,7 @@ def test_dry_run_measures_every_stage(cifar10: Path, tmp_path: Path) -> None:
     assert set(report["recipe"]) == {"tensor bf16 channels_last", "pil bf16 channels_last",
                                      "tensor fp32 channels_last", "tensor bf16 contiguous"}
     assert all(r["images_per_s"] > 0 and r["steps_timed"] == 2 for r in report["recipe"].values())
+    assert all(rate > 0 for rate in report["recipe_loader_images_per_s"].values())
     assert set(report["recipe_ratios"]) == {"batched / pil", "bf16 / fp32", "channels_last / contiguous"}
     assert {"32px tensor", "32px pil"} == set(report["realres"])
     assert all(r["loader_images_per_s"] > 0 and isinstance(r["loader_keeps_up"], bool)
