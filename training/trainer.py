@@ -24,11 +24,13 @@ from tqdm import tqdm
 
 from corinfomax.core.errors import UserError
 from corinfomax.core.files import atomic_write_text
+from corinfomax.core.images import scan_images
 from corinfomax.training.augment import BatchTwoView, PilTwoView
 from corinfomax.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_weights, save_checkpoint
 from corinfomax.training.config import ConfigError, TrainConfig
-from corinfomax.training.data import CACHE_MAX_SIDE, DecodedImages, decode_folder
+from corinfomax.training.data import DecodedImages, decode_folder
 from corinfomax.training.distributed import Dist, convert_global_batchnorm, pick_device, setup_distributed
+from corinfomax.training.guard import StepGuard
 from corinfomax.training.loss import CorInfoMaxLoss
 from corinfomax.training.models import CorInfoMaxModel
 from corinfomax.training.optim import LARS, lr_at
@@ -40,12 +42,20 @@ RUNTIME_FIELDS = {"out", "workers", "device", "log_every", "time_budget_min", "c
                   "data", "tensorboard"}
 
 
+# --time-budget-min fits the epochs to the speed of steps [10, 30) of the first epoch. The first steps are slow
+# (cuDNN autotuning, torch.compile, loader start-up): on an H100, timing steps 1-12 overestimated the step 3x.
+BUDGET_SKIP_STEPS, BUDGET_TIMED_STEPS = 10, 20
+
+# This version trains from a uint8 cache of the whole folder (held in memory, and on the device with the tensor
+# pipeline), at any resolution; a folder whose cache would exceed this is refused before anything is decoded.
+CACHE_MAX_BYTES = 8 << 30
+
 # What to do when the run folder's checkpoint does not fit the model this config builds.
 RESUME_HINT = "it cannot be resumed with this config. Use another --out for the new architecture."
 
 
 class TrainingDiverged(UserError):
-    """Too many consecutive non-finite losses."""
+    """Too many consecutive steps with a non-finite loss or model state."""
 
 
 class ResumeConflict(UserError):
@@ -58,12 +68,6 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"unknown augmentation pipeline {config.augment!r}; use 'tensor' or 'pil'")
     if config.optimizer not in ("sgd", "lars"):
         raise ConfigError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'lars'")
-    if config.image_size > CACHE_MAX_SIDE:
-        raise ConfigError(
-            f"image_size {config.image_size} is above {CACHE_MAX_SIDE}: this version trains only from the decoded "
-            f"uint8 cache, which holds images up to {CACHE_MAX_SIDE} px. Pass --image-size {CACHE_MAX_SIDE} or less "
-            "(the cpu, cifar10, cifar100 and tiny-imagenet presets fit; imagenet100 at 224 px does not yet)."
-        )
     if config.image_size < 8:
         raise ConfigError(f"image_size {config.image_size} is too small; use at least 8")
     for name in ("epochs", "batch_size", "max_bad_steps", "log_every"):
@@ -73,6 +77,16 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"--lr must be a positive number, got {config.lr}")
     if config.workers < 0:
         raise ConfigError(f"--workers must be 0 or more, got {config.workers}")
+
+
+def check_cache_size(config: TrainConfig) -> None:
+    """Refuse a data folder whose uint8 cache at ``config.image_size`` would exceed `CACHE_MAX_BYTES`."""
+    count = len(scan_images(config.data).paths)
+    need = count * 3 * config.image_size**2
+    if need > CACHE_MAX_BYTES:
+        raise ConfigError(f"{count} images at {config.image_size} px need {need / 2**30:.1f} GiB as a uint8 cache, "
+                          f"above the {CACHE_MAX_BYTES / 2**30:.0f} GiB this version trains from; pass a smaller "
+                          "--image-size or a smaller folder.")
 
 
 # --------------------------------------------------------------------------- batches
@@ -231,6 +245,7 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
 
     torch.manual_seed(config.seed + ddp.rank)
     model = CorInfoMaxModel(config.backbone, config.projector, config.cifar_stem).to(device)  # bad names fail here
+    check_cache_size(config)
     data = decode_folder(config.data, config.image_size, progress=progress and ddp.main)
     if data.skipped:
         log.warning("skipped %d unreadable file(s) in %s; training on %d images", data.skipped, config.data,
@@ -281,8 +296,10 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
 
     created = ddp.main and not out.exists()
     try:
+        guard = StepGuard([m for m in (model, loss_fn, probe) if m is not None],
+                          [o for o in (optimizer, probe_opt) if o is not None])
         run = Run(config, ddp, device, out, source, data, train_model, model, loss_fn, optimizer, train_probe,
-                  probe, probe_opt)
+                  probe, probe_opt, guard)
         return _run(run, LoopState(start_epoch, step), fresh=resume_state is None, progress=progress)
     except BaseException:
         if created and not ckpt_path.exists():
@@ -307,6 +324,7 @@ class Run:
     train_probe: nn.Module | None
     probe: nn.Module | None
     probe_opt: torch.optim.Optimizer | None
+    guard: StepGuard
     metrics: MetricsLog | None = None  # metrics.jsonl (and TensorBoard), open on rank 0
 
     @property
@@ -321,7 +339,7 @@ class LoopState:
     epoch: int
     step: int
     started: float = field(default_factory=time.monotonic)
-    bad_steps: int = 0  # consecutive non-finite losses
+    bad_steps: int = 0  # consecutive steps skipped by the NaN guard
     # Epoch sums: loss, attraction, big_bang, online-probe correct, online-probe seen.
     sums: Tensor = field(default_factory=lambda: torch.zeros(5, dtype=torch.float64))
     good_steps: int = 0
@@ -347,8 +365,12 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
                            "skipped": run.data.skipped, "classes": len(run.data.classes), "world_size": ddp.world,
                            "device": str(run.device)})
     first_epoch = state.epoch
+    fit_budget = first_epoch == 0 and config.time_budget_min > 0  # a fresh run fits its schedule in epoch 0
+    timed = _budget_window(steps_per_epoch)
+    timer = time.monotonic()
     try:
-        for epoch in range(first_epoch, config.epochs):
+        epoch = first_epoch
+        while epoch < config.epochs:  # not range(): fitting the time budget changes config.epochs
             state.start_epoch(epoch)
             run.model.train()
             bar = tqdm(run.source.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -365,13 +387,16 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
                     _log(run.metrics, {"step": state.step, "epoch": epoch + (i + 1) / steps_per_epoch, "lr": lr,
                                        "loss": loss, "attraction": attraction, "big_bang": big_bang,
                                        "images_per_s": rate}, group="step")
-                if first_epoch == 0 and epoch == 0 and i == 11 and config.time_budget_min > 0:
-                    config.epochs = _fit_budget(config, steps_per_epoch, time.monotonic() - state.started, ddp,
-                                                run.device)
+                if fit_budget and epoch == 0 and i == timed[0] - 1:
+                    timer = time.monotonic()
+                if fit_budget and epoch == 0 and i == timed[1] - 1:
+                    seconds_per_step = (time.monotonic() - timer) / (timed[1] - timed[0])
+                    config.epochs = _fit_budget(config, steps_per_epoch, seconds_per_step, ddp, run.device)
                     bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
                     if ddp.main:
                         _write_json(out / "config.json", config.to_dict())
             _end_epoch(run, state)
+            epoch += 1
     finally:
         if run.metrics is not None:
             run.metrics.close()
@@ -380,53 +405,63 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
 
 def _step(run: Run, state: LoopState, lr: float, v1: Tensor, v2: Tensor, labels: Tensor) -> Tensor | None:
     """One optimisation step (and one online-probe step); returns the float64 loss terms, or None for a
-    step skipped by the NaN guard."""
+    step skipped by the NaN guard, which then rolls the whole state back (`StepGuard`)."""
     config, device = run.config, run.device
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     if config.channels_last:
         v1 = v1.contiguous(memory_format=torch.channels_last)
         v2 = v2.contiguous(memory_format=torch.channels_last)
+    run.guard.save()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
         f1, z1 = run.train_model(v1)
         _, z2 = run.train_model(v2)
     out_loss = run.loss_fn(z1, z2)
-    # One host sync per step, on detached values (no autograd-tensor-to-float conversions).
-    terms = torch.stack([out_loss.loss, out_loss.attraction, out_loss.big_bang]).detach().double().cpu()
     run.optimizer.zero_grad(set_to_none=True)
-    if not bool(torch.isfinite(terms).all()):
-        _skip_step(run, state)
-        return None
-    state.bad_steps = 0
     out_loss.loss.backward()
     run.optimizer.step()
+    correct = torch.zeros((), device=device)
     if run.train_probe is not None and run.probe_opt is not None:
         logits = run.train_probe(f1.detach().to(torch.get_default_dtype()))  # bf16 under autocast
         probe_loss = nn.functional.cross_entropy(logits, labels)
         run.probe_opt.zero_grad(set_to_none=True)
         probe_loss.backward()
         run.probe_opt.step()
-        state.sums[3] += float((logits.argmax(1) == labels).sum())
+        correct = (logits.argmax(1) == labels).sum()
+    terms = torch.stack([out_loss.loss, out_loss.attraction, out_loss.big_bang]).detach().double()
+    ok = (run.guard.finite(device) & torch.isfinite(terms).all()).to(torch.int32)
+    if run.ddp.world > 1:  # every rank skips or none does
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    # One host sync per step, on detached values (no autograd-tensor-to-float conversions).
+    host = torch.cat([terms, correct.double().view(1), ok.double().view(1)]).cpu()
+    if not host[-1]:
+        run.guard.restore()
+        _skip_step(run, state)
+        return None
+    state.bad_steps = 0
+    if run.train_probe is not None:
+        state.sums[3] += host[3]
         state.sums[4] += len(labels)
     state.step += 1
     state.good_steps += 1
     state.window_images += len(v1) * run.ddp.world
-    state.sums[:3] += terms
-    return terms
+    state.sums[:3] += host[:3]
+    return host[:3]
 
 
 def _skip_step(run: Run, state: LoopState) -> None:
-    """The NaN guard: skip a step with a non-finite loss; stop after ``max_bad_steps`` in a row."""
+    """The NaN guard: skip a step that left a non-finite loss or state; stop after ``max_bad_steps`` in a row."""
     state.bad_steps += 1
-    log.warning("non-finite loss at step %d (%d in a row): step skipped", state.step, state.bad_steps)
+    log.warning("non-finite loss or model state at step %d (%d in a row): step skipped and rolled back",
+                state.step, state.bad_steps)
     _log(run.metrics, {"event": "skipped_step", "step": state.step, "epoch": state.epoch,
                        "consecutive": state.bad_steps})
     if state.bad_steps >= run.config.max_bad_steps:
         advice = (f"The last good checkpoint ({run.checkpoint}) is intact; lower --lr or raise --eps and resume "
                   "with --allow-config-change." if run.checkpoint.exists() else
                   "No epoch finished, so nothing was saved; lower --lr or raise --eps and start again.")
-        raise TrainingDiverged(f"{state.bad_steps} consecutive non-finite losses at step {state.step}: training "
-                               f"diverged. {advice}")
+        raise TrainingDiverged(f"{state.bad_steps} consecutive steps with a non-finite loss or model state at step "
+                               f"{state.step}: training diverged. {advice}")
     state.step += 1
 
 
@@ -468,9 +503,15 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     raise ConfigError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'lars'")
 
 
-def _fit_budget(config: TrainConfig, steps_per_epoch: int, elapsed: float, ddp: Dist, device: torch.device) -> int:
-    """Epochs that fit the time budget, from the speed of the first steps (all ranks agree)."""
-    seconds_per_step = elapsed / 12
+def _budget_window(steps_per_epoch: int) -> tuple[int, int]:
+    """The first epoch's steps [start, end) timed to fit --time-budget-min: after the warm-up steps."""
+    start = min(BUDGET_SKIP_STEPS, steps_per_epoch // 2)
+    return start, min(steps_per_epoch, start + BUDGET_TIMED_STEPS)
+
+
+def _fit_budget(config: TrainConfig, steps_per_epoch: int, seconds_per_step: float, ddp: Dist,
+                device: torch.device) -> int:
+    """Epochs that fit the time budget at the measured speed (all ranks agree)."""
     epochs = max(1, min(config.epochs, int(config.time_budget_min * 60 / (seconds_per_step * steps_per_epoch))))
     if ddp.world > 1:
         t = torch.tensor([epochs], device=device)
