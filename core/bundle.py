@@ -80,6 +80,7 @@ class ModelCard:
     opset: int
     exported_at: str
     cifar_stem: bool = False
+    intended_use: str | None = None  # what the model is for and where it is weak, in words for people
     training: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
     parity: dict[str, Any] = field(default_factory=lambda: {"verified": False})

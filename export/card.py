@@ -37,6 +37,19 @@ def input_spec(config: dict[str, Any]) -> InputSpec:
     return InputSpec(ResizeRule((size, size), shorter), mean, std)  # type: ignore[arg-type]
 
 
+def intended_use(config: dict[str, Any]) -> str:
+    """What the model is for, from what it was trained on; small-image models say what they lose on photos."""
+    size = int(config["image_size"])
+    dataset = config.get("dataset_name") or "the training images"
+    text = (f"Image embeddings for search, deduplication and classification of images like those of {dataset}, "
+            f"seen at {size}x{size} px.")
+    if size <= SMALL_IMAGE_MAX:
+        text += (f" Every input is reduced to {size}x{size} pixels before embedding, so photos lose their "
+                 "detail and small objects: for photos, train a model at their resolution "
+                 "(`corinfomax train --preset photo --data YOUR_PHOTOS`) and export that.")
+    return text
+
+
 def build_card(state: dict[str, Any], *, name: str, version: str, precision: str, embedding_dim: int,
                checkpoint_sha256: str, opset: int) -> ModelCard:
     """The card for a checkpoint; ``parity`` says the bundle is unverified until `export.parity` fills it."""
@@ -44,6 +57,7 @@ def build_card(state: dict[str, Any], *, name: str, version: str, precision: str
     return ModelCard(
         name=name, version=version, embedding_dim=embedding_dim, precision=precision, backbone=config["backbone"],
         cifar_stem=bool(config.get("cifar_stem", False)), input=input_spec(config),
+        intended_use=intended_use(config),
         training={
             "method": "CorInfoMax (Ozsoy et al., NeurIPS 2022, arXiv:2209.07999)",
             "dataset": config.get("dataset_name") or Path(str(config.get("data", ""))).name or None,

@@ -56,6 +56,7 @@ def test_bundle_card_metadata_and_parity(bundles: dict[str, Path], tiny_checkpoi
     assert card["input"]["resize"] == {"shorter_side": 32, "interpolation": "bicubic"}
     assert card["checkpoint_sha256"][:12] == card["version"] and card["name"] == tiny_checkpoint.parent.name
     assert card["training"]["dataset"] == "cifar10" and card["exported_at"].endswith("+00:00")
+    assert "reduced to 32x32" in card["intended_use"] and "--preset photo" in card["intended_use"]
     model = onnx.load(str(bundle / "model.onnx"))
     assert json.loads({p.key: p.value for p in model.metadata_props}[METADATA_KEY]) == card
     assert model.opset_import[0].version >= 17

@@ -104,6 +104,7 @@ def test_card_declares_the_real_resolution_rule(bundle: Path) -> None:
     card = json.loads((bundle / "model.json").read_text())
     assert card["input"]["size"] == [SIZE, SIZE] and card["input"]["crop"] == "center"
     assert card["input"]["resize"] == {"shorter_side": round(SIZE / 0.875), "interpolation": "bicubic"}
+    assert "128x128" in card["intended_use"] and "reduced" not in card["intended_use"]
     np.testing.assert_allclose(card["input"]["mean"], IMAGENET_MEAN)
     np.testing.assert_allclose(card["input"]["std"], IMAGENET_STD)
     assert card["cifar_stem"] is False and card["parity"]["verified"] is True

@@ -62,6 +62,7 @@ async function loadInfo() {
       ["linear top-1", percent(trained.linear_top1)],
       ["random init kNN", percent(results.random_init && results.random_init.knn_top1)],
     ]);
+    $("intended-use").textContent = m.intended_use || "";
     fill($("stats"), [
       ["items", stats.count], ["labelled", stats.labelled], ["thumbnails", stats.thumbnails],
       ["FAISS kind", stats.kind], ["recall@10", stats.recall_at_10],
