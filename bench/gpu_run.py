@@ -6,7 +6,9 @@
    128-224 px: training images/s, GPU busy %, and the loader alone, to say whether it keeps up;
 3. real run: ``--minutes`` of the cifar10 preset on the full ``--data`` with its kNN read-out on ``--val-data``.
 
-Writes ``OUT/gpu_run.json`` and ``OUT/gpu_run.log``. Images/s is the median per-step rate after the warm-up steps
+Writes ``OUT/gpu_run.json``, ``OUT/gpu_run.log`` and the real run's model as ``OUT/model/`` (bf16 parts small
+enough to come back from the device machine; ``--join OUT/model RUN`` rebuilds a checkpoint here).
+Images/s is the median per-step rate after the warm-up steps
 (cuDNN autotuning and compilation make the first steps slow). ``--dry`` runs every stage tiny on the CPU.
 
     python bench/gpu_run.py --data /tmp/cifar10/train --val-data /tmp/cifar10/test --out $OUT --minutes 5
@@ -33,7 +35,7 @@ import torch
 from PIL import Image
 
 from corinfomax.core.images import scan_images
-from corinfomax.training.checkpoint import load_checkpoint
+from corinfomax.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from corinfomax.training.config import resolve
 from corinfomax.training.data import decode_folder
 from corinfomax.training.distributed import Dist
@@ -113,6 +115,48 @@ def make_photos(dest: Path, count: int, side: int) -> Path:
     return dest
 
 
+# Files come back from the device machine only up to 16 MiB each and 8 in all: the trained model comes back as
+# bf16 weight parts of at most PART_BYTES (ResNet-18 + its 2048-2048-64 projector: 33 MB, 3 parts) and one file
+# of everything else a finished run's checkpoint holds that eval and export read (config, epoch, metrics).
+PART_BYTES = 15 << 20
+
+
+def save_model_parts(state: dict[str, Any], dest: Path) -> list[Path]:
+    """Split a checkpoint's model weights (as bf16) and its metadata into files small enough to come back."""
+    dest.mkdir(parents=True, exist_ok=True)
+    parts: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state["model"].items():
+        tensor = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+        nbytes = tensor.numel() * tensor.element_size()
+        if parts[-1] and size + nbytes > PART_BYTES:
+            parts.append({})
+            size = 0
+        parts[-1][key] = tensor.cpu()
+        size += nbytes
+    files = []
+    for i, part in enumerate(parts):
+        files.append(dest / f"model-part{i}.pt")
+        torch.save(part, files[-1])
+    meta = {key: value for key, value in state.items() if key in ("format", "config", "epoch", "step", "metrics")}
+    files.append(dest / "run-meta.pt")
+    torch.save(meta, files[-1])
+    return files
+
+
+def join_model_parts(parts_dir: Path, run_dir: Path) -> Path:
+    """Rebuild a checkpoint that eval and export accept (weights back to float32; no optimizer: not resumable)."""
+    state = torch.load(parts_dir / "run-meta.pt", weights_only=True)
+    state["model"] = {}
+    for part in sorted(parts_dir.glob("model-part*.pt"), key=lambda path: int(path.stem[len("model-part"):])):
+        for key, tensor in torch.load(part, weights_only=True).items():
+            state["model"][key] = tensor.float() if tensor.is_floating_point() else tensor
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(run_dir / CHECKPOINT_FILE, state)
+    (run_dir / "config.json").write_text(json.dumps(state["config"], indent=2) + "\n")
+    return run_dir / CHECKPOINT_FILE
+
+
 def timed_train(preset: str, overrides: dict[str, Any], skip: int) -> dict[str, Any]:
     """One short run of the real trainer; median images/s of the steps after ``skip``, GPU busy %."""
     config = resolve(preset, {"log_every": 1, "time_budget_min": 0.0, **overrides})
@@ -143,10 +187,10 @@ def loader_rate(preset: str, overrides: dict[str, Any]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="CIFAR-10 train ImageFolder")
-    parser.add_argument("--val-data", required=True, help="CIFAR-10 test ImageFolder (kNN read-out)")
+    parser.add_argument("--data", help="CIFAR-10 train ImageFolder")
+    parser.add_argument("--val-data", help="CIFAR-10 test ImageFolder (kNN read-out)")
     parser.add_argument("--photos", help="folder of large JPEGs for the real-resolution stage (default: generated)")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out")
     parser.add_argument("--minutes", type=float, default=6.0, help="length of the real run")
     parser.add_argument("--steps", type=int, default=80, help="steps per throughput measurement")
     parser.add_argument("--skip", type=int, default=10, help="warm-up steps not timed")
@@ -154,7 +198,14 @@ def main() -> None:
     parser.add_argument("--sizes", default="128,160,224", help="real-resolution image sizes")
     parser.add_argument("--stages", default="recipe,realres,run")
     parser.add_argument("--dry", action="store_true", help="every stage tiny on the CPU (a test runs this)")
+    parser.add_argument("--join", nargs=2, metavar=("PARTS", "RUN"),
+                        help="on this machine: rebuild RUN/checkpoint.pt from the real run's PARTS folder, then exit")
     args = parser.parse_args()
+    if args.join:
+        print(join_model_parts(Path(args.join[0]), Path(args.join[1])))
+        return
+    if not (args.data and args.val_data and args.out):
+        parser.error("--data, --val-data and --out are required (unless --join)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
@@ -234,7 +285,8 @@ def main() -> None:
                                                                   if "images_per_s" in r),
                          **{k: state["metrics"].get(k) for k in ("knn_top1", "effective_rank", "online_probe_acc",
                                                                  "loss")}}
-        (run_out / "checkpoint.pt").unlink()  # the figures are the product; the weights would not come back
+        save_model_parts(state, out / "model")  # OUT/model comes back; `--join OUT/model RUN` rebuilds the run
+        (run_out / CHECKPOINT_FILE).unlink()  # 100+ MB with the optimizer: it would not come back
         log.info("real run -> %s", report["run"])
 
     (out / "gpu_run.json").write_text(json.dumps(report, indent=2) + "\n")

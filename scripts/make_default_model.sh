@@ -3,12 +3,17 @@
 # train -> eval -> export -> extract -> probe fit. About 1.5 hours on a 2-core CPU (training ~1 hour).
 #   bash scripts/make_default_model.sh            # everything
 #   SKIP_TRAIN=1 bash scripts/make_default_model.sh   # reuse an existing run folder
+# From a GPU run (bench/gpu_run.py --stages run; its OUT/model parts copied here), int8 to stay under 16 MB:
+#   python bench/gpu_run.py --join OUT/model runs/gpu-r18
+#   SKIP_TRAIN=1 RUN=runs/gpu-r18 PRECISION=int8 NAME=corinfomax-cifar10-r18 bash scripts/make_default_model.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/datasets/cifar10}
 RUN=${RUN:-runs/default-cpu}
 EPOCHS=${EPOCHS:-6}
 OUT=${OUT:-models/default}
+PRECISION=${PRECISION:-fp32}
+NAME=${NAME:-corinfomax-cifar10-tiny}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one busy core beats two fighting other jobs on a small machine
 
 if [ -z "${SKIP_TRAIN:-}" ]; then
@@ -17,7 +22,7 @@ fi
 corinfomax eval --checkpoint "$RUN" --train-data "$DATA/train" --test-data "$DATA/test" --linear fast \
   --out "$RUN/eval.json"
 python scripts/provenance.py "$RUN" > "$RUN/provenance.json"
-corinfomax export --checkpoint "$RUN" --out "$OUT" --precision fp32 --name corinfomax-cifar10-tiny \
+corinfomax export --checkpoint "$RUN" --out "$OUT" --precision "$PRECISION" --name "$NAME" \
   --verify-data "$DATA/test" --calibration-data "$DATA/train" \
   --evaluation "$RUN/eval.json" --provenance "$RUN/provenance.json" --overwrite
 corinfomax extract "$DATA/train" --model "$OUT" --out "$RUN/features-train"

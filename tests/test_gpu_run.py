@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from trainkit import small_folder
+
+from corinfomax.training.checkpoint import load_checkpoint, load_model
 
 pytestmark = pytest.mark.slow  # subprocesses, servers, DDP jobs or model exports
 
@@ -36,3 +39,14 @@ def test_dry_run_measures_every_stage(cifar10: Path, tmp_path: Path) -> None:
     run = report["run"]
     assert run["epochs"] == 2 and run["steps"] == 8 and 0 <= run["knn_top1"] <= 1
     assert not (tmp_path / "out" / "cifar10-run" / "checkpoint.pt").exists()
+    # The model comes back in parts that fit the device machine's return limits, and joins into a checkpoint
+    # that eval and export read, with the run's weights rounded to bf16.
+    parts = sorted((tmp_path / "out" / "model").iterdir())
+    assert parts and all(part.stat().st_size < 16 << 20 for part in parts) and len(parts) <= 7
+    joined = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_run.py"), "--join",
+                             str(tmp_path / "out" / "model"), str(tmp_path / "joined")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert joined.returncode == 0, joined.stderr[-3000:]
+    state = load_checkpoint(tmp_path / "joined")
+    model = load_model(state, tmp_path / "joined")
+    assert state["epoch"] == 2 and all(p.dtype == torch.float32 for p in model.parameters())
