@@ -9,6 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10 = Path(os.environ.get("CORINFOMAX_CIFAR10", REPO.parent / "shared" / "datasets" / "cifar10"))
+IMAGEWOOF = Path(os.environ.get("CORINFOMAX_IMAGEWOOF", REPO.parent / "shared" / "datasets" / "imagewoof"))
 
 
 @pytest.fixture(scope="session")
@@ -17,6 +18,14 @@ def cifar10() -> Path:
     if not (CIFAR10 / "test").is_dir():
         pytest.fail(f"shared CIFAR-10 not found at {CIFAR10} (set CORINFOMAX_CIFAR10)")
     return CIFAR10
+
+
+@pytest.fixture(scope="session")
+def imagewoof() -> Path:
+    """Root of the shared Imagewoof folders (train/ and val/ JPEG q75, shorter side 160 px)."""
+    if not (IMAGEWOOF / "val").is_dir():
+        pytest.fail(f"shared Imagewoof not found at {IMAGEWOOF} (set CORINFOMAX_IMAGEWOOF)")
+    return IMAGEWOOF
 
 
 @pytest.fixture(scope="session")

@@ -59,10 +59,10 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(data: Path, tmp_
 
     original = trainer.BatchSource.epoch
 
-    def interrupted(self, epoch: int):
+    def interrupted(self, epoch: int, *args):
         if epoch == 1:
             raise KeyboardInterrupt
-        return original(self, epoch)
+        return original(self, epoch, *args)
 
     monkeypatch.setattr(trainer.BatchSource, "epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
