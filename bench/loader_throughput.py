@@ -64,7 +64,7 @@ def compare(paths: list[Path], size: int, n: int, batch: int, rounds: int) -> di
     dataset = TwoViewDataset(files, PilTwoView(size, IMAGENET_MEAN, IMAGENET_STD))
 
     def as_tensor(image: Image.Image) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a writable copy, as ToTensor makes
 
     # Decoded images differ in size: a decode-only "batch" is their list; the views collate into tensors.
     return rates({

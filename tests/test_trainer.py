@@ -148,3 +148,13 @@ def test_pil_pipeline_with_persistent_workers(data: Path, tmp_path: Path) -> Non
     train(tiny_config(data, run, augment="pil", workers=2), progress=False)
     state = load_checkpoint(run)
     assert state["epoch"] == 2 and torch.isfinite(torch.tensor(state["metrics"]["loss"]))
+
+
+def test_a_budget_fitted_run_resumes_with_the_same_command(data: Path, tmp_path: Path) -> None:
+    """A time budget rewrites the saved epochs (e.g. 100 -> 4); the same command asks for 100 again and must
+    resume, not conflict. Without a budget, other epochs are a real change."""
+    saved = tiny_config(data, tmp_path / "run", time_budget_min=15.0, epochs=4).to_dict()
+    trainer._check_resume(tiny_config(data, tmp_path / "run", time_budget_min=15.0, epochs=100), saved, False)
+    with pytest.raises(ResumeConflict, match="epochs: 4 -> 100"):
+        trainer._check_resume(tiny_config(data, tmp_path / "run", epochs=100), {**saved, "time_budget_min": 0.0},
+                              False)

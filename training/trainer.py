@@ -172,7 +172,9 @@ class BatchSource:
 
 # --------------------------------------------------------------------------- run folder
 def _check_resume(config: TrainConfig, saved: dict[str, Any], allow_change: bool) -> None:
-    changed = {k for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS and _plain(saved.get(k)) != _plain(v)}
+    # A run with a time budget saved the epochs fitted to it; the same command asks for the preset's epochs again.
+    ignored = RUNTIME_FIELDS | ({"epochs"} if saved.get("time_budget_min") else set())
+    changed = {k for k, v in config.to_dict().items() if k not in ignored and _plain(saved.get(k)) != _plain(v)}
     if changed and not allow_change:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in sorted(changed))
         raise ResumeConflict(
