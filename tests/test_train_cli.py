@@ -42,7 +42,8 @@ def data(cifar10: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("empty data", ["--data", "{tmp}/empty"], ["no images found"]),
     ("unknown backbone", ["--data", "{data}", "--backbone", "resnet_xl"], ["unknown backbone 'resnet_xl'"]),
     ("impossible projector", ["--data", "{data}", "--projector", "64-x-32"], ["impossible projector '64-x-32'"]),
-    ("large images", ["--data", "{data}", "--image-size", "224"], ["image_size 224 is above 64"]),
+    ("negative checkpoint interval", ["--data", "{data}", "--checkpoint-every", "-1"],
+     ["--checkpoint-every must be 0"]),
     ("batch too large", ["--data", "{data}", "--batch-size", "512"], ["fewer than one batch"]),
     ("no data flag", [], ["--data"]),
 ])
