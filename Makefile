@@ -3,9 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PORT ?= 3000
 
-.PHONY: serve test test-fast lint bento install-serve install-dev demo-sample clean
+.PHONY: serve test test-fast lint bento lock install-serve install-dev demo-sample clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +22,9 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 install-serve: $(VENV)/.serve-installed
 install-dev: $(VENV)/.dev-installed
 
+# `corinfomax serve` reads PORT itself (default 3000): `PORT=8080 make serve` and `PORT=8080 corinfomax serve` agree.
 serve: $(VENV)/.serve-installed
-	$(BIN)/corinfomax serve --port $(PORT)
+	$(BIN)/corinfomax serve
 
 test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q
@@ -37,7 +37,11 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy core corinfomax training export serving
 
-# The Bento installs the project's wheel (bentofile.yaml), so build it first.
+# The Bento's pinned serving install, from the versions installed here (no index needed); commit the result.
+lock: $(VENV)/.serve-installed
+	$(BIN)/python scripts/lock_serve.py
+
+# The Bento installs the project's wheel (bentofile.yaml), so build it first. No network needed.
 bento: $(VENV)/.serve-installed
 	rm -rf dist
 	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w dist .

@@ -3,6 +3,11 @@ the `BadInput` family to 4xx answers."""
 
 from __future__ import annotations
 
+import re
+
+# "<_io.BytesIO object at 0x7f...>" in a library's message: differs per run, means nothing to a user.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
 
 class UserError(Exception):
     """A problem the user can fix (bad path, bad option, bad file): printed without a traceback."""
@@ -38,3 +43,9 @@ class BundleError(UserError):
 
 class CardError(BundleError):
     """A model card that breaks the bundle contract (e.g. a name or version that is not a valid tag)."""
+
+
+def describe(err: BaseException) -> str:
+    """``Type: message`` of an exception from a library, without memory addresses, so the same failure gives
+    the same text in every run (error texts land in feature files that must repeat byte for byte)."""
+    return f"{type(err).__name__}: {_ADDRESS.sub('', str(err))}"

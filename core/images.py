@@ -15,7 +15,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from corinfomax.core.errors import DataError, ImageError, ImageTooLarge
+from corinfomax.core.errors import DataError, ImageError, ImageTooLarge, describe
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, min_si
         except Image.DecompressionBombError as err:
             raise ImageTooLarge(f"image declares too many pixels ({err})") from err
         except Exception as err:  # PIL raises many kinds for garbage input
-            raise ImageError(f"not a decodable image ({type(err).__name__}: {err})") from err
+            raise ImageError(f"not a decodable image ({describe(err)})") from err
     width, height = image.size
     if width * height > max_pixels:
         raise ImageTooLarge(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
@@ -64,7 +64,7 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, min_si
         if image.mode != "RGB":
             image = _to_rgb(image)
     except Exception as err:
-        raise ImageError(f"image could not be decoded, truncated or corrupt ({type(err).__name__}: {err})") from err
+        raise ImageError(f"image could not be decoded, truncated or corrupt ({describe(err)})") from err
     return image
 
 

@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # FAISS reports each instruction set it tries (AVX512, AVX2...) at INFO
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         return int(args.handler(args) or 0)
     except UserError as err:

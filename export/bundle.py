@@ -7,7 +7,6 @@ import copy
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 
 from corinfomax.core.bundle import CARD_FILE, MODEL_FILE, PRECISIONS, check_tag_part
 from corinfomax.core.errors import UserError
+from corinfomax.core.files import make_temp_dir
 from corinfomax.export.card import build_card, default_name, write_card
 from corinfomax.export.graph import OPSET, EmbeddingGraph, export_onnx, load_backbone
 from corinfomax.training.checkpoint import CHECKPOINT_FILE, file_sha256, load_checkpoint
@@ -44,7 +44,7 @@ def _data_folder(given: str | Path | None, config: dict[str, Any], key: str, opt
                           f"pass {option} DIR (an ImageFolder tree, e.g. ../shared/datasets/cifar10/test)")
     if not Path(folder).is_dir():
         raise ExportError(f"{option} {folder} does not exist or is not a folder")
-    return Path(folder).resolve()
+    return Path(folder)  # as given: the card records it, and a resolved host path must not leak into a bundle
 
 
 def _install(tmp: Path, out: Path) -> None:
@@ -52,7 +52,7 @@ def _install(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.replace(tmp, out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    old = make_temp_dir(out.parent, out.name, ".old")
     os.replace(out, old / "bundle")
     os.replace(tmp, out)
     shutil.rmtree(old)
@@ -102,8 +102,7 @@ def export_bundle(
     calib_dir = _data_folder(calibration_data, config, "data", "--calibration-data") if precision == "int8" else None
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
+    tmp = make_temp_dir(out.parent, out.name)  # follows the umask: a bundle is meant to be shared
     try:
         _build(tmp, backbone, feature_dim, state, precision, verify_dir, calib_dir, dict(
             name=name, version=version, checkpoint_sha256=sha, verify_images=verify_images,

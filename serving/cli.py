@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 MAX_FAILURES_SHOWN = 10
+DEFAULT_PORT = 3000
 
 
 def register(subparsers: Any) -> None:
@@ -73,7 +74,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--probe", default=None, help="probe.npz (CORINFOMAX_PROBE)")
     p.add_argument("--workers", type=int, default=None, help="API worker processes (CORINFOMAX_WORKERS)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=3000, help="port (default 3000)")
+    p.add_argument("--port", type=int, default=None, help=f"port (default: the PORT variable, else {DEFAULT_PORT})")
     p.set_defaults(handler=_serve)
 
 
@@ -121,6 +122,22 @@ def _probe_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(option: int | None) -> int:
+    """--port, else PORT (as `make serve` and most hosting platforms set it), else 3000."""
+    import os
+
+    from corinfomax.core.errors import UserError
+
+    if option is not None:
+        return option
+    raw = os.environ.get("PORT", "")
+    if not raw:
+        return DEFAULT_PORT
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise UserError(f"PORT={raw!r} is not a port number (1-65535)")
+    return int(raw)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import os
     import sys
@@ -135,5 +152,5 @@ def _serve(args: argparse.Namespace) -> int:
 
     read_card(Settings.from_env().bundle_dir())
     command = [sys.executable, "-m", "bentoml", "serve", "corinfomax.serving.api.service:CorInfoMax",
-               "--host", args.host, "--port", str(args.port)]
+               "--host", args.host, "--port", str(_port(args.port))]
     os.execv(sys.executable, command)  # bentoml takes over this process: signals reach it directly

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +27,9 @@ RUN_WITHOUT_TORCH = (
 )
 
 
-def corinfomax(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", RUN_WITHOUT_TORCH, *args], cwd=REPO, capture_output=True, text=True)
+def corinfomax(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", RUN_WITHOUT_TORCH, *args], cwd=REPO, capture_output=True, text=True,
+                          env=env)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,7 @@ def test_index_build_loads_in_the_store(features: Path, tmp_path: Path) -> None:
     result = corinfomax("index", "build", "--features", str(features), "--out", str(out), "--memory-budget", "64M")
     assert result.returncode == 0, result.stderr
     assert "300 vectors, kind Flat, recall@10 vs exact 1.0000" in result.stdout
+    assert "faiss.loader" not in result.stderr  # its per-instruction-set INFO lines are kept out
     loaded = load_features(features)
     with IndexStore(out) as store:
         assert store.stats()["count"] == 300 and store.stats()["labelled"] == 300
@@ -94,3 +97,9 @@ def test_serve_refuses_a_missing_model_before_starting(tmp_path: Path) -> None:
     result = corinfomax("serve", "--model", str(tmp_path / "nowhere"), "--index", str(tmp_path / "index"))
     assert result.returncode == 2 and "neither a bundle folder nor a BentoML model tag" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "index").exists()
+
+
+def test_serve_reads_port_like_make_serve(tiny_bundle: Path) -> None:
+    """PORT sets the port for `corinfomax serve` as for `make serve` (the service itself: tests/test_journey.py)."""
+    result = corinfomax("serve", "--model", str(tiny_bundle), env={**os.environ, "PORT": "80x"})
+    assert result.returncode == 2 and "PORT='80x' is not a port number" in result.stderr, result.stderr

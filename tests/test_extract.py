@@ -141,6 +141,18 @@ def test_bad_files_are_skipped_and_listed(tiny_bundle: Path, cifar10: Path, tmp_
     assert (rotated["width"], rotated["height"]) == (20, 40)  # EXIF orientation applied
 
 
+def test_two_runs_over_bad_files_give_identical_bytes(tiny_bundle: Path, cifar10: Path, tmp_path: Path) -> None:
+    """Error texts land in the Parquet files: they must not carry per-run details such as memory addresses."""
+    make_bad_folder(cifar10, tmp_path / "bad")
+    first, second = tmp_path / "first", tmp_path / "second"
+    for out in (first, second):
+        extract([str(tmp_path / "bad")], tiny_bundle, out, show_progress=False)
+    errors = dict(failures(first))
+    assert "cannot identify image file" in errors[str(tmp_path / "bad" / "notes.jpg")]
+    assert not any(" at 0x" in error for error in errors.values()), errors
+    assert folder_bytes(first) == folder_bytes(second)
+
+
 def _cli(*args: str) -> list[str]:
     """The `corinfomax` entry point (not `python -m`, under which UserError would be a second class)."""
     return [sys.executable, "-c", "import sys, corinfomax.cli; sys.exit(corinfomax.cli.main())", *args]

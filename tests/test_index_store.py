@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from corinfomax.core.errors import BadInput, NotFound
+from corinfomax.core.errors import BadInput, ImageError, ImageTooLarge, NotFound
+from corinfomax.core.thumbnails import MAX_BYTES, make_thumbnail
 from corinfomax.serving.index import kinds
 from corinfomax.serving.index.kinds import choose_kind
 from corinfomax.serving.index.store import DB_FILE, FAISS_FILE, FAISS_META, IndexMismatch, IndexStore
@@ -199,3 +202,35 @@ def test_chosen_kind_that_misses_the_recall_target_falls_back_to_exact(tmp_path:
         figures = ix.rebuild()
         assert figures["kind"] == "Flat" and figures["recall_at_10"] == 1.0
         assert ix.rebuild("HNSW32")["kind"] == "HNSW32"  # an explicit kind is kept as asked
+
+
+def test_thumbnails_stored_with_their_items(store: IndexStore, cifar10: Path) -> None:
+    """Real CIFAR-10 JPEGs -> WebP thumbnails committed with the items; vectors-only adds have none."""
+    sources = sorted((cifar10 / "test" / "cat").glob("*.jpg"))[:2]
+    thumbs = [make_thumbnail(path.read_bytes()) for path in sources]
+    assert all(0 < len(t) < 8 << 10 for t in thumbs)  # "a few KB"
+    assert Image.open(io.BytesIO(thumbs[0])).size == Image.open(sources[0]).size  # 32 px: never enlarged
+    ids = store.add(unit(3), thumbnails=[*thumbs, None])
+    assert store.thumbnail(ids[0]) == thumbs[0] and store.stats()["thumbnails"] == 2
+    with pytest.raises(NotFound, match="no thumbnail"):
+        store.thumbnail(ids[2])
+    with pytest.raises(NotFound, match="no item"):
+        store.thumbnail(999)
+    store.delete([ids[0]])
+    assert store.stats()["thumbnails"] == 1
+    with pytest.raises(BadInput, match="thumbnails"):
+        store.add(unit(1), thumbnails=[b"x" * (MAX_BYTES + 1)])
+    with pytest.raises(BadInput, match="2 thumbnails"):
+        store.add(unit(1), thumbnails=thumbs)
+    assert store.count() == 2  # refused adds leave nothing behind
+    with pytest.raises(ImageError):
+        make_thumbnail(b"not an image")
+
+
+def test_thumbnail_shrinks_large_images_to_the_side() -> None:
+    buffer = io.BytesIO()
+    Image.radial_gradient("L").resize((640, 320)).convert("RGB").save(buffer, "PNG")
+    thumb = Image.open(io.BytesIO(make_thumbnail(buffer.getvalue(), side=128)))
+    assert thumb.format == "WEBP" and thumb.size == (128, 64)
+    with pytest.raises(ImageTooLarge):
+        make_thumbnail(buffer.getvalue(), max_pixels=1000)

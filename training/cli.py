@@ -47,6 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_eval_arguments(evaluate)
     evaluate.set_defaults(handler=run_eval_command)
 
+    report = sub.add_parser("report", help="one self-contained HTML page of a run's curves (and eval table)",
+                            description="Write RUN/report.html: loss terms, lr, images/s, accuracy and the "
+                            "covariance spectrum from RUN/metrics.jsonl, and RUN/eval.json's table if present.")
+    report.add_argument("run", help="the run folder (--out of `corinfomax train`)")
+    report.add_argument("--out", default=None, help="where to write the page (default: RUN/report.html)")
+    report.set_defaults(handler=_report)
+
 
 def _train(args: argparse.Namespace) -> int:
     if args.list_backbones:
@@ -64,4 +71,11 @@ def _train(args: argparse.Namespace) -> int:
         raise DataError("no training data: pass --data DIR (an ImageFolder tree or a folder of images)")
     checkpoint = train(config, allow_config_change=args.allow_config_change, progress=not args.no_progress)
     print(json.dumps({"checkpoint": str(checkpoint)}))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from corinfomax.training.report import write_report
+
+    print(json.dumps({"report": str(write_report(args.run, args.out))}))
     return 0

@@ -64,6 +64,7 @@ class TrainConfig:
     log_every: int = 20
     knn_every: int = 0  # epochs between kNN evaluations on --val-data (0: only at the end)
     val_data: str = ""
+    tensorboard: bool = False  # also log the metrics as TensorBoard scalars under OUT/tensorboard
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -132,7 +132,8 @@ class CorInfoMaxLoss(nn.Module):
 
     @torch.no_grad()
     def spectrum(self) -> dict[str, float]:
-        """Eigen-spectrum of the running covariance R1: effective rank, smallest and largest eigenvalue."""
+        """Eigen-spectrum of the running covariance R1: effective rank, smallest and largest eigenvalue, and all
+        eigenvalues, largest first (dimensional collapse shows as a tail falling to zero; `corinfomax report`)."""
         eig = torch.linalg.eigvalsh(self.R1).clamp_min(0.0)
         p = eig / eig.sum().clamp_min(1e-300)
         entropy = -(p * torch.log(p.clamp_min(1e-300))).sum()
@@ -140,4 +141,5 @@ class CorInfoMaxLoss(nn.Module):
             "effective_rank": float(torch.exp(entropy)),
             "eig_min": float(eig.min()),
             "eig_max": float(eig.max()),
+            "eigenvalues": eig.flip(0).tolist(),
         }

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # Fields that may change between a run and its resumption without changing what is trained.
 RUNTIME_FIELDS = {"out", "workers", "device", "log_every", "time_budget_min", "compile", "knn_every", "val_data",
-                  "data", "checkpoint_every"}
+                  "data", "checkpoint_every", "tensorboard"}
 
 
 # What to do when the run folder's checkpoint does not fit the model this config builds.
@@ -314,7 +314,7 @@ class Run:
     train_probe: nn.Module | None
     probe: nn.Module | None
     probe_opt: torch.optim.Optimizer | None
-    metrics: IO[str] | None = None  # metrics.jsonl, open on rank 0
+    metrics: MetricsLog | None = None  # metrics.jsonl (and TensorBoard), open on rank 0
 
     @property
     def checkpoint(self) -> Path:
@@ -353,7 +353,7 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
         _write_json(out / "config.json", config.to_dict())
         if not fresh:
             _trim_metrics(out / "metrics.jsonl", state.step)
-        run.metrics = open(out / "metrics.jsonl", "w" if fresh else "a")
+        run.metrics = MetricsLog(out / "metrics.jsonl", fresh, out / "tensorboard" if config.tensorboard else None)
         _log(run.metrics, {"event": "data", "step": state.step, "images": len(run.data),
                            "skipped": run.data.skipped, "classes": len(run.data.classes), "world_size": ddp.world,
                            "device": str(run.device)})
@@ -375,7 +375,7 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
                     _log(run.metrics, {"step": state.step, "epoch": epoch + (i + 1) / steps_per_epoch, "lr": lr,
                                        "loss": loss, "attraction": attraction, "big_bang": big_bang,
-                                       "images_per_s": rate})
+                                       "images_per_s": rate}, group="step")
                 state.batch = i + 1
                 if config.checkpoint_every and state.step % config.checkpoint_every == 0 and i + 1 < steps_per_epoch:
                     _save(run, state, mid_epoch=True)
@@ -460,7 +460,7 @@ def _end_epoch(run: Run, state: LoopState) -> None:
     last = epoch + 1 == config.epochs
     if config.val_data and ddp.main and (last or (config.knn_every and (epoch + 1) % config.knn_every == 0)):
         summary["knn_top1"] = _knn(run.model, config, run.device, run.data)
-    _log(run.metrics, summary)
+    _log(run.metrics, summary, group="epoch")
     log.info("epoch %d/%d: %s", epoch + 1, config.epochs,
              ", ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)))
     _save(run, state, metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))})
@@ -499,8 +499,13 @@ def _fit_budget(config: TrainConfig, steps_per_epoch: int, elapsed: float, ddp: 
         t = torch.tensor([epochs], device=device)
         dist.broadcast(t, 0)
         epochs = int(t.item())
-    log.info("time budget %.0f min at %.3f s/step: schedule set to %d epoch(s)", config.time_budget_min,
-             seconds_per_step, epochs)
+    if epochs < config.epochs:  # the user asked for more: say so, and how to keep them
+        log.warning("time budget %.0f min at %.3f s/step: schedule shortened from --epochs %d to %d "
+                    "(--time-budget-min 0 keeps --epochs)", config.time_budget_min, seconds_per_step,
+                    config.epochs, epochs)
+    else:
+        log.info("time budget %.0f min at %.3f s/step: all %d epoch(s) fit", config.time_budget_min,
+                 seconds_per_step, epochs)
     return epochs
 
 
@@ -518,7 +523,36 @@ def _knn(model: CorInfoMaxModel, config: TrainConfig, device: torch.device,
     return knn_top1(train_f, train_data.labels, test_f, test.labels, num_classes=len(train_data.classes))
 
 
-def _log(file, record: dict[str, Any]) -> None:
-    if file is not None:
-        file.write(json.dumps({"time": time.time(), **record}) + "\n")
-        file.flush()
+class MetricsLog:
+    """metrics.jsonl, the run's record (docs/FORMATS.md), and optionally the same numbers for TensorBoard."""
+
+    def __init__(self, path: Path, fresh: bool, tensorboard: Path | None) -> None:
+        self.file: IO[str] = open(path, "w" if fresh else "a")
+        self.writer = None
+        if tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package (train extra)
+
+            self.writer = SummaryWriter(str(tensorboard))
+
+    def write(self, record: dict[str, Any], group: str | None) -> None:
+        """Append one record; a ``group`` ("step" or "epoch") also sends its numbers to TensorBoard."""
+        self.file.write(json.dumps({"time": time.time(), **record}) + "\n")
+        self.file.flush()
+        if self.writer is not None and group is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{group}/{key}", value, step)
+            if "eigenvalues" in record:
+                self.writer.add_histogram("epoch/eigenvalues", torch.tensor(record["eigenvalues"]), step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _log(metrics: MetricsLog | None, record: dict[str, Any], group: str | None = None) -> None:
+    if metrics is not None:
+        metrics.write(record, group)

@@ -10,13 +10,25 @@ from pathlib import Path
 from corinfomax.core.bundle import PROBE_FILE
 from corinfomax.core.errors import BundleError
 from corinfomax.core.images import DEFAULT_MAX_PIXELS
+from corinfomax.core.thumbnails import DEFAULT_SIDE, MAX_SIDE
 from corinfomax.serving.embedder import cpu_threads_per_worker
 
 log = logging.getLogger(__name__)
 
-# The checkout this file lives in (serving/api/config.py); an installed wheel has no models/ or demo/ here,
-# so a Bento sets CORINFOMAX_MODEL and CORINFOMAX_DEMO_DIR (bentofile.yaml).
+# The checkout this file lives in (serving/api/config.py).
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _inside_bento() -> bool:
+    """Whether this is a Bento being served: `bentoml serve <tag>` runs in the stored Bento's ``src/`` folder,
+    beside ``bento.yaml`` (a container likewise, in /home/bentoml/bento/src)."""
+    return (Path.cwd().parent / "bento.yaml").is_file()
+
+
+def _shipped() -> Path:
+    """Where the default model and the demo images ship: the Bento's copy inside a Bento (an installed wheel
+    has no models/ or demo/ beside it), else the checkout."""
+    return Path.cwd() if _inside_bento() else REPO
 
 
 def _int(name: str, default: int) -> int:
@@ -30,11 +42,33 @@ def _int(name: str, default: int) -> int:
 
 
 def _demo_dir(raw: str | None) -> Path | None:
-    """CORINFOMAX_DEMO_DIR; unset means the demo collection shipped in the repo, empty means none."""
+    """CORINFOMAX_DEMO_DIR; unset means the shipped demo collection (checkout or Bento), empty means none."""
     if raw is None:
-        default = REPO / "demo" / "images"
+        default = _shipped() / "demo" / "images"
         return default if default.is_dir() else None
     return Path(raw) if raw else None
+
+
+def _thumbnail_side(side: int) -> int:
+    if not 0 <= side <= MAX_SIDE:
+        raise BundleError(f"CORINFOMAX_THUMBNAIL_PX={side}: give 0 (no thumbnails) to {MAX_SIDE} pixels")
+    return side
+
+
+def _index_dir(raw: str | None) -> Path:
+    """CORINFOMAX_INDEX, else ``data/index`` under the working directory, except inside a Bento.
+
+    An index in a Bento's ``src/`` folder would grow the stored Bento and vanish with it, so a Bento keeps it
+    under BentoML's home (``$BENTOML_HOME/data/index``: ~/bentoml/data/index locally, /home/bentoml/data/index
+    in a container).
+    The path is made absolute so the start-up log says exactly where it is.
+    """
+    if raw:
+        return Path(raw).absolute()
+    if _inside_bento():
+        home = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
+        return home.absolute() / "data" / "index"
+    return Path.cwd() / "data" / "index"
 
 
 def model_threads(workers: int) -> int:
@@ -62,14 +96,15 @@ class Settings:
     allow_private_urls: bool  # only for tests and closed networks
     access_log: bool  # BentoML's per-request access log line (CORINFOMAX_ACCESS_LOG=0 saves CPU per request)
     demo_dir: Path | None  # images indexed on first start when the index is empty ("" disables)
+    thumbnail_side: int  # side of the thumbnail stored with each added image, in pixels (0: none)
 
     @classmethod
     def from_env(cls) -> "Settings":
         probe = os.environ.get("CORINFOMAX_PROBE")
         workers = max(1, _int("CORINFOMAX_WORKERS", 1))
         return cls(
-            model=os.environ.get("CORINFOMAX_MODEL", str(REPO / "models" / "default")),
-            index=Path(os.environ.get("CORINFOMAX_INDEX", "data/index")),
+            model=os.environ.get("CORINFOMAX_MODEL", str(_shipped() / "models" / "default")),
+            index=_index_dir(os.environ.get("CORINFOMAX_INDEX")),
             probe=Path(probe) if probe else None,
             api_key=os.environ.get("CORINFOMAX_API_KEY") or None,
             workers=workers,
@@ -82,6 +117,7 @@ class Settings:
             allow_private_urls=os.environ.get("CORINFOMAX_ALLOW_PRIVATE_URLS") == "1",
             access_log=os.environ.get("CORINFOMAX_ACCESS_LOG", "1") != "0",
             demo_dir=_demo_dir(os.environ.get("CORINFOMAX_DEMO_DIR")),
+            thumbnail_side=_thumbnail_side(_int("CORINFOMAX_THUMBNAIL_PX", DEFAULT_SIDE)),
         )
 
     def bundle_dir(self) -> Path:

@@ -15,6 +15,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 # Probes and metrics stay open so orchestrators and Prometheus need no secret.
 OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics")
+# The search page's static files hold no data (the page sends the key with its own API calls).
+OPEN_PREFIX = "/ui"
 
 
 async def send_error(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -42,7 +44,8 @@ class GuardMiddleware:
         self.app, self.api_key, self.max_bytes = app, api_key, max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in OPEN_PATHS or path == OPEN_PREFIX or path.startswith(OPEN_PREFIX + "/"):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}

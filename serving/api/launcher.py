@@ -27,8 +27,13 @@ def free_port() -> int:
 class Server:
     """`bentoml serve` in its own process group, so a test can kill -9 all of it."""
 
-    def __init__(self, env: dict[str, str], log: Path, cwd: Path | None = None) -> None:
+    def __init__(self, env: dict[str, str], log: Path, cwd: Path | None = None,
+                 command: list[str] | None = None) -> None:
+        """``command`` replaces `bentoml serve SERVICE` (e.g. `corinfomax serve`, or `bentoml serve` of a Bento
+        tag); it gets its port from PORT, which `corinfomax serve` reads, and BENTOML_PORT, which `bentoml serve`
+        reads."""
         self.env, self.log, self.cwd, self.port = env, log, cwd, free_port()
+        self.command = command or [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1"]
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -36,10 +41,10 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 120) -> "Server":
+        env = {**self.env, "PORT": str(self.port), "BENTOML_PORT": str(self.port)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1",
-             "--port", str(self.port)],
-            cwd=self.cwd, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            self.command, cwd=self.cwd, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -30,6 +30,8 @@ from starlette.responses import JSONResponse
 from corinfomax.core.bundle import read_card
 from corinfomax.core.errors import BadInput
 from corinfomax.core.images import walk_images
+from corinfomax.core.thumbnails import make_thumbnail
+from corinfomax.serving.api import web
 from corinfomax.serving.api.batcher import MicroBatcher
 from corinfomax.serving.api.config import Settings
 from corinfomax.serving.api.fetch import fetch_url
@@ -38,6 +40,9 @@ from corinfomax.serving.embedder import Embedder
 from corinfomax.serving.index.store import MAX_K, IndexStore, check_k, normalise
 
 log = logging.getLogger("corinfomax.service")
+# BentoML's server logging shows its own loggers at INFO and the rest at WARNING: without this, the start-up
+# lines (which model, which index folder) never reach the log.
+log.setLevel(logging.INFO)
 SETTINGS = Settings.from_env()
 # Temperature of the /classify kNN vote: 0.07, InstDisc's and DINO's value. It turns the neighbours'
 # similarities into the class confidences the API returns (the top label rarely depends on it). `corinfomax eval`
@@ -86,7 +91,8 @@ class IndexOwner:
                                 model_sha256=card.checkpoint_sha256)
         if SETTINGS.demo_dir is not None and self.store.count() == 0:
             # First start: index the demo collection so search and classify answer at once.
-            added = seed_index_if_empty(self.store, Embedder(bundle, threads=1), SETTINGS.demo_dir)
+            added = seed_index_if_empty(self.store, Embedder(bundle, threads=1), SETTINGS.demo_dir,
+                                        thumbnail_side=SETTINGS.thumbnail_side)
             log.info("empty index: added %d demo images from %s", added, SETTINGS.demo_dir)
         INDEX_ITEMS.set(self.store.count())
         log.info("index %s: %s", SETTINGS.index, self.store.stats())
@@ -98,8 +104,10 @@ class IndexOwner:
     @bentoml.api
     @_envelope
     def add(self, vectors: np.ndarray, metadata: Optional[list[dict[str, Any]]] = None,
-            labels: Optional[list[Optional[str]]] = None) -> list[int]:
-        ids = self.store.add(vectors, metadata, labels)
+            labels: Optional[list[Optional[str]]] = None,
+            thumbnails: Optional[list[Optional[str]]] = None) -> list[int]:  # base64, from CorInfoMax.add
+        raw = [base64.b64decode(t) if t else None for t in thumbnails] if thumbnails is not None else None
+        ids = self.store.add(vectors, metadata, labels, raw)
         INDEX_ITEMS.set(self.store.count())
         return ids
 
@@ -115,6 +123,11 @@ class IndexOwner:
     def get(self, id: int) -> dict[str, Any]:  # BentoML names the API field after the parameter: "id"
         item = self.store.get(id)
         return {"id": item.id, "metadata": item.metadata, "label": item.label, "vector": item.vector.tolist()}
+
+    @bentoml.api
+    @_envelope
+    def thumbnail(self, id: int) -> str:
+        return base64.b64encode(self.store.thumbnail(id)).decode()
 
     @bentoml.api
     @_envelope
@@ -277,6 +290,22 @@ class CorInfoMax:
                 raise
         return np.stack(out)
 
+    def _thumbnails(self, raw: list[bytes]) -> list[Optional[str]]:
+        """Base64 WebP thumbnails to store with added images; a failure names the image."""
+        out: list[Optional[str]] = []
+        for i, data in enumerate(raw):
+            try:
+                out.append(base64.b64encode(make_thumbnail(data, SETTINGS.thumbnail_side, SETTINGS.max_pixels))
+                           .decode())
+            except BadInput as err:
+                err.args = (f"image {i}: {err}",)
+                raise
+        return out
+
+    async def thumbnail_bytes(self, item_id: int) -> bytes:
+        """An item's stored thumbnail (for ``web``'s GET /thumbnails/{id})."""
+        return base64.b64decode(_unwrap(await call(self.index.to_async.thumbnail, True, id=item_id)))
+
     async def _query_vectors(self, images: Optional[list[Path]], urls: Optional[list[str]],
                              images_b64: Optional[list[str]], vectors: Optional[list[list[float]]],
                              ids: Optional[list[int]]) -> np.ndarray:
@@ -348,10 +377,18 @@ class CorInfoMax:
                   images_b64: Optional[list[str]] = None, vectors: Optional[list[list[float]]] = None,
                   metadata: Optional[list[dict[str, Any]]] = None,
                   labels: Optional[list[Optional[str]]] = None) -> dict[str, Any]:
-        """Store images (embedded here) or vectors with JSON metadata and optional labels; ids once committed."""
-        queries = await self._query_vectors(images, urls, images_b64, vectors, None)
+        """Store images (embedded here, with a thumbnail) or vectors with JSON metadata and optional labels; ids
+        once committed."""
+        thumbnails = None
+        if (images or urls or images_b64) and not vectors:
+            raw = await self._images(images, urls, images_b64)
+            queries = await self._embed(raw)
+            if SETTINGS.thumbnail_side:
+                thumbnails = await asyncio.to_thread(self._thumbnails, raw)
+        else:
+            queries = await self._query_vectors(images, urls, images_b64, vectors, None)
         return {"ids": _unwrap(await call(self.index.to_async.add, False, vectors=queries, metadata=metadata,
-                                          labels=labels))}
+                                          labels=labels, thumbnails=thumbnails))}
 
     @bentoml.api
     @_http_errors
@@ -383,11 +420,14 @@ class CorInfoMax:
                            "max_pixels": SETTINGS.max_pixels, "max_k": MAX_K}}
 
 
+web.mount(CorInfoMax)
 CorInfoMax.add_asgi_middleware(GuardMiddleware, api_key=SETTINGS.api_key, max_bytes=SETTINGS.max_request_bytes)
 
 
-def seed_index_if_empty(store: IndexStore, embedder: Embedder, folder: str | Path, batch: int = 64) -> int:
-    """Index a folder of sample images (label = sub-folder name) if the index is empty; return how many."""
+def seed_index_if_empty(store: IndexStore, embedder: Embedder, folder: str | Path, batch: int = 64,
+                        thumbnail_side: int = 0) -> int:
+    """Index a folder of sample images (label = sub-folder name, with thumbnails of ``thumbnail_side`` px unless
+    0) if the index is empty; return how many."""
     if store.count() > 0:
         return 0
     files = walk_images(folder)
@@ -396,5 +436,6 @@ def seed_index_if_empty(store: IndexStore, embedder: Embedder, folder: str | Pat
         chunk = files[start : start + batch]
         vectors = embedder.embed_images([path for path, _ in chunk])
         metadata = [{"path": str(path.relative_to(folder))} for path, _ in chunk]
-        added += len(store.add(vectors, metadata, [label for _, label in chunk]))
+        thumbnails = [make_thumbnail(path, thumbnail_side) for path, _ in chunk] if thumbnail_side else None
+        added += len(store.add(vectors, metadata, [label for _, label in chunk], thumbnails))
     return added

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from corinfomax.core.bundle import read_card
-from corinfomax.core.errors import UserError
+from corinfomax.core.errors import UserError, describe
 from corinfomax.core.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -144,7 +144,7 @@ def decode(item: InputFile, rule: ResizeRule, max_pixels: int = DEFAULT_MAX_PIXE
     except OSError as err:
         record.error = f"unreadable file: {err.strerror or err}"
     except Exception as err:  # a decoder bug on one odd file must not end a run over millions
-        record.error = f"{type(err).__name__}: {err}"
+        record.error = describe(err)
     return None, record
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from corinfomax.core.errors import BadInput, NotFound
 from corinfomax.core.files import atomic_write, atomic_write_text
+from corinfomax.core.thumbnails import MAX_BYTES as MAX_THUMBNAIL_BYTES
 from corinfomax.serving.index import kinds
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE INDEX IF NOT EXISTS items_label ON items(label) WHERE label IS NOT NULL;
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS thumbnails (id INTEGER PRIMARY KEY, image BLOB NOT NULL);
 """
 
 
@@ -191,13 +193,18 @@ class IndexStore:
         vectors: Any,
         metadata: Sequence[dict[str, Any]] | None = None,
         labels: Sequence[str | None] | None = None,
+        thumbnails: Sequence[bytes | None] | None = None,
     ) -> list[int]:
-        """Store vectors (L2-normalised here) with metadata and labels; return their new ids once committed."""
+        """Store vectors (L2-normalised here) with metadata, labels and thumbnails (encoded images, e.g.
+        ``core.thumbnails.make_thumbnail``); return their new ids once committed, thumbnails in the same commit."""
         vectors = normalise(vectors, self.dim)
         rows = self._rows(vectors, metadata, labels)
+        thumbs = _thumbnails(thumbnails, len(rows))
         with self._lock:
             with self._write():
                 ids = self._insert(rows)
+                self._db.executemany("INSERT INTO thumbnails(id, image) VALUES (?, ?)",
+                                     [(i, t) for i, t in zip(ids, thumbs) if t is not None])
                 generation = self._bump()
             self._sync_after_write(generation, lambda index: index.add_with_ids(vectors, np.asarray(ids, np.int64)))
         return ids
@@ -232,6 +239,7 @@ class IndexStore:
                 if missing:
                     raise NotFound(f"no item with id {', '.join(map(str, missing[:10]))}")
                 self._db.executemany("DELETE FROM items WHERE id = ?", [(i,) for i in wanted])
+                self._db.executemany("DELETE FROM thumbnails WHERE id = ?", [(i,) for i in wanted])
                 generation = self._bump()
             self._sync_after_write(generation, lambda index: self._remove(index, wanted))
         return wanted
@@ -298,6 +306,16 @@ class IndexStore:
         if row is None:
             raise NotFound(f"no item with id {item_id}")
         return Item(row[0], np.frombuffer(row[1], np.float32).copy(), json.loads(row[2]), row[3])
+
+    def thumbnail(self, item_id: int) -> bytes:
+        """The stored thumbnail of an item (NotFound if the item is unknown or was added without one)."""
+        (item_id,) = _ids([item_id])
+        with self._lock:
+            row = self._db.execute("SELECT image FROM thumbnails WHERE id = ?", (item_id,)).fetchone()
+        if row is None:
+            self.get(item_id)  # NotFound for an unknown id
+            raise NotFound(f"item {item_id} has no thumbnail (it was added as a vector, or with thumbnails off)")
+        return bytes(row[0])
 
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
         """Stored unit vectors of ``ids`` (NotFound if any is unknown), float32 ``[N, D]``."""
@@ -370,6 +388,7 @@ class IndexStore:
             return {
                 "count": self.count(),
                 "labelled": labelled,
+                "thumbnails": int(self._one("SELECT COUNT(*) FROM thumbnails")),
                 "dim": self.dim,
                 "model_sha256": self.model_sha256,
                 "generation": self.generation(),
@@ -554,6 +573,19 @@ def _ids(ids: Any) -> list[int]:
     if not out:
         raise BadInput("ids: empty list, give at least one id")
     return list(dict.fromkeys(out))
+
+
+def _thumbnails(thumbnails: Sequence[bytes | None] | None, n: int) -> list[bytes | None]:
+    """Check one thumbnail (or None) per item, each an encoded image of at most MAX_THUMBNAIL_BYTES."""
+    if thumbnails is None:
+        return [None] * n
+    if len(thumbnails) != n:
+        raise BadInput(f"{n} vectors but {len(thumbnails)} thumbnails")
+    for i, thumb in enumerate(thumbnails):
+        if thumb is not None and not (isinstance(thumb, bytes) and 0 < len(thumb) <= MAX_THUMBNAIL_BYTES):
+            size = len(thumb) if isinstance(thumb, bytes) else type(thumb).__name__
+            raise BadInput(f"thumbnails[{i}] must be 1 to {MAX_THUMBNAIL_BYTES} bytes, got {size}")
+    return list(thumbnails)
 
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:

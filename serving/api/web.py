@@ -1,0 +1,55 @@
+"""The search page and the thumbnails it shows, mounted on the public service (no separate web server).
+
+- ``/ui/``: static HTML/CSS/JS shipped in the package (``static/``), no build step; it calls the JSON API
+  (``/search``, ``/classify``, ``/info``, ``/stats``) with the API key the user types in, if any;
+- ``GET /thumbnails/{id}``: an item's stored WebP thumbnail with ``ETag``/``Cache-Control`` (behind the
+  API key like every data path; the page fetches it with the key and shows it as a blob).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import bentoml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.staticfiles import StaticFiles
+
+from corinfomax.core.errors import BadInput
+from corinfomax.core.thumbnails import MEDIA_TYPE
+
+STATIC = Path(__file__).with_name("static")
+# A thumbnail of an id never changes (ids are never reused), but the key may be revoked: private, one day.
+CACHE_CONTROL = "private, max-age=86400"
+MAX_ID = 2**63 - 1  # SQLite's INTEGER
+
+
+async def thumbnail(request: Request) -> Response:
+    item_id = request.path_params["item_id"]
+    if item_id > MAX_ID:
+        return JSONResponse({"error": f"thumbnail id {item_id} is out of range (ids are below 2**63)"}, status_code=400)
+    try:
+        data = await bentoml.get_current_service().thumbnail_bytes(item_id)
+    except BadInput as err:
+        return JSONResponse({"error": str(err)}, status_code=err.status)
+    etag = '"' + hashlib.sha256(data).hexdigest()[:20] + '"'
+    headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
+    if etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    return Response(data, media_type=MEDIA_TYPE, headers=headers)
+
+
+async def bad_id(request: Request) -> Response:
+    return JSONResponse({"error": f"thumbnail id must be an integer, got {request.path_params['rest']!r}"},
+                        status_code=400)
+
+
+def mount(service: Any) -> None:
+    """Mount the page at ``/ui`` and the thumbnails at ``/thumbnails`` on a BentoML service."""
+    service.mount_asgi_app(StaticFiles(directory=STATIC, html=True), path="/ui")
+    service.mount_asgi_app(Starlette(routes=[Route("/{item_id:int}", thumbnail),
+                                             Route("/{rest:path}", bad_id)]), path="/thumbnails")

@@ -1,0 +1,113 @@
+"""The search page and thumbnails, as a person uses them: a real `bentoml serve` of the default model over the
+demo collection, driven over HTTP and in a real headless Chromium (Debian's package, through Playwright)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+from PIL import Image
+
+from corinfomax.serving.api.launcher import Server
+
+pytestmark = pytest.mark.slow  # starts a server (and a browser)
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "demo" / "images"
+API_KEY = "page-key"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("web")
+    env = {**os.environ, "CORINFOMAX_MODEL": str(REPO / "models" / "default"), "CORINFOMAX_DEMO_DIR": str(DEMO),
+           "CORINFOMAX_INDEX": str(root / "index"), "CORINFOMAX_API_KEY": API_KEY,
+           "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(REPO)}
+    srv = Server(env, root / "server.log").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as http:
+        yield http
+
+
+def test_demo_index_has_thumbnails_served_with_cache_headers(server: Server, client: httpx.Client) -> None:
+    stats = client.post("/stats", json={}).json()
+    assert stats["count"] == stats["thumbnails"] == len(list(DEMO.rglob("*.jpg")))
+    assert httpx.get(f"{server.url}/thumbnails/1").status_code == 401  # data needs the key; the page does not
+    assert httpx.get(f"{server.url}/ui/").status_code == 200
+    first = client.get("/thumbnails/1")
+    assert first.status_code == 200 and first.headers["content-type"] == "image/webp"
+    assert "max-age" in first.headers["cache-control"] and 0 < len(first.content) < 8 << 10
+    again = client.get("/thumbnails/1", headers={"If-None-Match": first.headers["etag"]})
+    assert again.status_code == 304 and again.content == b""
+    assert client.get("/thumbnails/x").status_code == 400
+    assert client.get(f"/thumbnails/{2**64}").status_code == 400
+    assert client.get("/thumbnails/99999").json() == {"error": "no item with id 99999"}
+
+
+def test_added_images_get_thumbnails_and_vectors_do_not(client: httpx.Client, cifar10: Path) -> None:
+    path = cifar10 / "test" / "ship" / "0007.jpg"
+    (image_id,) = client.post("/add", files=[("images", (path.name, path.read_bytes(), "image/jpeg"))]).json()["ids"]
+    thumb = client.get(f"/thumbnails/{image_id}")
+    assert thumb.status_code == 200
+    with Image.open(path) as original:
+        assert Image.open(io.BytesIO(thumb.content)).size == original.size  # 32 px: kept
+    vector = client.post("/get", json={"id": image_id}).json()["vector"]
+    (vector_id,) = client.post("/add", json={"vectors": [vector]}).json()["ids"]
+    missing = client.get(f"/thumbnails/{vector_id}")
+    assert missing.status_code == 404 and "no thumbnail" in missing.json()["error"]
+    bad = client.post("/add", json={"images_b64": [base64.b64encode(b"not an image").decode()]})
+    assert bad.status_code == 400 and "image 0" in bad.json()["error"]
+
+
+def test_search_page_in_headless_chromium(server: Server, tmp_path: Path) -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's `chromium` package (.ci/run does)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
+    query = DEMO / "cat" / "0000.jpg"
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 820})
+            page.goto(f"{server.url}/ui/")
+            page.fill("#key", API_KEY)
+            page.dispatch_event("#key", "change")
+            page.wait_for_function("document.querySelectorAll('#card dd').length > 0 && "
+                                   "document.querySelectorAll('#stats dd').length > 0")
+            assert "corinfomax-cifar10-tiny" in page.inner_text("#card")
+
+            page.set_input_files("#file", str(query))
+            page.wait_for_function("document.querySelectorAll('#results .result').length === 12 && "
+                                   "document.querySelectorAll('#classes .bar').length > 0")
+            first = page.locator("#results .result").first
+            assert "cat/0000.jpg" in first.inner_text() and first.locator(".score").inner_text() == "1.000"
+            page.wait_for_function("[...document.querySelectorAll('#results img')]"
+                                   ".every((img) => img.complete && img.naturalWidth > 0)")
+            page.screenshot(path=str(tmp_path / "search.png"))
+
+            second = page.locator("#results .result").nth(1)
+            second_id = second.get_attribute("data-id")
+            second.click()
+            page.wait_for_function(f"document.querySelector('#results-title').textContent.includes('#{second_id}')")
+            page.wait_for_function(f"document.querySelector('#results .result')?.dataset.id === '{second_id}'")
+
+            page.fill("#url", f"{server.url}/thumbnails/1")  # a private address: the guarded fetch refuses it
+            page.click("#url-form button")
+            page.wait_for_selector("#status.error")
+            assert "private or reserved address" in page.inner_text("#status")
+            assert API_KEY not in page.url
+        finally:
+            browser.close()
