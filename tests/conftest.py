@@ -22,7 +22,7 @@ def cifar10() -> Path:
 
 @pytest.fixture(scope="session")
 def imagewoof() -> Path:
-    """Root of the shared Imagewoof folders (train/ and val/ JPEG q75, shorter side 160 px)."""
+    """Root of the shared Imagewoof folders (train/ and val/ JPEG photos, shorter side 160 px)."""
     if not (IMAGEWOOF / "val").is_dir():
         pytest.fail(f"shared Imagewoof not found at {IMAGEWOOF} (set CORINFOMAX_IMAGEWOOF)")
     return IMAGEWOOF

@@ -123,6 +123,11 @@ def test_cache_rebuilt_when_missing_corrupt_or_stale(tmp_path: Path) -> None:
     reopened_finds_all()
     (folder / FAISS_FILE).write_bytes(b"garbage" * 100)
     reopened_finds_all()
+    # Same size, other bytes inside the vectors: FAISS would load it; the checksum in faiss.json refuses it.
+    data = bytearray((folder / FAISS_FILE).read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\x7f" * 64
+    (folder / FAISS_FILE).write_bytes(bytes(data))
+    reopened_finds_all()
     # A crash after the SQLite commit but before the cache was saved: the cache is one generation behind.
     crashed = IndexStore(folder, dim=DIM)
     extra = crashed.add(unit(1, seed=9))  # never closed, cache not saved
@@ -234,3 +239,31 @@ def test_thumbnail_shrinks_large_images_to_the_side() -> None:
     assert thumb.format == "WEBP" and thumb.size == (128, 64)
     with pytest.raises(ImageTooLarge):
         make_thumbnail(buffer.getvalue(), max_pixels=1000)
+
+
+def test_a_retried_write_with_its_idempotency_key_lands_once(store: IndexStore) -> None:
+    first = store.add(unit(2), key="add-1")
+    assert store.add(unit(2, seed=5), key="add-1") == first  # the retry: nothing new stored
+    assert store.count() == 2
+    assert store.delete(first[:1], key="del-1") == first[:1]
+    assert store.delete(first[:1], key="del-1") == first[:1]  # not a NotFound: the same delete, answered again
+    assert store.count() == 1
+    with pytest.raises(BadInput, match="idempotency_key"):
+        store.add(unit(1), key="x" * 1000)
+
+
+def test_write_limits_name_themselves(store: IndexStore) -> None:
+    with pytest.raises(BadInput, match="limit is 16384"):
+        store.add(unit(1), [{"blob": "x" * 20_000}])
+    deep: dict = {}
+    node = deep
+    for _ in range(5000):  # deeper than Python's recursion limit: checked without recursion
+        node["a"] = {}
+        node = node["a"]
+    with pytest.raises(BadInput, match="nested deeper than 32"):
+        store.add(unit(1), [deep])
+    with pytest.raises(BadInput, match="2\\*\\*63"):
+        store.get(2**63)
+    with pytest.raises(BadInput, match="2\\*\\*63"):
+        store.delete([-1])
+    assert store.count() == 0

@@ -44,6 +44,7 @@ def data(cifar10: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("impossible projector", ["--data", "{data}", "--projector", "64-x-32"], ["impossible projector '64-x-32'"]),
     ("negative checkpoint interval", ["--data", "{data}", "--checkpoint-every", "-1"],
      ["--checkpoint-every must be 0"]),
+    ("tiny images", ["--data", "{data}", "--image-size", "4"], ["image_size 4 is too small"]),
     ("batch too large", ["--data", "{data}", "--batch-size", "512"], ["fewer than one batch"]),
     ("no data flag", [], ["--data"]),
 ])
@@ -80,3 +81,12 @@ def test_corrupt_images_are_skipped_and_counted_then_config_change_refused(cifar
 
     changed = corinfomax(tmp_path, *TINY, "--data", str(data), "--out", str(run), "--lr", "0.01")
     assert_user_error(changed, "different config", "lr: 0.3 -> 0.01", "--allow-config-change")
+
+
+def test_huge_lr_exits_2_with_the_reason_and_no_checkpoint(data: Path, tmp_path: Path) -> None:
+    # It used to exit 0 with a checkpoint whose BatchNorm running_var held inf.
+    run = tmp_path / "run"
+    result = corinfomax(tmp_path, *TINY, "--data", str(data), "--out", str(run), "--lr", "1e6", "--batch-size", "4",
+                        "--warmup-epochs", "0", "--max-bad-steps", "3")
+    assert_user_error(result, "3 consecutive steps with a non-finite loss or model state", "lower --lr")
+    assert not run.exists()

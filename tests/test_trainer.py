@@ -10,8 +10,9 @@ import torch
 from trainkit import small_folder, tiny_config
 
 from corinfomax.training import trainer
-from corinfomax.training.checkpoint import CheckpointError, load_checkpoint
+from corinfomax.training.checkpoint import CheckpointError, load_checkpoint, non_finite, save_checkpoint
 from corinfomax.training.evaluate import one_cpu_thread as one_thread
+from corinfomax.training.guard import StepGuard
 from corinfomax.training.loss import CorInfoMaxLoss, CorInfoMaxOutput
 from corinfomax.training.trainer import ResumeConflict, TrainingDiverged, train
 
@@ -121,7 +122,7 @@ def test_repeated_nan_stops_and_keeps_the_last_good_checkpoint(data: Path, tmp_p
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     _nan_after(monkeypatch, good_calls=3, bad_calls=100)  # epoch 1 fine, epoch 2 diverges
     run = tmp_path / "run"
-    with pytest.raises(TrainingDiverged, match="3 consecutive non-finite losses.*checkpoint.*intact"):
+    with pytest.raises(TrainingDiverged, match="3 consecutive steps with a non-finite loss.*checkpoint.*intact"):
         train(tiny_config(data, run, max_bad_steps=3), progress=False)
     state = load_checkpoint(run)
     assert state["epoch"] == 1
@@ -144,6 +145,87 @@ def test_divergence_in_the_first_epoch_leaves_no_run_folder(data: Path, tmp_path
     with pytest.raises(TrainingDiverged, match="nothing was saved"):
         train(tiny_config(data, tmp_path / "run", max_bad_steps=2), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_huge_lr_stops_with_a_clear_error_and_leaves_only_finite_state(data: Path, tmp_path: Path) -> None:
+    # lr 1e6 keeps the loss finite (BatchNorm normalises the exploding activations away) while the running
+    # variances overflow: only a guard over the whole state notices. 12 steps per epoch, 20 bad ones allowed,
+    # so epoch 1 ends, and is checkpointed, between bad steps.
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="20 consecutive steps with a non-finite loss or model state"):
+        train(tiny_config(data, run, lr=1e6, batch_size=8, warmup_epochs=0, max_bad_steps=20), progress=False)
+    state = load_checkpoint(run)
+    assert state["epoch"] == 1 and non_finite(state) == []
+    assert len([r for r in records(run) if r.get("event") == "skipped_step"]) >= 20
+
+
+def test_guard_rolls_back_parameters_buffers_and_optimizer_state() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(2))
+    model(torch.randn(2, 3, 6, 6))  # materialise the lazy layer
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    guard = StepGuard([model], [optimizer])
+
+    def step(scale: float) -> bool:
+        guard.save()
+        optimizer.zero_grad()
+        model(torch.randn(8, 3, 6, 6) * scale).square().mean().backward()
+        optimizer.step()
+        return bool(guard.finite(torch.device("cpu")))
+
+    assert step(1.0)  # a good step: momentum buffers now exist
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    momentum = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    assert not step(1e25)  # the batch variance overflows float32: running_var becomes inf
+    guard.restore()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key  # num_batches_tracked too
+    for p, m in zip(model.parameters(), momentum):
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], m)
+    assert step(1.0)
+
+    fresh = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # a bad first step creates no state
+    guard = StepGuard([model], [fresh])
+    guard.save()
+    fresh.zero_grad()
+    (model(torch.randn(8, 3, 6, 6)).sum() * float("nan")).backward()
+    fresh.step()
+    assert not bool(guard.finite(torch.device("cpu")))
+    guard.restore()
+    assert len(fresh.state) == 0 and non_finite(model.state_dict()) == []
+
+
+def test_checkpoint_writer_refuses_non_finite_tensors(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"config": {}, "model": {"w": torch.ones(2)}})
+    before = path.read_bytes()
+    bad = {"config": {}, "model": {"bn.running_var": torch.tensor([1.0, float("inf")]), "w": torch.ones(2)},
+           "optimizer": {"state": {0: {"momentum_buffer": torch.tensor([float("nan")])}}}}
+    with pytest.raises(CheckpointError, match=r"2 tensor\(s\) hold NaN or inf \(model\.bn\.running_var, "
+                                              r"optimizer\.state\.0\.momentum_buffer\)"):
+        save_checkpoint(path, bad)
+    assert path.read_bytes() == before
+
+
+def test_time_budget_is_fitted_after_the_warm_up_steps(data: Path, tmp_path: Path) -> None:
+    # Warm-up steps (cuDNN autotuning, compilation) are not timed; short epochs are fitted too.
+    assert trainer._budget_window(100) == (10, 30)
+    assert trainer._budget_window(12) == (6, 12)
+    assert trainer._budget_window(1) == (0, 1)
+    run = tmp_path / "run"
+    train(tiny_config(data, run, epochs=50, batch_size=8, time_budget_min=1e-4), progress=False)
+    assert json.loads((run / "config.json").read_text())["epochs"] == 1  # 6 ms cannot hold two epochs
+    assert load_checkpoint(run)["epoch"] == 1
+
+
+def test_a_folder_too_large_for_the_cache_streams_from_the_files(data: Path, tmp_path: Path, caplog,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trainer, "CACHE_MAX_BYTES", 100 * 3 * 16**2 - 1)  # one byte short of these 100 images
+    with caplog.at_level("INFO", logger=trainer.log.name):
+        train(tiny_config(data, tmp_path / "run", epochs=1), progress=False)
+    assert "a uint8 cache would need 0.0 GiB > 0 GiB: streaming 100 files" in caplog.text
+    assert load_checkpoint(tmp_path / "run")["step"] == 3 and not (tmp_path / "cache").exists()
 
 
 def test_pil_pipeline_with_persistent_workers(data: Path, tmp_path: Path) -> None:
@@ -169,9 +251,9 @@ def test_time_budget_says_when_it_shortens_epochs(tmp_path: Path, caplog: pytest
 
     config = tiny_config(tmp_path, tmp_path / "run", epochs=30, time_budget_min=1.0)
     with caplog.at_level("INFO", logger=trainer.log.name):
-        # 12 steps took 1.2 s: 0.1 s/step, 100 steps per epoch -> 10 s per epoch -> 6 epochs in 1 minute
-        assert trainer._fit_budget(config, 100, 1.2, Dist(), torch.device("cpu")) == 6
-        assert trainer._fit_budget(config, 1, 1.2, Dist(), torch.device("cpu")) == 30
+        # 0.1 s/step, 100 steps per epoch -> 10 s per epoch -> 6 epochs in 1 minute
+        assert trainer._fit_budget(config, 100, 0.1, Dist(), torch.device("cpu")) == 6
+        assert trainer._fit_budget(config, 1, 0.1, Dist(), torch.device("cpu")) == 30
     shortened, kept = caplog.records[-2:]
     assert shortened.levelname == "WARNING" and "shortened from --epochs 30 to 6" in shortened.getMessage()
     assert "--time-budget-min 0" in shortened.getMessage()

@@ -22,10 +22,31 @@ class CheckpointError(UserError):
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` (plus the format tag) to ``path`` atomically: a crash leaves the old file intact."""
+    """Write ``state`` (plus the format tag) to ``path`` atomically: a crash leaves the old file intact.
+
+    A state holding a non-finite tensor is refused (CheckpointError): a diverged model must never replace
+    the last good checkpoint, nor reach export."""
     path = Path(path)
+    bad = non_finite(state)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointError(f"refusing to write {path}: {len(bad)} tensor(s) hold NaN or inf ({shown}); the "
+                              "run diverged. Lower --lr or raise --eps; the previous checkpoint, if any, is intact.")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **state}, f))
+
+
+def non_finite(state: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the floating-point tensors in a nested dict/list ``state`` that hold NaN or inf."""
+    if isinstance(state, torch.Tensor):
+        return [prefix] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    if isinstance(state, dict):
+        items: Any = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return []
+    return [name for key, value in items for name in non_finite(value, f"{prefix}.{key}" if prefix else str(key))]
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -29,6 +29,7 @@ from corinfomax.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, loa
 from corinfomax.training.config import ConfigError, TrainConfig
 from corinfomax.training.data import CACHE_MAX_SIDE, DecodedImages, decode_folder
 from corinfomax.training.distributed import Dist, convert_global_batchnorm, pick_device, setup_distributed
+from corinfomax.training.guard import StepGuard
 from corinfomax.training.loss import CorInfoMaxLoss
 from corinfomax.training.models import CorInfoMaxModel
 from corinfomax.training.optim import LARS, lr_at
@@ -41,12 +42,20 @@ RUNTIME_FIELDS = {"out", "workers", "device", "log_every", "time_budget_min", "c
                   "data", "checkpoint_every", "tensorboard"}
 
 
+# --time-budget-min fits the epochs to the speed of steps [10, 30) of the first epoch. The first steps are slow
+# (cuDNN autotuning, torch.compile, loader start-up): on an H100, timing steps 1-12 overestimated the step 3x.
+BUDGET_SKIP_STEPS, BUDGET_TIMED_STEPS = 10, 20
+
+# Small training sizes train from a uint8 cache of the whole folder (held in memory, and on the device with the
+# tensor pipeline) unless it would exceed this; such folders stream from the files like large sizes do.
+CACHE_MAX_BYTES = 8 << 30
+
 # What to do when the run folder's checkpoint does not fit the model this config builds.
 RESUME_HINT = "it cannot be resumed with this config. Use another --out for the new architecture."
 
 
 class TrainingDiverged(UserError):
-    """Too many consecutive non-finite losses."""
+    """Too many consecutive steps with a non-finite loss or model state."""
 
 
 class ResumeConflict(UserError):
@@ -105,13 +114,18 @@ def epoch_order(n: int, epoch: int, seed: int, ddp: Dist, batch: int) -> Tensor:
 
 
 def load_training_images(config: TrainConfig, progress: bool) -> DecodedImages | ImageFiles:
-    """The decoded uint8 cache for small training sizes, else the file list to stream from (logged)."""
-    if config.image_size <= CACHE_MAX_SIDE:
-        log.info("image_size %d <= %d: training from the decoded uint8 cache", config.image_size, CACHE_MAX_SIDE)
-        return decode_folder(config.data, config.image_size, progress=progress)
+    """The decoded uint8 cache for small training sizes when it fits `CACHE_MAX_BYTES`, else the file list to
+    stream from (the choice is logged)."""
     files = list_image_files(config.data, config.image_size)
-    log.info("image_size %d > %d: streaming %d files, decoded and augmented in %d loader worker(s)",
-             config.image_size, CACHE_MAX_SIDE, len(files), config.workers)
+    need = len(files) * 3 * config.image_size**2
+    if config.image_size <= CACHE_MAX_SIDE and need <= CACHE_MAX_BYTES:
+        log.info("image_size %d <= %d: training from the decoded uint8 cache (%.2f GiB)", config.image_size,
+                 CACHE_MAX_SIDE, need / 2**30)
+        return decode_folder(config.data, config.image_size, progress=progress)
+    reason = (f"image_size {config.image_size} > {CACHE_MAX_SIDE}" if config.image_size > CACHE_MAX_SIDE else
+              f"a uint8 cache would need {need / 2**30:.1f} GiB > {CACHE_MAX_BYTES / 2**30:.0f} GiB")
+    log.info("%s: streaming %d files, decoded and augmented in %d loader worker(s)", reason, len(files),
+             config.workers)
     return files
 
 
@@ -285,8 +299,10 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
 
     created = ddp.main and not out.exists()
     try:
+        guard = StepGuard([m for m in (model, loss_fn, probe) if m is not None],
+                          [o for o in (optimizer, probe_opt) if o is not None])
         run = Run(config, ddp, device, out, source, data, train_model, model, loss_fn, optimizer, train_probe,
-                  probe, probe_opt)
+                  probe, probe_opt, guard)
         state = LoopState(start_epoch, step, batch=start_batch)
         if resume_state is not None and start_batch:  # mid-epoch: the epoch's sums so far
             state.sums, state.good_steps = resume_state["epoch_sums"], int(resume_state["epoch_good_steps"])
@@ -314,6 +330,7 @@ class Run:
     train_probe: nn.Module | None
     probe: nn.Module | None
     probe_opt: torch.optim.Optimizer | None
+    guard: StepGuard
     metrics: MetricsLog | None = None  # metrics.jsonl (and TensorBoard), open on rank 0
 
     @property
@@ -329,7 +346,7 @@ class LoopState:
     step: int
     batch: int = 0  # batches of the current epoch done (non-zero at the start of a run resumed mid-epoch)
     started: float = field(default_factory=time.monotonic)
-    bad_steps: int = 0  # consecutive non-finite losses
+    bad_steps: int = 0  # consecutive steps skipped by the NaN guard
     # Epoch sums: loss, attraction, big_bang, online-probe correct, online-probe seen.
     sums: Tensor = field(default_factory=lambda: torch.zeros(5, dtype=torch.float64))
     good_steps: int = 0
@@ -358,8 +375,12 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
                            "skipped": run.data.skipped, "classes": len(run.data.classes), "world_size": ddp.world,
                            "device": str(run.device)})
     first_epoch = state.epoch
+    fit_budget = fresh and config.time_budget_min > 0  # a fresh run fits its schedule in epoch 0
+    timed = _budget_window(steps_per_epoch)
+    timer = time.monotonic()
     try:
-        for epoch in range(first_epoch, config.epochs):
+        epoch = first_epoch
+        while epoch < config.epochs:  # not range(): fitting the time budget changes config.epochs
             state.start_epoch(epoch)
             run.model.train()
             bar = tqdm(run.source.epoch(epoch, state.batch), total=steps_per_epoch, initial=state.batch,
@@ -379,13 +400,16 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
                 state.batch = i + 1
                 if config.checkpoint_every and state.step % config.checkpoint_every == 0 and i + 1 < steps_per_epoch:
                     _save(run, state, mid_epoch=True)
-                if fresh and epoch == 0 and i == 11 and config.time_budget_min > 0:
-                    config.epochs = _fit_budget(config, steps_per_epoch, time.monotonic() - state.started, ddp,
-                                                run.device)
+                if fit_budget and epoch == 0 and i == timed[0] - 1:
+                    timer = time.monotonic()
+                if fit_budget and epoch == 0 and i == timed[1] - 1:
+                    seconds_per_step = (time.monotonic() - timer) / (timed[1] - timed[0])
+                    config.epochs = _fit_budget(config, steps_per_epoch, seconds_per_step, ddp, run.device)
                     bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
                     if ddp.main:
                         _write_json(out / "config.json", config.to_dict())
             _end_epoch(run, state)
+            epoch += 1
     finally:
         if run.metrics is not None:
             run.metrics.close()
@@ -394,53 +418,63 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
 
 def _step(run: Run, state: LoopState, lr: float, v1: Tensor, v2: Tensor, labels: Tensor) -> Tensor | None:
     """One optimisation step (and one online-probe step); returns the float64 loss terms, or None for a
-    step skipped by the NaN guard."""
+    step skipped by the NaN guard, which then rolls the whole state back (`StepGuard`)."""
     config, device = run.config, run.device
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     if config.channels_last:
         v1 = v1.contiguous(memory_format=torch.channels_last)
         v2 = v2.contiguous(memory_format=torch.channels_last)
+    run.guard.save()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
         f1, z1 = run.train_model(v1)
         _, z2 = run.train_model(v2)
     out_loss = run.loss_fn(z1, z2)
-    # One host sync per step, on detached values (no autograd-tensor-to-float conversions).
-    terms = torch.stack([out_loss.loss, out_loss.attraction, out_loss.big_bang]).detach().double().cpu()
     run.optimizer.zero_grad(set_to_none=True)
-    if not bool(torch.isfinite(terms).all()):
-        _skip_step(run, state)
-        return None
-    state.bad_steps = 0
     out_loss.loss.backward()
     run.optimizer.step()
+    correct = torch.zeros((), device=device)
     if run.train_probe is not None and run.probe_opt is not None:
         logits = run.train_probe(f1.detach().to(torch.get_default_dtype()))  # bf16 under autocast
         probe_loss = nn.functional.cross_entropy(logits, labels)
         run.probe_opt.zero_grad(set_to_none=True)
         probe_loss.backward()
         run.probe_opt.step()
-        state.sums[3] += float((logits.argmax(1) == labels).sum())
+        correct = (logits.argmax(1) == labels).sum()
+    terms = torch.stack([out_loss.loss, out_loss.attraction, out_loss.big_bang]).detach().double()
+    ok = (run.guard.finite(device) & torch.isfinite(terms).all()).to(torch.int32)
+    if run.ddp.world > 1:  # every rank skips or none does
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    # One host sync per step, on detached values (no autograd-tensor-to-float conversions).
+    host = torch.cat([terms, correct.double().view(1), ok.double().view(1)]).cpu()
+    if not host[-1]:
+        run.guard.restore()
+        _skip_step(run, state)
+        return None
+    state.bad_steps = 0
+    if run.train_probe is not None:
+        state.sums[3] += host[3]
         state.sums[4] += len(labels)
     state.step += 1
     state.good_steps += 1
     state.window_images += len(v1) * run.ddp.world
-    state.sums[:3] += terms
-    return terms
+    state.sums[:3] += host[:3]
+    return host[:3]
 
 
 def _skip_step(run: Run, state: LoopState) -> None:
-    """The NaN guard: skip a step with a non-finite loss; stop after ``max_bad_steps`` in a row."""
+    """The NaN guard: skip a step that left a non-finite loss or state; stop after ``max_bad_steps`` in a row."""
     state.bad_steps += 1
-    log.warning("non-finite loss at step %d (%d in a row): step skipped", state.step, state.bad_steps)
+    log.warning("non-finite loss or model state at step %d (%d in a row): step skipped and rolled back",
+                state.step, state.bad_steps)
     _log(run.metrics, {"event": "skipped_step", "step": state.step, "epoch": state.epoch,
                        "consecutive": state.bad_steps})
     if state.bad_steps >= run.config.max_bad_steps:
         advice = (f"The last good checkpoint ({run.checkpoint}) is intact; lower --lr or raise --eps and resume "
                   "with --allow-config-change." if run.checkpoint.exists() else
                   "No epoch finished, so nothing was saved; lower --lr or raise --eps and start again.")
-        raise TrainingDiverged(f"{state.bad_steps} consecutive non-finite losses at step {state.step}: training "
-                               f"diverged. {advice}")
+        raise TrainingDiverged(f"{state.bad_steps} consecutive steps with a non-finite loss or model state at step "
+                               f"{state.step}: training diverged. {advice}")
     state.step += 1
 
 
@@ -491,9 +525,15 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     raise ConfigError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'lars'")
 
 
-def _fit_budget(config: TrainConfig, steps_per_epoch: int, elapsed: float, ddp: Dist, device: torch.device) -> int:
-    """Epochs that fit the time budget, from the speed of the first steps (all ranks agree)."""
-    seconds_per_step = elapsed / 12
+def _budget_window(steps_per_epoch: int) -> tuple[int, int]:
+    """The first epoch's steps [start, end) timed to fit --time-budget-min: after the warm-up steps."""
+    start = min(BUDGET_SKIP_STEPS, steps_per_epoch // 2)
+    return start, min(steps_per_epoch, start + BUDGET_TIMED_STEPS)
+
+
+def _fit_budget(config: TrainConfig, steps_per_epoch: int, seconds_per_step: float, ddp: Dist,
+                device: torch.device) -> int:
+    """Epochs that fit the time budget at the measured speed (all ranks agree)."""
     epochs = max(1, min(config.epochs, int(config.time_budget_min * 60 / (seconds_per_step * steps_per_epoch))))
     if ddp.world > 1:
         t = torch.tensor([epochs], device=device)

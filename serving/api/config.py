@@ -88,7 +88,8 @@ class Settings:
     api_key: str | None
     workers: int
     max_request_bytes: int
-    max_pixels: int
+    max_pixels: int  # per image
+    max_request_pixels: int  # all images of one request together: bounds the decode time of one request
     max_images: int  # per request
     threads: int  # onnxruntime intra-op threads per worker (default: model_threads)
     batch_size: int  # most images per model call when concurrent requests are merged
@@ -111,6 +112,7 @@ class Settings:
             threads=max(1, _int("CORINFOMAX_THREADS", model_threads(workers))),
             max_request_bytes=_int("CORINFOMAX_MAX_REQUEST_BYTES", 32 << 20),
             max_pixels=_int("CORINFOMAX_MAX_PIXELS", DEFAULT_MAX_PIXELS),
+            max_request_pixels=_int("CORINFOMAX_MAX_REQUEST_PIXELS", 128_000_000),
             max_images=_int("CORINFOMAX_MAX_IMAGES", 64),
             batch_size=max(1, _int("CORINFOMAX_BATCH_SIZE", 64)),
             batch_wait_ms=max(0, _int("CORINFOMAX_BATCH_WAIT_MS", 0)),

@@ -1,4 +1,5 @@
-"""HTTP guards in front of every API: optional API key and a request-size limit (ASGI middleware)."""
+"""HTTP guards in front of every API (ASGI middleware): optional API key, a request-size limit, errors
+always as ``{"error": message}``, and metric series for the service's own routes only."""
 
 from __future__ import annotations
 
@@ -82,5 +83,85 @@ class GuardMiddleware:
                 await send_error(send, 413, f"request body exceeds the limit of {self.max_bytes} bytes")
 
     def _authorised(self, headers: dict[str, str]) -> bool:
-        given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+        given = headers.get("x-api-key", "")
+        if not given:  # RFC 9110: the scheme is case-insensitive; a bare key without "Bearer" is refused
+            scheme, _, token = headers.get("authorization", "").strip().partition(" ")
+            given = token.strip() if scheme.lower() == "bearer" else ""
         return bool(given) and hmac.compare_digest(given.encode(), self.api_key.encode())  # type: ignore[union-attr]
+
+
+class JsonErrors:
+    """Give every error answer (status >= 400) the documented shape ``{"error": message}``.
+
+    Starlette answers unknown routes (404) and wrong methods (405) in plain text, and BentoML wraps the
+    message of its own 4xx exceptions in a one-element array; both are rewritten here, keeping the status.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start: dict[str, Any] | None = None
+        body = bytearray()
+
+        async def shaping_send(message: dict[str, Any]) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                start = message  # hold it until the whole (small) error body is here
+                return
+            if start is None:
+                await send(message)
+                return
+            body.extend(message.get("body", b""))
+            if not message.get("more_body", False):
+                headers = [(k, v) for k, v in start.get("headers", [])
+                           if k.lower() not in (b"content-type", b"content-length")]
+                await send_error(send, start["status"], error_message(bytes(body), start["status"]), headers)
+
+        await self.app(scope, receive, shaping_send)
+
+
+def error_message(body: bytes, status: int) -> str:
+    """The message of an error body in any of the shapes the stack produces."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace").strip() or HTTPStatus(status).phrase
+    if isinstance(data, list) and len(data) == 1:
+        data = data[0]
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        detail = data.get("detail")
+        details: list[Any] = detail if isinstance(detail, list) else []
+        # Pydantic's validation details: where (the field) and what, so the message names the problem.
+        where = ["{}: {}".format(".".join(map(str, d.get("loc", ()))), d.get("msg", ""))
+                 for d in details[:3] if isinstance(d, dict)]
+        return "; ".join([data["error"], *where])
+    if isinstance(data, dict) and isinstance(data.get("detail"), str):
+        return data["detail"]
+    return json.dumps(data)[:2000]
+
+
+def count_known_routes_only(routes: frozenset[str]) -> None:
+    """Keep BentoML's per-endpoint HTTP metrics to ``routes``: one series per path ever requested would
+    let anyone grow ``/metrics`` and the server's memory without bound with random paths.
+
+    BentoML labels its request metrics with the raw path in a middleware outside the service's own
+    ones, so the filter has to sit in that middleware's call (patched once per process).
+    """
+    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware as Metrics
+
+    counted: Any = Metrics.__call__
+    if getattr(counted, "routes", None) is not None:
+        return
+
+    async def call(self: Any, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in routes:
+            await self.app(scope, receive, send)
+        else:
+            await counted(self, scope, receive, send)
+
+    call.routes = routes  # type: ignore[attr-defined]
+    Metrics.__call__ = call  # type: ignore[method-assign,assignment]

@@ -20,6 +20,8 @@ import functools
 import inspect
 import logging
 import math
+import sys
+import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
@@ -31,13 +33,13 @@ from corinfomax.core.bundle import read_card
 from corinfomax.core.errors import BadInput
 from corinfomax.core.images import walk_images
 from corinfomax.core.thumbnails import make_thumbnail
-from corinfomax.serving.api import web
+from corinfomax.serving.api import limits, serde, web
 from corinfomax.serving.api.batcher import MicroBatcher
 from corinfomax.serving.api.config import Settings
 from corinfomax.serving.api.fetch import fetch_url
-from corinfomax.serving.api.http import GuardMiddleware
+from corinfomax.serving.api.http import GuardMiddleware, JsonErrors, count_known_routes_only
 from corinfomax.serving.embedder import Embedder
-from corinfomax.serving.index.store import MAX_K, IndexStore, check_k, normalise
+from corinfomax.serving.index.store import MAX_K, IndexStore, check_k, check_key, check_metadata, normalise
 
 log = logging.getLogger("corinfomax.service")
 # BentoML's server logging shows its own loggers at INFO and the rest at WARNING: without this, the start-up
@@ -105,16 +107,17 @@ class IndexOwner:
     @_envelope
     def add(self, vectors: np.ndarray, metadata: Optional[list[dict[str, Any]]] = None,
             labels: Optional[list[Optional[str]]] = None,
-            thumbnails: Optional[list[Optional[str]]] = None) -> list[int]:  # base64, from CorInfoMax.add
+            thumbnails: Optional[list[Optional[str]]] = None,  # base64, from CorInfoMax.add
+            key: Optional[str] = None) -> list[int]:
         raw = [base64.b64decode(t) if t else None for t in thumbnails] if thumbnails is not None else None
-        ids = self.store.add(vectors, metadata, labels, raw)
+        ids = self.store.add(vectors, metadata, labels, raw, key=key)
         INDEX_ITEMS.set(self.store.count())
         return ids
 
     @bentoml.api
     @_envelope
-    def delete(self, ids: list[int]) -> list[int]:
-        deleted = self.store.delete(ids)
+    def delete(self, ids: list[int], key: Optional[str] = None) -> list[int]:
+        deleted = self.store.delete(ids, key=key)
         INDEX_ITEMS.set(self.store.count())
         return deleted
 
@@ -167,27 +170,42 @@ def _http_errors(api: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[
 
 
 class Unavailable(BadInput):
-    """An internal service connection dropped on a write: the client should retry (503)."""
+    """The index service could not be reached twice in a row: the client should retry (503)."""
 
     status = 503
 
 
-async def call(method: Callable[..., Awaitable[Any]], idempotent: bool, **kwargs: Any) -> Any:
-    """Call a dependency, retrying an idempotent call once on a dropped pooled connection.
+def keep_one_session(proxy: Any) -> None:
+    """Stop BentoML's internal client from replacing its HTTP session every 100 requests or 300 s.
 
-    Works around BentoML's internal client reusing keep-alive connections the callee already closed
-    (bentoml/BentoML#4971, fix proposed in PR #5698); a write is not retried (it may have landed).
+    On replacement it closes the old session at once, cutting off the requests still in flight on it:
+    under concurrent load, writes that IndexOwner had applied answered "connection closed" (issue 13).
+    One session per worker for its whole life has no such moment.
+    """
+    sessions = proxy.to_async._session_manager
+    if not hasattr(sessions, "max_requests") or not hasattr(sessions, "max_age"):
+        raise RuntimeError("BentoML's internal client changed: review keep_one_session in serving/api/service.py")
+    sessions.max_requests, sessions.max_age = sys.maxsize, math.inf
+
+
+async def call(method: Callable[..., Awaitable[Any]], **kwargs: Any) -> Any:
+    """Call a dependency, retrying once on a dropped connection.
+
+    A retry is always safe: reads are idempotent and every write carries an idempotency key, so a write
+    that landed before its answer was lost is answered again, not applied twice. What can still drop a
+    connection: the callee closing an idle keep-alive connection just as the client reuses it.
     """
     import aiohttp
 
     try:
         return await method(**kwargs)
     except aiohttp.ClientConnectionError as err:
-        if not idempotent:
-            raise Unavailable(f"internal connection dropped ({type(err).__name__}); the write may not have "
-                              "been applied: check with get/search, then retry") from err
         log.warning("retrying %s after %s", getattr(method, "__name__", method), type(err).__name__)
+    try:
         return await method(**kwargs)
+    except aiohttp.ClientConnectionError as err:
+        raise Unavailable(f"the index service is unreachable ({type(err).__name__}); retry the request "
+                          "(with the same idempotency_key for a write)") from err
 
 
 def _unwrap(answer: dict[str, Any]) -> Any:
@@ -246,6 +264,7 @@ class CorInfoMax:
         self.bundle = SETTINGS.bundle_dir()
         self.embedder = Embedder(self.bundle, threads=SETTINGS.threads, max_pixels=SETTINGS.max_pixels)
         self.card, self.dim = self.embedder.card, self.embedder.dim
+        keep_one_session(self.index)
         self.batcher = MicroBatcher(self.embedder.embed_arrays, SETTINGS.batch_size, SETTINGS.batch_wait_ms,
                                     on_batch=_observe_batch)
         probe_path = SETTINGS.probe_path(self.bundle)
@@ -263,7 +282,10 @@ class CorInfoMax:
 
     async def _images(self, images: Optional[list[Path]], urls: Optional[list[str]],
                       images_b64: Optional[list[str]]) -> list[bytes]:
-        """Collect raw bytes from the three ways an image can arrive; check the count."""
+        """Collect raw bytes from the three ways an image can arrive; check the count before any work."""
+        count = len(images or []) + len(urls or []) + len(images_b64 or [])
+        if count > SETTINGS.max_images:
+            raise BadInput(f"{count} images in one request; the limit is {SETTINGS.max_images}")
         raw = [Path(p).read_bytes() for p in images or []]
         raw += [decode_b64(text, i) for i, text in enumerate(images_b64 or [])]
         max_bytes = SETTINGS.max_request_bytes
@@ -271,8 +293,6 @@ class CorInfoMax:
                                       for u in urls or []))
         if not raw:
             raise BadInput("no images: send multipart files named 'images', a list 'urls', or a list 'images_b64'")
-        if len(raw) > SETTINGS.max_images:
-            raise BadInput(f"{len(raw)} images in one request; the limit is {SETTINGS.max_images}")
         return raw
 
     async def _embed(self, raw: list[bytes]) -> np.ndarray:
@@ -281,6 +301,7 @@ class CorInfoMax:
 
     def _pixels(self, raw: list[bytes]) -> np.ndarray:
         """Decode + the model card's preprocessing; a failure names the image."""
+        limits.check_request_pixels(raw, SETTINGS.max_request_pixels)
         out = []
         for i, data in enumerate(raw):
             try:
@@ -304,7 +325,7 @@ class CorInfoMax:
 
     async def thumbnail_bytes(self, item_id: int) -> bytes:
         """An item's stored thumbnail (for ``web``'s GET /thumbnails/{id})."""
-        return base64.b64decode(_unwrap(await call(self.index.to_async.thumbnail, True, id=item_id)))
+        return base64.b64decode(_unwrap(await call(self.index.to_async.thumbnail, id=item_id)))
 
     async def _query_vectors(self, images: Optional[list[Path]], urls: Optional[list[str]],
                              images_b64: Optional[list[str]], vectors: Optional[list[list[float]]],
@@ -317,7 +338,7 @@ class CorInfoMax:
         if vectors:
             return normalise(vectors, self.dim, "vectors")
         if ids:
-            return np.asarray(_unwrap(await call(self.index.to_async.vectors, True, ids=ids)), dtype=np.float32)
+            return np.asarray(_unwrap(await call(self.index.to_async.vectors, ids=ids)), dtype=np.float32)
         return await self._embed(await self._images(images, urls, images_b64))
 
     # -- APIs -------------------------------------------------------------------------------------
@@ -337,8 +358,9 @@ class CorInfoMax:
                      ids: Optional[list[int]] = None, k: int = 10) -> dict[str, Any]:
         """Top-k stored items per query (image, vector or stored id), with scores, metadata and labels."""
         check_k(k)
+        limits.check_hits(limits.query_count(images, urls, images_b64, vectors, ids), k)
         queries = await self._query_vectors(images, urls, images_b64, vectors, ids)
-        return {"results": _unwrap(await call(self.index.to_async.search, True, vectors=queries, k=k))}
+        return {"results": _unwrap(await call(self.index.to_async.search, vectors=queries, k=k))}
 
     @bentoml.api
     @_http_errors
@@ -356,6 +378,8 @@ class CorInfoMax:
                            "use method 'knn'")
         if method == "knn" and not 1 <= neighbours <= MAX_K:
             raise BadInput(f"neighbours must be between 1 and {MAX_K}, got {neighbours}")
+        if method == "knn":
+            limits.check_hits(limits.query_count(images, urls, images_b64), neighbours, "neighbours")
         vectors = await self._embed(await self._images(images, urls, images_b64))
         if method == "probe":
             assert self.probe is not None
@@ -364,8 +388,7 @@ class CorInfoMax:
             predictions = [[{"label": self.probe.classes[j], "probability": round(float(p[j]), 6)} for j in row]
                            for p, row in zip(probs, order)]
         else:
-            rows = _unwrap(await call(self.index.to_async.search, True, vectors=vectors, k=neighbours,
-                                      labelled_only=True))
+            rows = _unwrap(await call(self.index.to_async.search, vectors=vectors, k=neighbours, labelled_only=True))
             if not any(rows):
                 raise BadInput("kNN classification needs labelled items in the index; add some with labels first")
             predictions = [knn_vote(row, k) for row in rows]
@@ -376,9 +399,16 @@ class CorInfoMax:
     async def add(self, images: list[Path] = [], urls: Optional[list[str]] = None,
                   images_b64: Optional[list[str]] = None, vectors: Optional[list[list[float]]] = None,
                   metadata: Optional[list[dict[str, Any]]] = None,
-                  labels: Optional[list[Optional[str]]] = None) -> dict[str, Any]:
+                  labels: Optional[list[Optional[str]]] = None,
+                  idempotency_key: Optional[str] = None) -> dict[str, Any]:
         """Store images (embedded here, with a thumbnail) or vectors with JSON metadata and optional labels; ids
-        once committed."""
+        once committed.
+
+        A client that lost the answer retries with the same ``idempotency_key`` and gets the same ids.
+        """
+        key = check_key(idempotency_key) or uuid.uuid4().hex  # our own key makes the internal retry safe
+        for i, meta in enumerate(metadata or []):  # before the hop: a hostile nesting must not reach pickle
+            check_metadata(meta, f"metadata[{i}]")
         thumbnails = None
         if (images or urls or images_b64) and not vectors:
             raw = await self._images(images, urls, images_b64)
@@ -387,40 +417,45 @@ class CorInfoMax:
                 thumbnails = await asyncio.to_thread(self._thumbnails, raw)
         else:
             queries = await self._query_vectors(images, urls, images_b64, vectors, None)
-        return {"ids": _unwrap(await call(self.index.to_async.add, False, vectors=queries, metadata=metadata,
-                                          labels=labels, thumbnails=thumbnails))}
+        return {"ids": _unwrap(await call(self.index.to_async.add, vectors=queries, metadata=metadata,
+                                          labels=labels, thumbnails=thumbnails, key=key))}
 
     @bentoml.api
     @_http_errors
-    async def delete(self, ids: list[int]) -> dict[str, Any]:
-        """Delete stored items by id (all must exist)."""
-        return {"deleted": _unwrap(await call(self.index.to_async.delete, False, ids=ids))}
+    async def delete(self, ids: list[int], idempotency_key: Optional[str] = None) -> dict[str, Any]:
+        """Delete stored items by id (all must exist); ``idempotency_key`` as in ``add``."""
+        key = check_key(idempotency_key) or uuid.uuid4().hex
+        return {"deleted": _unwrap(await call(self.index.to_async.delete, ids=ids, key=key))}
 
     @bentoml.api
     @_http_errors
     async def get(self, id: int) -> dict[str, Any]:
         """One stored item: id, metadata, label and vector."""
-        return _unwrap(await call(self.index.to_async.get, True, id=id))
+        return _unwrap(await call(self.index.to_async.get, id=id))
 
     @bentoml.api
     @_http_errors
     async def stats(self) -> dict[str, Any]:
         """Index statistics: count, labelled, kind, recall@10, generation."""
-        return _unwrap(await call(self.index.to_async.stats, True))
+        return _unwrap(await call(self.index.to_async.stats))
 
     @bentoml.api
     @_http_errors
     async def info(self) -> dict[str, Any]:
         """The model card, the index size and the probe's classes."""
-        stats = _unwrap(await call(self.index.to_async.stats, True))
-        return {"model": self.card.to_json(), "index": {"count": stats["count"], "labelled": stats["labelled"],
-                                              "kind": stats["kind"]},
+        stats = _unwrap(await call(self.index.to_async.stats))
+        return {"model": limits.public_card(self.card.to_json()),
+                "index": {"count": stats["count"], "labelled": stats["labelled"], "kind": stats["kind"]},
                 "probe": {"classes": self.probe.classes} if self.probe is not None else None,
                 "limits": {"max_images": SETTINGS.max_images, "max_request_bytes": SETTINGS.max_request_bytes,
-                           "max_pixels": SETTINGS.max_pixels, "max_k": MAX_K}}
+                           "max_pixels": SETTINGS.max_pixels, "max_request_pixels": SETTINGS.max_request_pixels,
+                           "max_k": MAX_K, **limits.PUBLIC}}
 
 
 web.mount(CorInfoMax)
+serde.install()
+count_known_routes_only(frozenset(f"/{name}" for name in [*CorInfoMax.apis, *IndexOwner.apis]))
+CorInfoMax.add_asgi_middleware(JsonErrors)  # outermost of the two: it also reshapes the guard's answers
 CorInfoMax.add_asgi_middleware(GuardMiddleware, api_key=SETTINGS.api_key, max_bytes=SETTINGS.max_request_bytes)
 
 

@@ -8,6 +8,7 @@ generation it did not write itself (another process wrote) reloads its FAISS cop
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sqlite3
@@ -33,6 +34,14 @@ FAISS_META = "faiss.json"
 
 MAX_K = 1000  # beyond this a "top-k" is a data dump, not a search
 READ_BATCH = 50_000
+MAX_ID = 2**63 - 1  # SQLite's INTEGER range
+# Metadata is a small description of an item, not a document store: every search answer carries it.
+MAX_METADATA_BYTES = 16 << 10  # per item, as JSON text
+MAX_METADATA_DEPTH = 32
+MAX_ANSWER_BYTES = 8 << 20  # metadata in one search answer: bounds what a request makes the server build
+MAX_LABEL_CHARS = 200
+MAX_KEY_CHARS = 128  # an idempotency key (a UUID is 36)
+KEY_TTL_S = 24 * 3600  # a retried write is recognised for a day
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -45,7 +54,15 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE INDEX IF NOT EXISTS items_label ON items(label) WHERE label IS NOT NULL;
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS thumbnails (id INTEGER PRIMARY KEY, image BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS writes (key TEXT PRIMARY KEY, result TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS writes_created ON writes(created_at);
 """
+
+
+class AnswerTooLarge(BadInput):
+    """A search whose answer would carry more than MAX_ANSWER_BYTES of metadata (413)."""
+
+    status = 413
 
 
 class IndexMismatch(BadInput):
@@ -100,6 +117,35 @@ def normalise(vectors: Any, dim: int, what: str = "vectors") -> np.ndarray:
     if (norms == 0).any():
         raise BadInput(f"{what} contain all-zero rows {np.nonzero(norms[:, 0] == 0)[0][:5].tolist()}")
     return np.ascontiguousarray(array / norms, dtype=np.float32)
+
+
+def check_metadata(meta: Any, where: str) -> str:
+    """A metadata object as JSON text, refused if not an object, too deep or over MAX_METADATA_BYTES."""
+    if not isinstance(meta, dict):
+        raise BadInput(f"{where} must be a JSON object, got {type(meta).__name__}")
+    stack: list[tuple[Any, int]] = [(meta, 1)]
+    while stack:  # iterative, so a hostile nesting cannot exhaust the interpreter's recursion limit
+        value, depth = stack.pop()
+        if depth > MAX_METADATA_DEPTH:
+            raise BadInput(f"{where} is nested deeper than {MAX_METADATA_DEPTH} levels")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    try:
+        text = json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise BadInput(f"{where} is not JSON-serialisable: {err}") from err
+    if len(text.encode()) > MAX_METADATA_BYTES:
+        raise BadInput(f"{where} is {len(text.encode())} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
+    return text
+
+
+def check_key(key: Any) -> str | None:
+    """An idempotency key: None, or 1..MAX_KEY_CHARS printable characters."""
+    if key is None:
+        return None
+    if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_CHARS or not key.isprintable():
+        raise BadInput(f"idempotency_key must be a string of 1 to {MAX_KEY_CHARS} printable characters")
+    return key
 
 
 def check_k(k: Any) -> int:
@@ -194,17 +240,27 @@ class IndexStore:
         metadata: Sequence[dict[str, Any]] | None = None,
         labels: Sequence[str | None] | None = None,
         thumbnails: Sequence[bytes | None] | None = None,
+        key: str | None = None,
     ) -> list[int]:
         """Store vectors (L2-normalised here) with metadata, labels and thumbnails (encoded images, e.g.
-        ``core.thumbnails.make_thumbnail``); return their new ids once committed, thumbnails in the same commit."""
+        ``core.thumbnails.make_thumbnail``); return their new ids once committed, thumbnails in the same commit.
+
+        With an idempotency ``key`` already used by a committed write, nothing is stored and that write's
+        ids come back, so a client (or the service's internal hop) can retry a write it lost the answer to.
+        """
         vectors = normalise(vectors, self.dim)
         rows = self._rows(vectors, metadata, labels)
         thumbs = _thumbnails(thumbnails, len(rows))
+        key = check_key(key)
         with self._lock:
             with self._write():
+                done = self._done(key)
+                if done is not None:
+                    return list(done)
                 ids = self._insert(rows)
                 self._db.executemany("INSERT INTO thumbnails(id, image) VALUES (?, ?)",
                                      [(i, t) for i, t in zip(ids, thumbs) if t is not None])
+                self._remember(key, ids)
                 generation = self._bump()
             self._sync_after_write(generation, lambda index: index.add_with_ids(vectors, np.asarray(ids, np.int64)))
         return ids
@@ -229,17 +285,22 @@ class IndexStore:
                 self.rebuild()
         return total
 
-    def delete(self, ids: Sequence[int]) -> list[int]:
-        """Delete items by id; all must exist (else NotFound and nothing is deleted)."""
+    def delete(self, ids: Sequence[int], key: str | None = None) -> list[int]:
+        """Delete items by id; all must exist (else NotFound and nothing is deleted). ``key``: as in ``add``."""
         wanted = _ids(ids)
+        key = check_key(key)
         with self._lock:
             with self._write():
+                done = self._done(key)
+                if done is not None:
+                    return list(done)
                 present = self._existing(wanted)
                 missing = [i for i in wanted if i not in present]
                 if missing:
                     raise NotFound(f"no item with id {', '.join(map(str, missing[:10]))}")
                 self._db.executemany("DELETE FROM items WHERE id = ?", [(i,) for i in wanted])
                 self._db.executemany("DELETE FROM thumbnails WHERE id = ?", [(i,) for i in wanted])
+                self._remember(key, wanted)
                 generation = self._bump()
             self._sync_after_write(generation, lambda index: self._remove(index, wanted))
         return wanted
@@ -253,14 +314,10 @@ class IndexStore:
             raise BadInput(f"{n} vectors but {len(metadata)} metadata objects and {len(labels)} labels")
         rows = []
         for i, (vector, meta, label) in enumerate(zip(vectors, metadata, labels)):
-            if not isinstance(meta, dict):
-                raise BadInput(f"metadata[{i}] must be a JSON object, got {type(meta).__name__}")
-            if label is not None and (not isinstance(label, str) or not label):
-                raise BadInput(f"labels[{i}] must be a non-empty string or null, got {label!r}")
-            try:
-                text = json.dumps(meta, allow_nan=False)
-            except (TypeError, ValueError) as err:
-                raise BadInput(f"metadata[{i}] is not JSON-serialisable: {err}") from err
+            text = check_metadata(meta, f"metadata[{i}]")
+            if label is not None and (not isinstance(label, str) or not 1 <= len(label) <= MAX_LABEL_CHARS):
+                raise BadInput(f"labels[{i}] must be a string of 1 to {MAX_LABEL_CHARS} characters or null, "
+                               f"got {str(label)[:100]!r}")
             rows.append((vector.tobytes(), text, label))
         return rows
 
@@ -275,6 +332,22 @@ class IndexStore:
             [(i, v, m, lab, now) for i, (v, m, lab) in zip(ids, rows)],
         )
         return ids
+
+    def _done(self, key: str | None) -> list[int] | None:
+        """The result of the committed write with idempotency ``key``, if any (inside a write transaction)."""
+        if key is None:
+            return None
+        row = self._db.execute("SELECT result FROM writes WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def _remember(self, key: str | None, result: list[int]) -> None:
+        """Record a write's result under its key (same transaction as the write); forget expired keys."""
+        if key is None:
+            return
+        now = time.time()
+        self._db.execute("DELETE FROM writes WHERE created_at < ?", (now - KEY_TTL_S,))
+        self._db.execute("INSERT INTO writes(key, result, created_at) VALUES (?, ?, ?)",
+                         (key, json.dumps(result), now))
 
     def _existing(self, ids: list[int]) -> set[int]:
         found: set[int] = set()
@@ -333,11 +406,15 @@ class IndexStore:
             fetch = min(index.ntotal, k + len(self._tombstones))
             scores, ids = index.search(queries, fetch, params=params) if params else index.search(queries, fetch)
             wanted = {int(i) for i in ids.ravel() if i >= 0 and int(i) not in self._tombstones}
-            rows = self._rows_by_id(wanted)
-        return [
-            [Hit(int(i), float(s), *rows[int(i)]) for s, i in zip(srow, irow) if int(i) in rows][:k]
-            for srow, irow in zip(scores, ids)
-        ]
+            texts = self._rows_by_id(wanted)
+        answer = [[(int(i), float(s)) for s, i in zip(srow, irow) if int(i) in texts][:k]
+                  for srow, irow in zip(scores, ids)]
+        size = sum(len(texts[i][0]) for row in answer for i, _ in row)
+        if size > MAX_ANSWER_BYTES:  # checked before parsing: the same item may be in every row
+            raise AnswerTooLarge(f"the answer would carry {size} bytes of metadata; the limit is {MAX_ANSWER_BYTES}: "
+                                 "lower k or send fewer queries per request")
+        parsed = {i: json.loads(text) for i, (text, _) in texts.items()}
+        return [[Hit(i, s, parsed[i], texts[i][1]) for i, s in row] for row in answer]
 
     def _search_params(self, labelled_only: bool) -> faiss.SearchParameters | None:
         nprobe, ef = self._meta.get("nprobe"), self._meta.get("ef_search")
@@ -350,13 +427,14 @@ class IndexStore:
             return faiss.SearchParametersHNSW(efSearch=int(ef), sel=selector)
         return faiss.SearchParameters(sel=selector) if selector is not None else None
 
-    def _rows_by_id(self, ids: set[int]) -> dict[int, tuple[dict[str, Any], str | None]]:
-        out: dict[int, tuple[dict[str, Any], str | None]] = {}
+    def _rows_by_id(self, ids: set[int]) -> dict[int, tuple[str, str | None]]:
+        """Metadata (JSON text) and label of each id."""
+        out: dict[int, tuple[str, str | None]] = {}
         for chunk in _chunks(sorted(ids), 900):
             marks = ",".join("?" * len(chunk))
             for i, meta, label in self._db.execute(f"SELECT id, metadata, label FROM items WHERE id IN ({marks})",
                                                    chunk):
-                out[i] = (json.loads(meta), label)
+                out[i] = (meta, label)
         return out
 
     def labelled(self) -> Labelled:
@@ -414,7 +492,10 @@ class IndexStore:
         meta_path, index_path = self.folder / FAISS_META, self.folder / FAISS_FILE
         try:
             meta = json.loads(meta_path.read_text())
-            index = faiss.read_index(str(index_path))
+            data = index_path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+                raise ValueError(f"{FAISS_FILE} does not match the checksum in {FAISS_META}")
+            index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
             if index.d != self.dim or index.ntotal != meta["count"]:
                 raise ValueError(f"index has d={index.d}, ntotal={index.ntotal}; faiss.json says count={meta['count']}")
         except FileNotFoundError:
@@ -530,7 +611,9 @@ class IndexStore:
                 return  # nothing current to save; a stale cache is rebuilt on the next open
             data = faiss.serialize_index(self._index).tobytes()
             atomic_write(self.folder / FAISS_FILE, lambda handle: handle.write(data))
-            atomic_write_text(self.folder / FAISS_META, json.dumps(self._meta, indent=2))
+            # The checksum lets the next open tell a damaged file (same size, other bytes) from a good one.
+            meta = {**self._meta, "sha256": hashlib.sha256(data).hexdigest()}
+            atomic_write_text(self.folder / FAISS_META, json.dumps(meta, indent=2))
 
     def close(self) -> None:
         """Save the FAISS cache and close SQLite."""
@@ -568,7 +651,9 @@ def _ids(ids: Any) -> list[int]:
     out = []
     for i in ids:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise BadInput(f"ids must be integers, got {i!r}")
+            raise BadInput(f"ids must be integers, got {str(i)[:100]!r}")
+        if not 0 <= i <= MAX_ID:
+            raise BadInput(f"ids must be between 0 and 2**63-1, got {str(i)[:100]}")
         out.append(int(i))
     if not out:
         raise BadInput("ids: empty list, give at least one id")

@@ -1,0 +1,216 @@
+"""Mixed load on a real `bentoml serve`: 16 clients doing embed/search/classify/add/delete/get for 60 s.
+
+    python bench/hostile_load.py --clients 16 --seconds 60
+
+Checks what a careful client relies on, and prints the numbers of docs/RESULTS.md "Mixed load":
+- every valid request answers 200 (errors are counted and the first few printed);
+- every acknowledged add is present exactly once at the end (looked up by its ids and its metadata
+  tag) and every acknowledged delete is gone; the index count equals start + added - deleted;
+- the server's memory (RSS of all its processes) before and after, beside the data stored meanwhile.
+Adds carry an idempotency key, as a client that retries should send. The load generator is one asyncio
+loop in this process; the server runs the default model with its demo collection (labelled, for kNN).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+
+from corinfomax.serving.api.launcher import Server
+
+REPO = Path(__file__).resolve().parents[1]
+# Share of each operation in the mix (reads dominate, as in a search service).
+MIX = {"embed": 0.2, "search_image": 0.15, "search_vector": 0.15, "classify": 0.15, "add": 0.2, "delete": 0.1,
+       "get": 0.05}
+
+
+def rss_by_process(server: Server) -> dict[int, int]:
+    """RSS in bytes of the server and each of its workers, by pid."""
+    assert server.proc is not None
+    root = psutil.Process(server.proc.pid)
+    out = {}
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            out[proc.pid] = proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def server_rss(server: Server) -> int:
+    return sum(rss_by_process(server).values())
+
+
+class Client:
+    """One closed-loop client: its own adds (so its deletes never race another client's)."""
+
+    def __init__(self, number: int, http: httpx.AsyncClient, jpegs: list[bytes], dim: int, seed: int) -> None:
+        self.number, self.http, self.jpegs, self.dim = number, http, jpegs, dim
+        self.rng = random.Random(seed)
+        self.live: dict[int, str] = {}  # id -> tag of items this client added and has not deleted
+        self.deleted: list[int] = []
+        self.latencies: dict[str, list[float]] = {op: [] for op in MIX}
+        self.errors: list[str] = []
+        self.sequence = 0
+
+    def _image(self) -> tuple[str, tuple[str, bytes, str]]:
+        return ("images", ("x.jpg", self.rng.choice(self.jpegs), "image/jpeg"))
+
+    def _vector(self) -> list[float]:
+        return [self.rng.gauss(0, 1) for _ in range(self.dim)]
+
+    async def step(self) -> None:
+        op = self.rng.choices(list(MIX), weights=list(MIX.values()))[0]
+        if op in ("delete", "get") and not self.live:
+            op = "add"
+        started = time.perf_counter()
+        if op == "embed":
+            resp = await self.http.post("/embed", files=[self._image()])
+        elif op == "search_image":
+            resp = await self.http.post("/search", files=[self._image()], data={"k": "5"})
+        elif op == "search_vector":
+            resp = await self.http.post("/search", json={"vectors": [self._vector()], "k": 10})
+        elif op == "classify":
+            method = self.rng.choice(["probe", "knn"])
+            resp = await self.http.post("/classify", files=[self._image()], data={"k": "3", "method": method})
+        elif op == "add":
+            self.sequence += 1
+            tag = f"{self.number}-{self.sequence}"
+            resp = await self.http.post("/add", json={"vectors": [self._vector()], "metadata": [{"tag": tag}],
+                                                      "idempotency_key": uuid.uuid4().hex})
+            if resp.status_code == 200:
+                self.live[resp.json()["ids"][0]] = tag
+        elif op == "delete":
+            victim = self.rng.choice(list(self.live))
+            resp = await self.http.post("/delete", json={"ids": [victim], "idempotency_key": uuid.uuid4().hex})
+            if resp.status_code == 200:
+                del self.live[victim]
+                self.deleted.append(victim)
+        else:
+            resp = await self.http.post("/get", json={"id": self.rng.choice(list(self.live))})
+        self.latencies[op].append((time.perf_counter() - started) * 1000)
+        if resp.status_code != 200:
+            self.errors.append(f"{op}: HTTP {resp.status_code} {resp.text[:200]}")
+
+
+async def run_load(url: str, jpegs: list[bytes], dim: int, clients: int, seconds: float,
+                   on_tick: Any = None) -> list[Client]:
+    """Run the clients for ``seconds``; call ``on_tick()`` every 10 s meanwhile (e.g. to sample RSS)."""
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+        workers = [Client(c, http, jpegs, dim, seed=c) for c in range(clients)]
+        deadline = time.monotonic() + seconds
+
+        async def loop(client: Client) -> None:
+            while time.monotonic() < deadline:
+                await client.step()
+
+        async def ticker() -> None:
+            while on_tick is not None and time.monotonic() < deadline - 5:
+                await asyncio.sleep(10)
+                on_tick()
+
+        await asyncio.gather(ticker(), *(loop(c) for c in workers))
+    return workers
+
+
+def verify(http: httpx.Client, workers: list[Client], count_before: int) -> list[str]:
+    """Every acknowledged add present once with its tag, every acknowledged delete gone, counts add up."""
+    problems = []
+    live = {i: tag for w in workers for i, tag in w.live.items()}
+    for item_id, tag in live.items():
+        resp = http.post("/get", json={"id": item_id})
+        if resp.status_code != 200 or resp.json()["metadata"].get("tag") != tag:
+            problems.append(f"acknowledged add {item_id} ({tag}): {resp.status_code} {resp.text[:100]}")
+    for item_id in (i for w in workers for i in w.deleted):
+        if http.post("/get", json={"id": item_id}).status_code != 404:
+            problems.append(f"acknowledged delete {item_id} still present")
+    added = sum(len(w.live) + len(w.deleted) for w in workers)
+    deleted = sum(len(w.deleted) for w in workers)
+    count = http.post("/stats", json={}).json()["count"]
+    if count != count_before + added - deleted:
+        problems.append(f"index count {count} != {count_before} + {added} added - {deleted} deleted (duplicates?)")
+    tags = Counter(tag for tag in live.values())
+    problems += [f"tag {tag} stored {n} times" for tag, n in tags.items() if n > 1]
+    return problems
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, default=REPO / "models" / "default")
+    parser.add_argument("--images", type=Path, default=REPO.parent / "shared" / "datasets" / "cifar10" / "test")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+
+    jpegs = [p.read_bytes() for p in sorted(args.images.rglob("*.jpg"))[::50][:200]]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "CORINFOMAX_MODEL": str(args.bundle), "CORINFOMAX_INDEX": f"{tmp}/index",
+               "CORINFOMAX_WORKERS": str(args.workers), "CORINFOMAX_ACCESS_LOG": "0",
+               "BENTOML_HOME": f"{tmp}/bentoml", "BENTOML_DO_NOT_TRACK": "True"}
+        server = Server(env, Path(tmp) / "server.log").start()
+        try:
+            with httpx.Client(base_url=server.url, timeout=60) as http:
+                stats = http.post("/stats", json={}).json()
+                asyncio.run(run_load(server.url, jpegs, stats["dim"], args.clients, 3))  # warm-up
+                count_before = http.post("/stats", json={}).json()["count"]
+                rss_before, per_process_before = server_rss(server), rss_by_process(server)
+                samples: list[int] = []
+                started = time.perf_counter()
+                workers = asyncio.run(run_load(server.url, jpegs, stats["dim"], args.clients, args.seconds,
+                                               on_tick=lambda: samples.append(server_rss(server))))
+                elapsed = time.perf_counter() - started
+                rss_after, per_process_after = server_rss(server), rss_by_process(server)
+                problems = verify(http, workers, count_before)
+                count_after = http.post("/stats", json={}).json()["count"]
+            db_bytes = sum(f.stat().st_size for f in Path(tmp, "index").iterdir())
+            # Dropped internal connections the service retried (serving/api/service.py `call` logs each one).
+            retries = (Path(tmp) / "server.log").read_text(errors="replace").count("retrying ")
+        finally:
+            server.stop()
+
+    every = [ms for w in workers for lat in w.latencies.values() for ms in lat]
+    errors = [e for w in workers for e in w.errors]
+    print(f"{args.clients} clients, {args.seconds:.0f}s, {args.workers} workers, load average "
+          f"{os.getloadavg()[0]:.1f}")
+    print(f"all requests: {len(every) / elapsed:.1f} req/s, p50 {np.percentile(every, 50):.1f} ms, "
+          f"p99 {np.percentile(every, 99):.1f} ms, errors {len(errors)}")
+    for op in MIX:
+        lat = [ms for w in workers for ms in w.latencies[op]]
+        if lat:
+            print(f"  {op:14s} {len(lat):6d} requests  p50 {np.percentile(lat, 50):7.1f} ms  "
+                  f"p99 {np.percentile(lat, 99):7.1f} ms")
+    for error in errors[:5]:
+        print(f"  error: {error}")
+    print(f"writes: {sum(len(w.live) + len(w.deleted) for w in workers)} adds and "
+          f"{sum(len(w.deleted) for w in workers)} deletes acknowledged; index {count_before} -> {count_after} items; "
+          f"check: {'every acknowledged write present once' if not problems else f'{len(problems)} problems'}")
+    print(f"internal calls to IndexOwner retried after a dropped connection: {retries}")
+    for problem in problems[:5]:
+        print(f"  problem: {problem}")
+    net = count_after - count_before
+    print("server RSS every 10 s: " + ", ".join(f"{s / 2**20:.0f}" for s in [rss_before, *samples, rss_after])
+          + " MiB")
+    print("growth per process (MiB): " + ", ".join(
+        f"{pid}: {(per_process_after.get(pid, 0) - rss) / 2**20:+.1f}" for pid, rss in per_process_before.items()))
+    grown = (rss_after - rss_before) / 2**20
+    print(f"server RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB ({grown:+.1f} MiB); net {net} items "
+          f"stored = {net * stats['dim'] * 4 / 2**20:.1f} MiB of vectors; index folder "
+          f"{db_bytes / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()

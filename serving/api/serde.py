@@ -1,0 +1,78 @@
+"""Request parsing for the public service: BentoML's JSON and form parsers without their URL fetches.
+
+Why replace them: for an API with file parameters, BentoML's own parsers download any text given in
+place of a file (a multipart text field ``images=http://...``, or a raw JSON body that is a URL) with
+no size limit, no timeout and no private-address guard, and answer 500 when that fails. Here files
+arrive only as uploaded parts; URLs go through ``serving.api.fetch`` with the service's limits. Form
+parsing also gets explicit part and field limits, and parse failures (no boundary, too many fields,
+nesting too deep for the JSON decoder) become 400s instead of 500s.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any, TypeVar
+
+from _bentoml_impl.serde import ALL_SERDE, JSONSerde, MultipartSerde, Payload
+from bentoml.exceptions import BentoMLException
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+
+T = TypeVar("T")
+
+MAX_FORM_FIELDS = 100  # text fields in one form (the API has at most 9 parameters)
+MAX_FORM_FILES = 256  # file parts in one form; the image-count limit is checked after parsing
+
+
+class RequestError(BentoMLException):
+    """A request body the service cannot parse (400)."""
+
+    error_code = HTTPStatus.BAD_REQUEST
+
+
+class GuardedJSONSerde(JSONSerde):
+    """JSON bodies: parsed as JSON only (never fetched as a URL)."""
+
+    async def parse_request(self, request: Request, cls: type[T]) -> T:
+        body = await request.body()
+        try:
+            return self.deserialize_model(Payload((body,), metadata=request.headers), cls)
+        except RecursionError as err:
+            raise RequestError("request body: JSON nested too deeply") from err
+
+
+class GuardedMultipartSerde(MultipartSerde):
+    """Multipart and urlencoded forms: file parameters take uploaded files only."""
+
+    @staticmethod
+    async def ensure_file(obj: str | UploadFile) -> UploadFile:
+        if isinstance(obj, UploadFile):
+            return obj
+        raise RequestError("a file field got text: upload the image as a file part (curl -F images=@cat.jpg), "
+                           "or send its address in the list field 'urls'")
+
+    async def parse_request(self, request: Request, cls: type[T]) -> T:
+        try:
+            await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
+        except MultiPartException as err:  # too many parts, a malformed part
+            raise RequestError(f"malformed form: {err.message}") from err
+        except HTTPException as err:  # Starlette's wrapping of the same inside an app
+            raise RequestError(f"malformed form: {err.detail}") from err
+        except KeyError as err:  # Content-Type multipart/form-data without boundary=
+            raise RequestError("multipart body without a boundary in its Content-Type") from err
+        except (ValueError, AssertionError) as err:  # the parser's own checks on a broken body
+            raise RequestError(f"malformed form: {err}") from err
+        try:
+            return await super().parse_request(request, cls)  # reuses the form parsed above
+        except RecursionError as err:
+            raise RequestError("form field: JSON nested too deeply") from err
+
+
+def install() -> None:
+    """Use the guarded parsers for every media type BentoML would parse as JSON or as a form."""
+    serdes: Any = ALL_SERDE  # typed as a read-only Mapping, but it is the dict BentoML looks parsers up in
+    serdes["application/json"] = GuardedJSONSerde
+    serdes["multipart/form-data"] = GuardedMultipartSerde
+    serdes["application/x-www-form-urlencoded"] = GuardedMultipartSerde

@@ -1,0 +1,295 @@
+"""The service against hostile and careless clients, over real HTTP (one `bentoml serve` for the module).
+
+Every bad request must get a 4xx ``{"error": "..."}`` quickly, nothing may be fetched that the service
+did not choose to fetch, and the server's memory (all its processes) must stay bounded.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import json
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import psutil
+import pytest
+from PIL import Image
+
+from corinfomax.serving.api.launcher import Server
+from corinfomax.serving.api.limits import MAX_HITS
+from corinfomax.serving.index.store import MAX_ANSWER_BYTES, MAX_METADATA_BYTES
+
+pytestmark = pytest.mark.slow  # a server subprocess
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "hostile-key"
+MAX_REQUEST = 4 << 20
+BAD_INPUT_SECONDS = 10.0
+DIM = 256
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("hostile")
+    env = {**os.environ, "CORINFOMAX_MODEL": str(tiny_bundle), "CORINFOMAX_DEMO_DIR": "",
+           "CORINFOMAX_INDEX": str(root / "index"), "CORINFOMAX_API_KEY": KEY, "CORINFOMAX_WORKERS": "2",
+           "CORINFOMAX_MAX_REQUEST_BYTES": str(MAX_REQUEST), "CORINFOMAX_ACCESS_LOG": "0",
+           "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(REPO)}
+    srv = Server(env, root / "server.log").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=30) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def jpeg(cifar10: Path) -> bytes:
+    return (cifar10 / "test" / "cat" / "0001.jpg").read_bytes()
+
+
+class _Bait(http.server.BaseHTTPRequestHandler):
+    """An HTTP server that counts requests: the service must never call it on a client's behalf."""
+
+    hits = 0
+
+    def do_GET(self) -> None:  # the name http.server calls
+        type(self).hits += 1
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"x" * 1000)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def bait() -> Iterator[str]:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Bait)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def server_rss(server: Server) -> int:
+    """Resident memory of the server and all its workers, in bytes."""
+    assert server.proc is not None
+    root = psutil.Process(server.proc.pid)
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _png(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", size).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _nested(depth: int) -> str:
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+def _json(body: str | bytes, content_type: str = "application/json") -> dict[str, Any]:
+    return {"content": body.encode() if isinstance(body, str) else body, "headers": {"content-type": content_type}}
+
+
+def _hostile(jpeg: bytes, bait: str) -> list[tuple[str, str, str, dict[str, Any], int]]:
+    """(name, method, path, httpx arguments, expected status)."""
+    vec = [0.1] * DIM
+    b64 = base64.b64encode(jpeg).decode()
+    form_fields = "&".join(f"f{i}=1" for i in range(10_000))
+    big = _png((7000, 7000))  # 49 Mpx each: under the per-image limit, three are over the per-request one
+    return [
+        # images only through paths the service controls: text in a file field is never fetched
+        ("URL in a file field", "POST", "/embed", {"files": {"images": (None, f"{bait}/a.jpg")}}, 400),
+        ("file URL in a file field", "POST", "/embed", {"files": {"images": (None, "file:///etc/passwd")}}, 400),
+        ("word in a file field", "POST", "/embed", {"files": {"images": (None, "hello")}}, 400),
+        ("URL as the whole JSON body", "POST", "/embed", _json(f"{bait}/a.jpg"), 400),
+        ("URL as a urlencoded file field", "POST", "/search", _json(f"images={bait}/a.jpg&k=1",
+                                                                    "application/x-www-form-urlencoded"), 400),
+        ("private URL", "POST", "/embed", {"json": {"urls": [f"{bait}/a.jpg"]}}, 400),
+        ("gopher URL", "POST", "/embed", {"json": {"urls": ["gopher://127.0.0.1:70/"]}}, 400),
+        ("URL with credentials to localhost", "POST", "/embed", {"json": {"urls": ["http://u:p@localhost/"]}}, 400),
+        ("URL not a string", "POST", "/embed", {"json": {"urls": [{"href": "x"}]}}, 400),
+        ("500 URLs (refused before fetching)", "POST", "/embed", {"json": {"urls": [f"{bait}/{i}" for i in
+                                                                                     range(500)]}}, 400),
+        # ids outside SQLite's range, or not ids
+        ("id 2**63 get", "POST", "/get", {"json": {"id": 2**63}}, 400),
+        ("id 2**64 delete", "POST", "/delete", {"json": {"ids": [2**64]}}, 400),
+        ("id 2**63 search", "POST", "/search", {"json": {"ids": [2**63]}}, 400),
+        ("id -1 search", "POST", "/search", {"json": {"ids": [-1]}}, 400),
+        ("id 10**400", "POST", "/get", _json('{"id": 1' + "0" * 400 + "}"), 400),
+        ("id as bool (read as 1, like any form field)", "POST", "/delete", {"json": {"ids": [True]}}, 404),
+        ("id as float", "POST", "/get", {"json": {"id": 1.5}}, 400),
+        # broken bodies and content types
+        ("multipart without boundary", "POST", "/embed", _json(b"--x\r\n", "multipart/form-data"), 400),
+        ("JSON labelled multipart", "POST", "/search", _json('{"ids": [1]}', "multipart/form-data; boundary=zz"),
+         400),
+        ("10,000 form fields", "POST", "/embed", _json(form_fields, "application/x-www-form-urlencoded"), 400),
+        ("1,000 file parts", "POST", "/embed", {"files": [("images", ("a.jpg", b"x", "image/jpeg"))] * 1000}, 400),
+        ("pickle body", "POST", "/embed", _json(b"\x80\x04N.", "application/vnd.bentoml+pickle"), 415),
+        ("unknown content type", "POST", "/embed", _json(b"\x00\x01", "application/x-weird"), 400),
+        ("JSON array body", "POST", "/search", {"json": [1, 2]}, 400),
+        ("JSON null body", "POST", "/search", _json("null"), 400),
+        ("invalid UTF-8", "POST", "/search", _json(b'{"k": "\xff\xfe"}'), 400),
+        ("number 1e999", "POST", "/search", _json('{"vectors": [[1e999]], "k": 1}'), 400),
+        ("JSON nested 100,000 deep", "POST", "/add", _json('{"vectors": [[0.1]], "metadata": [' + _nested(100_000)
+                                                           + "]}"), 400),
+        ("form metadata nested 100,000 deep", "POST", "/add",
+         {"files": [("images", ("a.jpg", jpeg, "image/jpeg"))], "data": {"metadata": "[" + _nested(100_000) + "]"}},
+         400),
+        ("metadata nested 50 deep", "POST", "/add", _json('{"vectors": [[' + ",".join(["0.1"] * DIM) + ']], '
+                                                          '"metadata": [' + _nested(50) + "]}"), 400),
+        ("metadata over the size limit", "POST", "/add", {"json": {"vectors": [vec], "metadata": [
+            {"blob": "x" * (MAX_METADATA_BYTES + 1)}]}}, 400),
+        ("label of 10,000 characters", "POST", "/add", {"json": {"vectors": [vec], "labels": ["x" * 10_000]}}, 400),
+        ("idempotency key of 10,000 characters", "POST", "/add", {"json": {"vectors": [vec],
+                                                                           "idempotency_key": "k" * 10_000}}, 400),
+        # sizes and counts
+        ("body over the limit", "POST", "/embed", _json(b"x" * (MAX_REQUEST + 1)), 413),
+        ("chunked body over the limit", "POST", "/embed", {"content": iter([b"x" * (1 << 20)] * 5),
+                                                           "headers": {"content-type": "application/json"}}, 413),
+        ("queries x k over the limit", "POST", "/search", {"json": {"vectors": [vec] * 20, "k": 1000}}, 400),
+        ("kNN queries x neighbours over the limit", "POST", "/classify",
+         {"json": {"images_b64": [b64] * 64, "method": "knn", "neighbours": 1000}}, 400),
+        ("65 images", "POST", "/embed", {"json": {"images_b64": [b64] * 65}}, 400),
+        ("pixel bomb PNG", "POST", "/embed", {"files": [("images", ("a.png", _png((20_000, 20_000)), "image/png"))]},
+         413),
+        ("images declaring 147 Mpx together", "POST", "/embed",
+         {"files": [("images", ("a.png", big, "image/png"))] * 3}, 413),
+        ("k as a word", "POST", "/search", {"json": {"vectors": [vec], "k": "ten"}}, 400),
+        ("k = 10**30", "POST", "/search", {"json": {"vectors": [vec], "k": 10**30}}, 400),
+        ("neighbours = -5", "POST", "/classify", {"json": {"images_b64": [b64], "method": "knn",
+                                                           "neighbours": -5}}, 400),
+        ("vectors of strings", "POST", "/search", {"json": {"vectors": [["a"] * DIM]}}, 400),
+        ("ragged vectors", "POST", "/add", {"json": {"vectors": [vec, [0.1]]}}, 400),
+        ("base64 of text", "POST", "/embed", {"json": {"images_b64": [base64.b64encode(b"hello").decode()]}}, 400),
+        ("data URL of garbage", "POST", "/embed", {"json": {"images_b64": ["data:image/png;base64,!!!"]}}, 400),
+        ("base64 not a string", "POST", "/embed", {"json": {"images_b64": [123]}}, 400),
+        ("file part that is a PDF", "POST", "/embed", {"files": [("images", ("a.pdf", b"%PDF-1.4\n" * 50,
+                                                                            "application/pdf"))]}, 400),
+        # routes and methods
+        ("unknown route", "POST", "/admin", {"json": {}}, 404),
+        ("path traversal", "POST", "/embed/../../etc/passwd", {"json": {}}, 404),
+        ("GET on an API", "GET", "/embed", {}, 405),
+        ("PUT on an API", "PUT", "/add", {"json": {}}, 405),
+        ("DELETE on an API", "DELETE", "/delete", {}, 405),
+    ]
+
+
+def test_hostile_requests_get_a_quick_4xx_json_error(client: httpx.Client, server: Server, jpeg: bytes,
+                                                     bait: str) -> None:
+    client.post("/embed", files={"images": ("a.jpg", jpeg, "image/jpeg")})  # warm up
+    before = server_rss(server)
+    failures = []
+    for name, method, path, kwargs, status in _hostile(jpeg, bait):
+        started = time.monotonic()
+        try:
+            resp = client.request(method, path, **kwargs)
+        except httpx.HTTPError as err:
+            failures.append(f"{name}: {type(err).__name__} {err}")
+            continue
+        seconds = time.monotonic() - started
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        if resp.status_code != status or not isinstance(body, dict) or not isinstance(body.get("error"), str) \
+                or not body["error"] or seconds > BAD_INPUT_SECONDS:
+            failures.append(f"{name}: {resp.status_code} in {seconds:.1f}s: {resp.text[:200]}")
+    assert not failures, "\n".join(failures)
+    assert _Bait.hits == 0, "the service fetched a URL it was only given as text in a file field"
+    assert client.get("/readyz").status_code == 200
+    grown = server_rss(server) - before
+    assert grown < 200 << 20, f"server grew by {grown >> 20} MiB over the hostile requests"
+
+
+def test_api_key_scheme_is_case_insensitive_and_a_bare_key_is_refused(server: Server) -> None:
+    def status(headers: dict[str, str]) -> int:
+        return httpx.post(f"{server.url}/stats", json={}, headers=headers).status_code
+
+    assert status({"Authorization": f"bearer {KEY}"}) == 200
+    assert status({"Authorization": f"BEARER  {KEY}"}) == 200
+    assert status({"Authorization": KEY}) == 401
+    assert status({"Authorization": f"Basic {KEY}"}) == 401
+    assert status({"Authorization": "Bearer"}) == 401
+    assert status({"X-API-Key": KEY[:-1]}) == 401
+    resp = httpx.post(f"{server.url}/nowhere", json={})
+    assert resp.status_code == 401 and "error" in resp.json()
+
+
+def test_unknown_paths_add_no_metric_series(client: httpx.Client) -> None:
+    size = len(client.get("/metrics").text)
+    marker = uuid.uuid4().hex
+    for i in range(200):
+        httpx.post(f"{client.base_url}/{marker}{i}", json={})  # without the key: 401
+        client.post(f"/{marker}x{i}", json={})  # with it: 404
+    text = client.get("/metrics").text
+    assert marker not in text
+    assert len(text) < size + 20_000  # only the counters of the known routes moved
+
+
+def test_info_shows_no_local_paths(client: httpx.Client) -> None:
+    info = client.post("/info", json={}).json()
+    text = json.dumps(info)
+    assert "datasets" not in text and "/work/" not in text and "runs/" not in text
+    assert info["limits"]["max_hits"] == MAX_HITS and info["limits"]["max_answer_bytes"] == MAX_ANSWER_BYTES
+
+
+def test_answer_size_is_bounded_before_it_is_built(client: httpx.Client, server: Server) -> None:
+    vec = [1.0] + [0.0] * (DIM - 1)
+    added = client.post("/add", json={"vectors": [vec], "metadata": [{"blob": "x" * (MAX_METADATA_BYTES - 20)}]})
+    assert added.status_code == 200, added.text
+    before = server_rss(server)
+    queries = MAX_ANSWER_BYTES // MAX_METADATA_BYTES + 10  # each answer row carries the same big item
+    resp = client.post("/search", json={"vectors": [vec] * queries, "k": 1})
+    assert resp.status_code == 413 and "limit" in resp.json()["error"], resp.text
+    assert server_rss(server) - before < 100 << 20
+    client.post("/delete", json={"ids": added.json()["ids"]})
+
+
+def test_a_retried_write_with_the_same_key_lands_once(client: httpx.Client) -> None:
+    vec = [0.3] * DIM
+    key = uuid.uuid4().hex
+    first = client.post("/add", json={"vectors": [vec, vec], "idempotency_key": key}).json()["ids"]
+    again = client.post("/add", json={"vectors": [vec, vec], "idempotency_key": key}).json()["ids"]
+    assert again == first
+    assert client.post("/search", json={"ids": first[:1], "k": 3}).json()["results"][0][1]["id"] in first
+    deleted = client.post("/delete", json={"ids": first, "idempotency_key": key + "d"})
+    retried = client.post("/delete", json={"ids": first, "idempotency_key": key + "d"})
+    assert deleted.json() == retried.json() == {"deleted": first}
+    assert client.post("/get", json={"id": first[0]}).status_code == 404
+
+
+def test_memory_stays_bounded_over_a_sustained_hostile_run(client: httpx.Client, server: Server, jpeg: bytes,
+                                                           bait: str) -> None:
+    """Four rounds of every hostile request: after the first (allocator warm-up), no further growth."""
+    cases = _hostile(jpeg, bait)
+
+    def round_() -> None:
+        for name, method, path, kwargs, _status in cases:
+            if "chunked" not in name:  # a consumed iterator cannot be resent
+                client.request(method, path, **kwargs)
+
+    round_()
+    settled = server_rss(server)
+    for _ in range(3):
+        round_()
+    grown = server_rss(server) - settled
+    assert grown < 64 << 20, f"server grew by {grown >> 20} MiB over 3 more rounds of hostile requests"
+    assert client.get("/readyz").status_code == 200
