@@ -32,8 +32,12 @@ ImageSource = Union[bytes, str, Path, Image.Image]
 _INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
-def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode an image (bytes, path or PIL image) to an RGB PIL image with EXIF orientation applied."""
+def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> Image.Image:
+    """Decode an image (bytes, path or PIL image) to an RGB PIL image with EXIF orientation applied.
+
+    ``min_side``: decode at reduced size where the format allows it (JPEG DCT scaling by 1/2, 1/4 or 1/8,
+    Pillow's draft mode), keeping the shorter side at least ``min_side``; other formats decode in full.
+    """
     if isinstance(source, Image.Image):
         image = source
     else:
@@ -53,6 +57,8 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     if width == 0 or height == 0:
         raise ImageError(f"image has no pixels ({width}x{height})")
     try:
+        if min_side is not None and image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK", "YCbCr"):
+            image.draft(image.mode, (min_side, min_side))  # the largest scale keeping both sides >= min_side
         image.load()
         image = ImageOps.exif_transpose(image)
         if image.mode != "RGB":

@@ -22,6 +22,7 @@ from corinfomax.training.evaluate import (
     extract_features,
     knn_top1,
     linear_probe,
+    raw_pixel_features,
 )
 from corinfomax.training.models import build_backbone
 
@@ -99,6 +100,16 @@ def test_extract_features_is_the_eval_mode_backbone() -> None:
         torch.testing.assert_close(feats, backbone(normalize(images, mean, std)), rtol=1e-4, atol=1e-5)
 
 
+def test_raw_pixel_features_are_the_normalised_pixels_flattened() -> None:
+    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    feats = raw_pixel_features(images, mean, std)
+    assert feats.shape == (5, 192) and feats.dtype == torch.float32
+    expected = (images.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) \
+        / torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+    torch.testing.assert_close(feats.double(), expected.flatten(1), rtol=0, atol=1e-5)
+
+
 def test_report_on_cifar10(tiny_checkpoint: Path, cifar10: Path) -> None:
     report = evaluate_checkpoint(tiny_checkpoint, cifar10 / "train", cifar10 / "test", k=20,
                                  limit_per_class=10, device="cpu")
@@ -106,7 +117,7 @@ def test_report_on_cifar10(tiny_checkpoint: Path, cifar10: Path) -> None:
     assert report["data"]["num_train"] == report["data"]["num_test"] == 100
     assert report["model"] == {"backbone": "tiny_resnet", "cifar_stem": True, "image_size": 32,
                                "projector": "64-32", "feature_dim": 256}
-    assert set(report["results"]) == {"trained", "random_init"}
+    assert list(report["results"]) == ["raw_pixels", "random_init", "trained"]
     for result in report["results"].values():
         assert 0.0 <= result["knn_top1"] <= 1.0 and 0.0 <= result["linear_top1"] <= 1.0
     assert any("JPEG quality 75" in note for note in report["notes"])

@@ -42,6 +42,8 @@ def data(cifar10: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("empty data", ["--data", "{tmp}/empty"], ["no images found"]),
     ("unknown backbone", ["--data", "{data}", "--backbone", "resnet_xl"], ["unknown backbone 'resnet_xl'"]),
     ("impossible projector", ["--data", "{data}", "--projector", "64-x-32"], ["impossible projector '64-x-32'"]),
+    ("negative checkpoint interval", ["--data", "{data}", "--checkpoint-every", "-1"],
+     ["--checkpoint-every must be 0"]),
     ("tiny images", ["--data", "{data}", "--image-size", "4"], ["image_size 4 is too small"]),
     ("batch too large", ["--data", "{data}", "--batch-size", "512"], ["fewer than one batch"]),
     ("no data flag", [], ["--data"]),

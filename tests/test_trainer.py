@@ -11,7 +11,6 @@ from trainkit import small_folder, tiny_config
 
 from corinfomax.training import trainer
 from corinfomax.training.checkpoint import CheckpointError, load_checkpoint, non_finite, save_checkpoint
-from corinfomax.training.config import ConfigError
 from corinfomax.training.evaluate import one_cpu_thread as one_thread
 from corinfomax.training.guard import StepGuard
 from corinfomax.training.loss import CorInfoMaxLoss, CorInfoMaxOutput
@@ -61,10 +60,10 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(data: Path, tmp_
 
     original = trainer.BatchSource.epoch
 
-    def interrupted(self, epoch: int):
+    def interrupted(self, epoch: int, *args):
         if epoch == 1:
             raise KeyboardInterrupt
-        return original(self, epoch)
+        return original(self, epoch, *args)
 
     monkeypatch.setattr(trainer.BatchSource, "epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -220,12 +219,13 @@ def test_time_budget_is_fitted_after_the_warm_up_steps(data: Path, tmp_path: Pat
     assert load_checkpoint(run)["epoch"] == 1
 
 
-def test_a_folder_too_large_for_the_cache_is_refused_before_decoding(data: Path, tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_folder_too_large_for_the_cache_streams_from_the_files(data: Path, tmp_path: Path, caplog,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(trainer, "CACHE_MAX_BYTES", 100 * 3 * 16**2 - 1)  # one byte short of these 100 images
-    with pytest.raises(ConfigError, match="100 images at 16 px need .* GiB as a uint8 cache"):
-        train(tiny_config(data, tmp_path / "run"), progress=False)
-    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+    with caplog.at_level("INFO", logger=trainer.log.name):
+        train(tiny_config(data, tmp_path / "run", epochs=1), progress=False)
+    assert "a uint8 cache would need 0.0 GiB > 0 GiB: streaming 100 files" in caplog.text
+    assert load_checkpoint(tmp_path / "run")["step"] == 3 and not (tmp_path / "cache").exists()
 
 
 def test_pil_pipeline_with_persistent_workers(data: Path, tmp_path: Path) -> None:
@@ -233,6 +233,16 @@ def test_pil_pipeline_with_persistent_workers(data: Path, tmp_path: Path) -> Non
     train(tiny_config(data, run, augment="pil", workers=2), progress=False)
     state = load_checkpoint(run)
     assert state["epoch"] == 2 and torch.isfinite(torch.tensor(state["metrics"]["loss"]))
+
+
+def test_a_budget_fitted_run_resumes_with_the_same_command(data: Path, tmp_path: Path) -> None:
+    """A time budget rewrites the saved epochs (e.g. 100 -> 4); the same command asks for 100 again and must
+    resume, not conflict. Without a budget, other epochs are a real change."""
+    saved = tiny_config(data, tmp_path / "run", time_budget_min=15.0, epochs=4).to_dict()
+    trainer._check_resume(tiny_config(data, tmp_path / "run", time_budget_min=15.0, epochs=100), saved, False)
+    with pytest.raises(ResumeConflict, match="epochs: 4 -> 100"):
+        trainer._check_resume(tiny_config(data, tmp_path / "run", epochs=100), {**saved, "time_budget_min": 0.0},
+                              False)
 
 
 def test_time_budget_says_when_it_shortens_epochs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from corinfomax.core.errors import DataError, ImageError
@@ -49,6 +50,13 @@ class DecodedImages:
     labels: torch.Tensor
     classes: list[str]
     skipped: int
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> Image.Image:
+        """Image ``index`` as an RGB PIL image (for the per-image PIL augmentation)."""
+        return Image.fromarray(self.images[index].permute(1, 2, 0).numpy())
 
 
 def _cache_path(images: ImageList, size: int) -> Path:

@@ -8,9 +8,11 @@ Two standard read-outs on frozen features (arXiv:2209.07999, section 4):
   on precomputed, standardised features ("paper": that SGD recipe; "fast": full-batch L-BFGS, seconds).
   Standardising is an invertible affine map of the inputs, so it changes conditioning, not the model class.
 
-The same architecture randomly initialised is evaluated alongside as a baseline: the gap is what training
-bought. The report is one JSON file (see docs/FORMATS.md, section 6); the command line lives in
-training/eval_cli.py so that building the `corinfomax` parser never imports PyTorch.
+Two baselines are evaluated alongside: the same architecture randomly initialised, and the raw pixels
+themselves (the resized, normalised image flattened: on CIFAR-10 they beat a random network, 44% vs 33% kNN).
+The gap to the better of the two is what training bought. The report is one JSON file (see
+docs/FORMATS.md, section 6); the command line lives in training/eval_cli.py so that building the
+`corinfomax` parser never imports PyTorch.
 """
 
 from __future__ import annotations
@@ -70,6 +72,13 @@ def extract_features(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             chunks.append(backbone(batch).float())
     return torch.cat(chunks)
+
+
+def raw_pixel_features(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+                       device: torch.device | str = "cpu") -> Tensor:
+    """The raw-pixel baseline: uint8 ``images [N, 3, H, W]`` normalised as the backbone sees them, flattened
+    to float32 ``[N, 3*H*W]``."""
+    return torch.cat([normalize(chunk.to(device), mean, std).flatten(1) for chunk in images.split(1024)])
 
 
 @torch.no_grad()
@@ -234,19 +243,23 @@ def evaluate_checkpoint(
     log.info("evaluating on %d train / %d test images, %d classes, device %s", len(train_x), len(test_x),
              len(classes), dev)
 
-    backbones = {"trained": trained.backbone}
-    if baseline:
+    backbones: dict[str, nn.Module | None] = {}
+    if baseline:  # raw pixels first, then random init, then trained: weakest expected first
         torch.manual_seed(seed)
+        backbones["raw_pixels"] = None
         backbones["random_init"] = CorInfoMaxModel(config.backbone, config.projector, config.cifar_stem).backbone
+    backbones["trained"] = trained.backbone
     results = {}
     for name, backbone in backbones.items():
         t0 = time.perf_counter()
-        feats = [extract_features(backbone, x, config.mean, config.std, batch_size, dev, f"{name} features")
+        feats = [raw_pixel_features(x, config.mean, config.std, dev) if backbone is None else
+                 extract_features(backbone, x, config.mean, config.std, batch_size, dev, f"{name} features")
                  for x in (train_x, test_x)]
         feature_seconds = round(time.perf_counter() - t0, 3)
         results[name] = _evaluate_features(feats[0], train_y, feats[1], test_y, len(classes), k, temperature,
                                            linear, seed)
         results[name]["feature_seconds"] = feature_seconds
+        del feats  # raw pixels at 128 px are ~2 GB
         log.info("%s: %s", name, results[name])
 
     return {

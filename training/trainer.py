@@ -24,30 +24,30 @@ from tqdm import tqdm
 
 from corinfomax.core.errors import UserError
 from corinfomax.core.files import atomic_write_text
-from corinfomax.core.images import scan_images
 from corinfomax.training.augment import BatchTwoView, PilTwoView
 from corinfomax.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_weights, save_checkpoint
 from corinfomax.training.config import ConfigError, TrainConfig
-from corinfomax.training.data import DecodedImages, decode_folder
+from corinfomax.training.data import CACHE_MAX_SIDE, DecodedImages, decode_folder
 from corinfomax.training.distributed import Dist, convert_global_batchnorm, pick_device, setup_distributed
 from corinfomax.training.guard import StepGuard
 from corinfomax.training.loss import CorInfoMaxLoss
 from corinfomax.training.models import CorInfoMaxModel
 from corinfomax.training.optim import LARS, lr_at
+from corinfomax.training.stream import ImageFiles, TwoViewDataset, list_image_files
 
 log = logging.getLogger(__name__)
 
 # Fields that may change between a run and its resumption without changing what is trained.
 RUNTIME_FIELDS = {"out", "workers", "device", "log_every", "time_budget_min", "compile", "knn_every", "val_data",
-                  "data", "tensorboard"}
+                  "data", "checkpoint_every", "tensorboard"}
 
 
 # --time-budget-min fits the epochs to the speed of steps [10, 30) of the first epoch. The first steps are slow
 # (cuDNN autotuning, torch.compile, loader start-up): on an H100, timing steps 1-12 overestimated the step 3x.
 BUDGET_SKIP_STEPS, BUDGET_TIMED_STEPS = 10, 20
 
-# This version trains from a uint8 cache of the whole folder (held in memory, and on the device with the tensor
-# pipeline), at any resolution; a folder whose cache would exceed this is refused before anything is decoded.
+# Small training sizes train from a uint8 cache of the whole folder (held in memory, and on the device with the
+# tensor pipeline) unless it would exceed this; such folders stream from the files like large sizes do.
 CACHE_MAX_BYTES = 8 << 30
 
 # What to do when the run folder's checkpoint does not fit the model this config builds.
@@ -70,6 +70,8 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'lars'")
     if config.image_size < 8:
         raise ConfigError(f"image_size {config.image_size} is too small; use at least 8")
+    if config.checkpoint_every < 0:
+        raise ConfigError(f"--checkpoint-every must be 0 (epoch ends only) or more, got {config.checkpoint_every}")
     for name in ("epochs", "batch_size", "max_bad_steps", "log_every"):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
@@ -79,40 +81,7 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"--workers must be 0 or more, got {config.workers}")
 
 
-def check_cache_size(config: TrainConfig) -> None:
-    """Refuse a data folder whose uint8 cache at ``config.image_size`` would exceed `CACHE_MAX_BYTES`."""
-    count = len(scan_images(config.data).paths)
-    need = count * 3 * config.image_size**2
-    if need > CACHE_MAX_BYTES:
-        raise ConfigError(f"{count} images at {config.image_size} px need {need / 2**30:.1f} GiB as a uint8 cache, "
-                          f"above the {CACHE_MAX_BYTES / 2**30:.0f} GiB this version trains from; pass a smaller "
-                          "--image-size or a smaller folder.")
-
-
 # --------------------------------------------------------------------------- batches
-class _PilDataset(torch.utils.data.Dataset):
-    """Two PIL-augmented views of cached uint8 images (the reference pipeline, in DataLoader workers).
-
-    Items are ``(index, seed)``: each image's draws depend only on the run seed, the epoch and the index,
-    so a resumed or sharded run sees the same views as an uninterrupted single-process one.
-    """
-
-    def __init__(self, images: Tensor, labels: Tensor, transform: PilTwoView) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, item: tuple[int, int]):
-        from PIL import Image
-
-        index, seed = item
-        with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global generator
-            torch.manual_seed(seed)
-            v1, v2 = self.transform(Image.fromarray(self.images[index].permute(1, 2, 0).numpy()))
-        return v1, v2, self.labels[index]
-
-
 class _EpochSampler(torch.utils.data.Sampler):
     """This rank's ``(index, seed)`` items of the current epoch; `set_epoch` before each epoch.
 
@@ -120,17 +89,19 @@ class _EpochSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, n: int, config: TrainConfig, ddp: Dist, batch: int) -> None:
-        self.n, self.seed, self.ddp, self.batch, self.epoch = n, config.seed, ddp, batch, 0
+        self.n, self.seed, self.ddp, self.batch, self.epoch, self.start = n, config.seed, ddp, batch, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Serve ``epoch`` from its batch ``start_batch`` on (a run resumed mid-epoch)."""
+        self.epoch, self.start = epoch, start_batch * self.batch
 
     def __len__(self) -> int:
-        return len(epoch_order(self.n, self.epoch, self.seed, self.ddp, self.batch))
+        return len(epoch_order(self.n, self.epoch, self.seed, self.ddp, self.batch)) - self.start
 
     def __iter__(self):
         base = (self.seed * 100_003 + self.epoch) * self.n
-        return iter((i, base + i) for i in epoch_order(self.n, self.epoch, self.seed, self.ddp, self.batch).tolist())
+        order = epoch_order(self.n, self.epoch, self.seed, self.ddp, self.batch)[self.start :]
+        return iter((i, base + i) for i in order.tolist())
 
 
 def epoch_order(n: int, epoch: int, seed: int, ddp: Dist, batch: int) -> Tensor:
@@ -142,24 +113,43 @@ def epoch_order(n: int, epoch: int, seed: int, ddp: Dist, batch: int) -> Tensor:
     return perm[:usable][ddp.rank :: ddp.world]
 
 
-class BatchSource:
-    """Yields ``(view1, view2, labels)`` on the training device for one epoch, by either pipeline."""
+def load_training_images(config: TrainConfig, progress: bool) -> DecodedImages | ImageFiles:
+    """The decoded uint8 cache for small training sizes when it fits `CACHE_MAX_BYTES`, else the file list to
+    stream from (the choice is logged)."""
+    files = list_image_files(config.data, config.image_size)
+    need = len(files) * 3 * config.image_size**2
+    if config.image_size <= CACHE_MAX_SIDE and need <= CACHE_MAX_BYTES:
+        log.info("image_size %d <= %d: training from the decoded uint8 cache (%.2f GiB)", config.image_size,
+                 CACHE_MAX_SIDE, need / 2**30)
+        return decode_folder(config.data, config.image_size, progress=progress)
+    reason = (f"image_size {config.image_size} > {CACHE_MAX_SIDE}" if config.image_size > CACHE_MAX_SIDE else
+              f"a uint8 cache would need {need / 2**30:.1f} GiB > {CACHE_MAX_BYTES / 2**30:.0f} GiB")
+    log.info("%s: streaming %d files, decoded and augmented in %d loader worker(s)", reason, len(files),
+             config.workers)
+    return files
 
-    def __init__(self, data: DecodedImages, config: TrainConfig, device: torch.device, ddp: Dist) -> None:
+
+class BatchSource:
+    """Yields ``(view1, view2, labels)`` on the training device for one epoch: the batched tensor pipeline
+    on cached images, or per-image PIL augmentation in loader workers (cached images or streamed files)."""
+
+    def __init__(self, data: DecodedImages | ImageFiles, config: TrainConfig, device: torch.device,
+                 ddp: Dist) -> None:
         self.config, self.device, self.ddp = config, device, ddp
         self.batch = config.batch_size // ddp.world
         if self.batch < 2:
             raise ConfigError(f"batch size {config.batch_size} over {ddp.world} processes leaves < 2 images "
                               "per process")
-        self.n = len(data.images)
-        self.labels = data.labels
-        if config.augment == "tensor":
+        self.data, self.n, self.labels = data, len(data), data.labels
+        self.tensor = config.augment == "tensor" and isinstance(data, DecodedImages)
+        self.unreadable: set[int] = set()
+        if self.tensor:
             # Small images live on the device as uint8: no loader workers, no host-to-device copies per step.
-            self.images = data.images.to(device)
+            self.images = data.images.to(device)  # type: ignore[union-attr]  # DecodedImages here
             self.augment = BatchTwoView(config.image_size, config.mean, config.std)
         else:
             self.sampler = _EpochSampler(self.n, config, ddp, self.batch)
-            dataset = _PilDataset(data.images, data.labels, PilTwoView(config.image_size, config.mean, config.std))
+            dataset = TwoViewDataset(data, PilTwoView(config.image_size, config.mean, config.std))
             self.loader = torch.utils.data.DataLoader(
                 dataset, batch_size=self.batch, sampler=self.sampler, num_workers=config.workers,
                 pin_memory=device.type == "cuda", drop_last=True, persistent_workers=config.workers > 0,
@@ -168,24 +158,37 @@ class BatchSource:
     def steps_per_epoch(self) -> int:
         return self.n // (self.batch * self.ddp.world)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        if self.config.augment == "tensor":
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """The batches of ``epoch`` from batch ``start_batch`` on (a run resumed mid-epoch)."""
+        if self.tensor:
             order = epoch_order(self.n, epoch, self.config.seed, self.ddp, self.batch)
-            # Seeded by (seed, epoch) only: every rank draws the global batch's parameters and keeps its rows.
-            generator = torch.Generator().manual_seed(self.config.seed * 7919 + epoch * 1000)
-            for idx in order.split(self.batch):
+            for k, idx in enumerate(order.split(self.batch)[start_batch:], start_batch):
+                # Seeded by (seed, epoch, batch) only: every rank draws the global batch's parameters and keeps
+                # its rows, and a resumed run draws what an uninterrupted one would.
+                generator = torch.Generator().manual_seed((self.config.seed * 100_003 + epoch) * 1_000_003 + k)
                 v1, v2 = self.augment(self.images[idx.to(self.device)], generator, self.ddp.rank, self.ddp.world)
                 yield v1, v2, self.labels[idx].to(self.device)
             return
-        self.sampler.set_epoch(epoch)
-        for v1, v2, labels in self.loader:
+        self.sampler.set_epoch(epoch, start_batch)
+        for v1, v2, labels, unreadable in self.loader:
             yield (v1.to(self.device, non_blocking=True), v2.to(self.device, non_blocking=True),
                    labels.to(self.device, non_blocking=True))
+            self._count_unreadable(unreadable)
+
+    def _count_unreadable(self, unreadable: Tensor) -> None:
+        new = set(unreadable[unreadable >= 0].tolist()) - self.unreadable
+        if new:
+            self.unreadable |= new
+            self.data.skipped = len(self.unreadable)
+            log.warning("%d unreadable file(s) skipped so far (each replaced by the next readable one)",
+                        len(self.unreadable))
 
 
 # --------------------------------------------------------------------------- run folder
 def _check_resume(config: TrainConfig, saved: dict[str, Any], allow_change: bool) -> None:
-    changed = {k for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS and _plain(saved.get(k)) != _plain(v)}
+    # A run with a time budget saved the epochs fitted to it; the same command asks for the preset's epochs again.
+    ignored = RUNTIME_FIELDS | ({"epochs"} if saved.get("time_budget_min") else set())
+    changed = {k for k, v in config.to_dict().items() if k not in ignored and _plain(saved.get(k)) != _plain(v)}
     if changed and not allow_change:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in sorted(changed))
         raise ResumeConflict(
@@ -245,15 +248,14 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
 
     torch.manual_seed(config.seed + ddp.rank)
     model = CorInfoMaxModel(config.backbone, config.projector, config.cifar_stem).to(device)  # bad names fail here
-    check_cache_size(config)
-    data = decode_folder(config.data, config.image_size, progress=progress and ddp.main)
+    data = load_training_images(config, progress=progress and ddp.main)
     if data.skipped:
         log.warning("skipped %d unreadable file(s) in %s; training on %d images", data.skipped, config.data,
-                    len(data.images))
+                    len(data))
     source = BatchSource(data, config, device, ddp)
     steps_per_epoch = source.steps_per_epoch()
     if steps_per_epoch == 0:
-        raise ConfigError(f"{len(data.images)} images are fewer than one batch of {config.batch_size}; "
+        raise ConfigError(f"{len(data)} images are fewer than one batch of {config.batch_size}; "
                           "lower --batch-size")
 
     if ddp.world > 1:  # global-batch BN; before the optimizer is built, as conversion makes new parameters
@@ -272,7 +274,7 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
     optimizer = _optimizer(config, model)
     probe_opt = torch.optim.Adam(probe.parameters(), lr=1e-3) if probe is not None else None
 
-    start_epoch, step = 0, 0
+    start_epoch, step, start_batch = 0, 0, 0
     if resume_state is not None:
         load_weights(model, resume_state["model"], "model", ckpt_path, RESUME_HINT)
         load_weights(loss_fn, resume_state["loss"], "loss state", ckpt_path, RESUME_HINT)
@@ -281,8 +283,9 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
             load_weights(probe, resume_state["probe"], "online probe", ckpt_path, RESUME_HINT)
             probe_opt.load_state_dict(resume_state["probe_optimizer"])  # type: ignore[union-attr]
         start_epoch, step = int(resume_state["epoch"]), int(resume_state["step"])
+        start_batch = int(resume_state.get("epoch_batch", 0))
         _restore_rng(resume_state["rng"])
-        log.info("resuming %s at epoch %d (step %d)", out, start_epoch, step)
+        log.info("resuming %s at epoch %d batch %d (step %d)", out, start_epoch, start_batch, step)
 
     train_model: nn.Module = model
     train_probe: nn.Module | None = probe
@@ -300,7 +303,10 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
                           [o for o in (optimizer, probe_opt) if o is not None])
         run = Run(config, ddp, device, out, source, data, train_model, model, loss_fn, optimizer, train_probe,
                   probe, probe_opt, guard)
-        return _run(run, LoopState(start_epoch, step), fresh=resume_state is None, progress=progress)
+        state = LoopState(start_epoch, step, batch=start_batch)
+        if resume_state is not None and start_batch:  # mid-epoch: the epoch's sums so far
+            state.sums, state.good_steps = resume_state["epoch_sums"], int(resume_state["epoch_good_steps"])
+        return _run(run, state, fresh=resume_state is None, progress=progress)
     except BaseException:
         if created and not ckpt_path.exists():
             shutil.rmtree(out, ignore_errors=True)
@@ -316,7 +322,7 @@ class Run:
     device: torch.device
     out: Path
     source: BatchSource
-    data: DecodedImages
+    data: DecodedImages | ImageFiles
     train_model: nn.Module  # `model` wrapped for DDP and/or compiled
     model: CorInfoMaxModel
     loss_fn: CorInfoMaxLoss
@@ -338,6 +344,7 @@ class LoopState:
 
     epoch: int
     step: int
+    batch: int = 0  # batches of the current epoch done (non-zero at the start of a run resumed mid-epoch)
     started: float = field(default_factory=time.monotonic)
     bad_steps: int = 0  # consecutive steps skipped by the NaN guard
     # Epoch sums: loss, attraction, big_bang, online-probe correct, online-probe seen.
@@ -347,7 +354,10 @@ class LoopState:
     window_images: int = 0
 
     def start_epoch(self, epoch: int) -> None:
-        self.epoch, self.sums, self.good_steps = epoch, torch.zeros(5, dtype=torch.float64), 0
+        """Begin ``epoch``, unless it is the one a mid-epoch resume continues (its sums are restored)."""
+        if self.batch and epoch == self.epoch:
+            return
+        self.epoch, self.batch, self.sums, self.good_steps = epoch, 0, torch.zeros(5, dtype=torch.float64), 0
         self.window_start, self.window_images = time.monotonic(), 0
 
 
@@ -361,11 +371,11 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
         if not fresh:
             _trim_metrics(out / "metrics.jsonl", state.step)
         run.metrics = MetricsLog(out / "metrics.jsonl", fresh, out / "tensorboard" if config.tensorboard else None)
-        _log(run.metrics, {"event": "data", "step": state.step, "images": len(run.data.images),
+        _log(run.metrics, {"event": "data", "step": state.step, "images": len(run.data),
                            "skipped": run.data.skipped, "classes": len(run.data.classes), "world_size": ddp.world,
                            "device": str(run.device)})
     first_epoch = state.epoch
-    fit_budget = first_epoch == 0 and config.time_budget_min > 0  # a fresh run fits its schedule in epoch 0
+    fit_budget = fresh and config.time_budget_min > 0  # a fresh run fits its schedule in epoch 0
     timed = _budget_window(steps_per_epoch)
     timer = time.monotonic()
     try:
@@ -373,9 +383,9 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
         while epoch < config.epochs:  # not range(): fitting the time budget changes config.epochs
             state.start_epoch(epoch)
             run.model.train()
-            bar = tqdm(run.source.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
-                       disable=not (progress and ddp.main), unit="step")
-            for i, (v1, v2, labels) in enumerate(bar):
+            bar = tqdm(run.source.epoch(epoch, state.batch), total=steps_per_epoch, initial=state.batch,
+                       desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and ddp.main), unit="step")
+            for i, (v1, v2, labels) in enumerate(bar, state.batch):
                 lr = lr_at(state.step, config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch,
                            config.lr, config.min_lr)
                 terms = _step(run, state, lr, v1, v2, labels)
@@ -387,6 +397,9 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
                     _log(run.metrics, {"step": state.step, "epoch": epoch + (i + 1) / steps_per_epoch, "lr": lr,
                                        "loss": loss, "attraction": attraction, "big_bang": big_bang,
                                        "images_per_s": rate}, group="step")
+                state.batch = i + 1
+                if config.checkpoint_every and state.step % config.checkpoint_every == 0 and i + 1 < steps_per_epoch:
+                    _save(run, state, mid_epoch=True)
                 if fit_budget and epoch == 0 and i == timed[0] - 1:
                     timer = time.monotonic()
                 if fit_budget and epoch == 0 and i == timed[1] - 1:
@@ -484,14 +497,23 @@ def _end_epoch(run: Run, state: LoopState) -> None:
     _log(run.metrics, summary, group="epoch")
     log.info("epoch %d/%d: %s", epoch + 1, config.epochs,
              ", ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)))
-    if ddp.main:
-        probe = ({"probe": run.probe.state_dict(), "probe_optimizer": run.probe_opt.state_dict()}
-                 if run.probe is not None and run.probe_opt is not None else {})
-        save_checkpoint(run.checkpoint, {
-            "config": config.to_dict(), "model": run.model.state_dict(), "loss": run.loss_fn.state_dict(),
-            "optimizer": run.optimizer.state_dict(), "epoch": epoch + 1, "step": state.step, "rng": _rng_state(),
-            **probe, "metrics": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
-        })
+    _save(run, state, metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))})
+
+
+def _save(run: Run, state: LoopState, metrics: dict[str, Any] | None = None, mid_epoch: bool = False) -> None:
+    """Write the checkpoint (rank 0): at an epoch's end, or within one (``mid_epoch``: with the batch reached and
+    the epoch's sums so far, so a resumed run continues that epoch exactly)."""
+    if not run.ddp.main:
+        return
+    probe = ({"probe": run.probe.state_dict(), "probe_optimizer": run.probe_opt.state_dict()}
+             if run.probe is not None and run.probe_opt is not None else {})
+    position = ({"epoch": state.epoch, "epoch_batch": state.batch, "epoch_sums": state.sums.clone(),
+                 "epoch_good_steps": state.good_steps} if mid_epoch else {"epoch": state.epoch + 1})
+    save_checkpoint(run.checkpoint, {
+        "config": run.config.to_dict(), "model": run.model.state_dict(), "loss": run.loss_fn.state_dict(),
+        "optimizer": run.optimizer.state_dict(), "step": state.step, "rng": _rng_state(), **probe, **position,
+        "metrics": metrics or {},
+    })
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -527,9 +549,12 @@ def _fit_budget(config: TrainConfig, steps_per_epoch: int, seconds_per_step: flo
     return epochs
 
 
-def _knn(model: CorInfoMaxModel, config: TrainConfig, device: torch.device, train_data: DecodedImages) -> float:
+def _knn(model: CorInfoMaxModel, config: TrainConfig, device: torch.device,
+         train_data: DecodedImages | ImageFiles) -> float:
     from corinfomax.training.evaluate import extract_features, knn_top1
 
+    if isinstance(train_data, ImageFiles):  # the kNN bank is the training folder at the training size
+        train_data = decode_folder(config.data, config.image_size, progress=False)
     test = decode_folder(config.val_data, config.image_size, progress=False)
     model.eval()
     train_f = extract_features(model.backbone, train_data.images, config.mean, config.std, 512, device)
