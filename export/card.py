@@ -41,8 +41,8 @@ def intended_use(config: dict[str, Any]) -> str:
     """What the model is for, from what it was trained on; small-image models say what they lose on photos."""
     size = int(config["image_size"])
     dataset = config.get("dataset_name") or "the training images"
-    text = (f"Image embeddings for search, deduplication and classification of images like its training data ({dataset}), "
-            f"seen at {size}x{size} px.")
+    text = (f"Image embeddings for search, deduplication and classification of images like its training data "
+            f"({dataset}), seen at {size}x{size} px.")
     if size <= SMALL_IMAGE_MAX:
         text += (f" Every input is reduced to {size}x{size} pixels before embedding, so photos lose their "
                  "detail and small objects: for photos, train a model at their resolution "
