@@ -11,6 +11,12 @@ import platform
 import sys
 from pathlib import Path
 
+from corinfomax.training.config import PRESETS, TrainConfig
+
+# Fields that name where a run reads and writes, or how it is run, not what it learns.
+NOT_RECIPE = {"data", "out", "preset", "epochs", "time_budget_min", "workers", "device", "log_every", "knn_every",
+              "val_data", "tensorboard", "checkpoint_every"}
+
 
 def cpu_model() -> str:
     try:
@@ -22,6 +28,24 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def train_command(config: dict, run: Path) -> str:
+    """The `corinfomax train` command that makes this run: the preset plus every field that differs from it."""
+    preset = TrainConfig.from_dict({**PRESETS[config["preset"]], "preset": config["preset"]}).to_dict()
+    flags = []
+    for key, value in config.items():
+        default = preset.get(key)
+        default = list(default) if isinstance(default, tuple) else default  # config.json holds lists
+        if key in NOT_RECIPE or key not in preset or value == default:
+            continue
+        name = key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            flags.append(f"--{name} " + (" ".join(map(str, value)) if isinstance(value, list) else str(value)))
+    return " ".join([f"corinfomax train --preset {config['preset']} --data {config['data']} --out {run}", *flags,
+                     f"--epochs {config['epochs']} --time-budget-min 0"])
+
+
 def main(run: Path) -> None:
     config = json.loads((run / "config.json").read_text())
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
@@ -29,8 +53,7 @@ def main(run: Path) -> None:
     last = epochs[-1] if epochs else {}
     print(json.dumps({
         "commands": [
-            f"corinfomax train --preset {config['preset']} --data {config['data']} --out {run} "
-            f"--epochs {config['epochs']} --time-budget-min 0",
+            train_command(config, run),
             f"corinfomax eval --checkpoint {run} --train-data <cifar10>/train --test-data <cifar10>/test --linear fast",
             "bash scripts/make_default_model.sh (the whole pipeline)",
         ],
