@@ -10,7 +10,6 @@ import base64
 import http.server
 import io
 import json
-import os
 import threading
 import time
 import uuid
@@ -21,6 +20,7 @@ import httpx
 import psutil
 import pytest
 from PIL import Image
+from servekit import start_service
 
 from corinfomax.serving.api.launcher import Server
 from corinfomax.serving.api.limits import MAX_HITS
@@ -38,11 +38,8 @@ DIM = 256
 @pytest.fixture(scope="module")
 def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("hostile")
-    env = {**os.environ, "CORINFOMAX_MODEL": str(tiny_bundle), "CORINFOMAX_DEMO_DIR": "",
-           "CORINFOMAX_INDEX": str(root / "index"), "CORINFOMAX_API_KEY": KEY, "CORINFOMAX_WORKERS": "2",
-           "CORINFOMAX_MAX_REQUEST_BYTES": str(MAX_REQUEST), "CORINFOMAX_ACCESS_LOG": "0",
-           "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(REPO)}
-    srv = Server(env, root / "server.log").start()
+    srv = start_service(root, model=str(tiny_bundle), demo_dir="", api_key=KEY, workers="2",
+                        max_request_bytes=str(MAX_REQUEST), access_log="0")
     yield srv
     srv.stop()
 

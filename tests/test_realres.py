@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from servekit import start_service
 from trainkit import small_folder, tiny_config
 
 from corinfomax.export.bundle import export_bundle
-from corinfomax.serving.api.launcher import Server
 from corinfomax.serving.extract.extract import extract
 from corinfomax.serving.extract.features import load_features
 from corinfomax.training.checkpoint import load_checkpoint, load_model
@@ -61,10 +61,7 @@ def photos(imagewoof: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def client(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     root = tmp_path_factory.mktemp("serve")
-    env = {**os.environ, "CORINFOMAX_MODEL": str(bundle), "CORINFOMAX_DEMO_DIR": "",
-           "CORINFOMAX_INDEX": str(root / "index"), "CORINFOMAX_WORKERS": "1",
-           "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(REPO)}
-    server = Server(env, root / "server.log").start()
+    server = start_service(root, model=str(bundle), demo_dir="", workers="1")
     try:
         with httpx.Client(base_url=server.url, timeout=120) as http:
             yield http

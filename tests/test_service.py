@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import signal
 import threading
 import time
@@ -15,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from servekit import start_service
 
 from corinfomax.serving.api.launcher import Server
 
@@ -37,12 +37,8 @@ def write_probe(path: Path, dim: int) -> None:
 def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("service")
     write_probe(root / "probe.npz", 256)
-    env = {**os.environ, "CORINFOMAX_MODEL": str(tiny_bundle), "CORINFOMAX_DEMO_DIR": "",
-           "CORINFOMAX_INDEX": str(root / "index"),
-           "CORINFOMAX_PROBE": str(root / "probe.npz"), "CORINFOMAX_API_KEY": API_KEY, "CORINFOMAX_WORKERS": "2",
-           "CORINFOMAX_MAX_REQUEST_BYTES": str(MAX_REQUEST), "CORINFOMAX_MAX_PIXELS": str(MAX_PIXELS),
-           "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(REPO)}
-    srv = Server(env, root / "server.log").start()
+    srv = start_service(root, model=str(tiny_bundle), demo_dir="", probe=str(root / "probe.npz"), api_key=API_KEY,
+                        workers="2", max_request_bytes=str(MAX_REQUEST), max_pixels=str(MAX_PIXELS))
     yield srv
     srv.stop()
 

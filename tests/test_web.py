@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -13,6 +12,7 @@ from typing import Iterator
 import httpx
 import pytest
 from PIL import Image
+from servekit import start_service
 
 from corinfomax.serving.api.launcher import Server
 
@@ -29,10 +29,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-backg
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("web")
-    env = {**os.environ, "CORINFOMAX_MODEL": str(REPO / "models" / "default"), "CORINFOMAX_DEMO_DIR": str(DEMO),
-           "CORINFOMAX_INDEX": str(root / "index"), "CORINFOMAX_API_KEY": API_KEY,
-           "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(REPO)}
-    srv = Server(env, root / "server.log").start()
+    srv = start_service(root, model=str(REPO / "models" / "default"), demo_dir=str(DEMO), api_key=API_KEY)
     yield srv
     srv.stop()
 

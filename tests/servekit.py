@@ -1,0 +1,20 @@
+"""A throwaway `bentoml serve` of this checkout for a test module (the service, hostile, page and
+real-resolution tests start it the same way)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from corinfomax.serving.api.launcher import Server
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_service(root: Path, **settings: str) -> Server:
+    """Start `bentoml serve` with its index, BentoML home and log under ``root``; each ``name=value`` becomes
+    ``CORINFOMAX_<NAME>=value`` (e.g. ``model=...``, ``api_key=...``, ``demo_dir=""``)."""
+    env = {**os.environ, "CORINFOMAX_INDEX": str(root / "index"), "BENTOML_HOME": str(root / "bentoml"),
+           "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(REPO),
+           **{f"CORINFOMAX_{name.upper()}": value for name, value in settings.items()}}
+    return Server(env, root / "server.log").start()
