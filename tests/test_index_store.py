@@ -179,6 +179,14 @@ def test_choose_kind_by_size_and_memory() -> None:
         choose_kind(10**9, 256, 1 << 20)
 
 
+def test_candidates_fall_back_from_hnsw_to_ivf_then_exact() -> None:
+    assert kinds.candidates(1000, 256, 1 << 30) == ["Flat"]
+    assert kinds.candidates(1_000_000, 256, 8 << 30) == ["HNSW32", "IVF4096,Flat", "Flat"]
+    assert kinds.candidates(5_000_000, 256, 8 << 30) == [choose_kind(5_000_000, 256, 8 << 30), "Flat"]
+    compressed = kinds.candidates(5_000_000, 256, 1 << 30)
+    assert len(compressed) == 1 and ",PQ" in compressed[0]  # the raw vectors do not fit: nothing to fall to
+
+
 @pytest.mark.parametrize("kind", ["IVF16,Flat", "HNSW32"])
 def test_rebuild_approximate_kinds(tmp_path: Path, kind: str) -> None:
     vectors = unit(3000, dim=32)
@@ -201,7 +209,7 @@ def test_rebuild_approximate_kinds(tmp_path: Path, kind: str) -> None:
 def test_chosen_kind_that_misses_the_recall_target_falls_back_to_exact(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kinds, "FLAT_MAX", 10)  # so the chooser picks HNSW32 for a small index
-    monkeypatch.setattr(kinds, "RECALL_TARGET", 1.01)  # unreachable for any approximate kind
+    monkeypatch.setattr(kinds, "RECALL_TARGET", 1.01)  # unreachable: HNSW32, then IVF4,Flat, then exact Flat
     with IndexStore(tmp_path / "ix", dim=DIM) as ix:
         ix.add_many([(unit(300), None, None)], rebuild=False)
         figures = ix.rebuild()

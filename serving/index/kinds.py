@@ -42,6 +42,21 @@ def choose_kind(count: int, dim: int, memory_budget_bytes: int | None = None) ->
     raise BadInput(f"{count} vectors of dim {dim} do not fit a memory budget of {budget} bytes, even as PQ4 codes")
 
 
+def candidates(count: int, dim: int, memory_budget_bytes: int | None = None) -> list[str]:
+    """`choose_kind`'s pick, then the kinds to try, in order, while one misses `RECALL_TARGET`.
+
+    HNSW can stay under the target at its widest search: on random vectors at 100k, and on clustered ones at
+    1M (1000 Gaussian clusters: 0.947 at efSearch 1024), where exact search takes 128 ms a query. IVF-Flat
+    over the same vectors reaches it by probing more lists (that 1M: recall 1.0 at nprobe 8 of 4096, 0.5 ms;
+    `bench/index_scale.py`), and at worst scans every list, about as fast as exact search; exact Flat is
+    last, for a target IVF cannot reach. Compressed kinds have no fallback: the raw vectors do not fit.
+    """
+    first = choose_kind(count, dim, memory_budget_bytes)
+    if first == "Flat" or ",PQ" in first:
+        return [first]
+    return list(dict.fromkeys([first, f"IVF{ivf_lists(count)},Flat", "Flat"]))
+
+
 def ivf_lists(count: int) -> int:
     """About 4*sqrt(N) lists (a power of two), with enough training points per list."""
     nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(count))))
