@@ -37,7 +37,7 @@ from corinfomax.serving.api import limits, serde, web
 from corinfomax.serving.api.batcher import MicroBatcher
 from corinfomax.serving.api.config import Settings
 from corinfomax.serving.api.fetch import fetch_url
-from corinfomax.serving.api.http import GuardMiddleware, JsonErrors, count_known_routes_only
+from corinfomax.serving.api.http import GuardMiddleware, JsonErrors, count_known_routes_only, free_timeout_timers
 from corinfomax.serving.embedder import Embedder
 from corinfomax.serving.index.store import MAX_K, IndexStore, check_k, check_key, check_metadata, normalise
 
@@ -454,6 +454,7 @@ class CorInfoMax:
 
 web.mount(CorInfoMax)
 serde.install()
+free_timeout_timers()
 count_known_routes_only(frozenset(f"/{name}" for name in [*CorInfoMax.apis, *IndexOwner.apis]))
 CorInfoMax.add_asgi_middleware(JsonErrors)  # outermost of the two: it also reshapes the guard's answers
 CorInfoMax.add_asgi_middleware(GuardMiddleware, api_key=SETTINGS.api_key, max_bytes=SETTINGS.max_request_bytes)
