@@ -130,6 +130,27 @@ async def run_load(url: str, jpegs: list[bytes], dim: int, clients: int, seconds
     return workers
 
 
+async def fill_bounded_caches(url: str, jpegs: list[bytes], workers: int) -> None:
+    """Bring the server's bounded caches to their bound, so that growth measured afterwards is the stored data's.
+
+    Each API worker's onnxruntime arena is sized by the largest batch it has run (at most ``max_images`` rows:
+    bigger merged batches are cut there): a few requests of that many images per worker, concurrently,
+    since the workers share the port. ``IndexOwner``'s SQLite page cache (2 MiB, serving/index/store.py) fills
+    as rows are read: one search whose answer is every stored item reads them all.
+    """
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        info = (await http.post("/info", json={})).json()
+        most = info["limits"]["max_images"]
+        files = [("images", (f"{i}.jpg", jpegs[i % len(jpegs)], "image/jpeg")) for i in range(most)]
+        answers = await asyncio.gather(*(http.post("/embed", files=files) for _ in range(4 * workers)))
+        stats = (await http.post("/stats", json={})).json()
+        vector = [1.0] + [0.0] * (stats["dim"] - 1)
+        queries = max(1, info["limits"]["max_hits"] // info["limits"]["max_k"])
+        answers.append(await http.post("/search", json={"vectors": [vector] * queries, "k": info["limits"]["max_k"]}))
+    for answer in answers:
+        answer.raise_for_status()
+
+
 def verify(http: httpx.Client, workers: list[Client], count_before: int) -> list[str]:
     """Every acknowledged add present once with its tag, every acknowledged delete gone, counts add up."""
     problems = []
@@ -169,7 +190,8 @@ def main() -> None:
         try:
             with httpx.Client(base_url=server.url, timeout=60) as http:
                 stats = http.post("/stats", json={}).json()
-                asyncio.run(run_load(server.url, jpegs, stats["dim"], args.clients, 10))  # warm-up: model shapes, pools, schemas
+                asyncio.run(run_load(server.url, jpegs, stats["dim"], args.clients, 10))  # warm-up: pools, schemas
+                asyncio.run(fill_bounded_caches(server.url, jpegs, args.workers))
                 count_before = http.post("/stats", json={}).json()["count"]
                 samples = [rss_by_process(server)]
                 started = time.perf_counter()
