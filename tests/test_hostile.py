@@ -10,6 +10,7 @@ import base64
 import http.server
 import io
 import json
+import re
 import threading
 import time
 import uuid
@@ -131,7 +132,7 @@ def _hostile(jpeg: bytes, bait: str) -> list[tuple[str, str, str, dict[str, Any]
         ("id 2**63 search", "POST", "/search", {"json": {"ids": [2**63]}}, 400),
         ("id -1 search", "POST", "/search", {"json": {"ids": [-1]}}, 400),
         ("id 10**400", "POST", "/get", _json('{"id": 1' + "0" * 400 + "}"), 400),
-        ("id as bool (read as 1, like any form field)", "POST", "/delete", {"json": {"ids": [True]}}, 404),
+        ("id as bool", "POST", "/delete", {"json": {"ids": [True]}}, 400),
         ("id as float", "POST", "/get", {"json": {"id": 1.5}}, 400),
         # broken bodies and content types
         ("multipart without boundary", "POST", "/embed", _json(b"--x\r\n", "multipart/form-data"), 400),
@@ -214,6 +215,53 @@ def test_hostile_requests_get_a_quick_4xx_json_error(client: httpx.Client, serve
     assert client.get("/readyz").status_code == 200
     grown = server_rss(server) - before
     assert grown < 200 << 20, f"server grew by {grown >> 20} MiB over the hostile requests"
+
+
+def _type_mistakes() -> list[tuple[str, dict[str, Any], str]]:
+    """(path, JSON body, the field the 400 must name): values of the wrong JSON type that lax parsing would
+    convert (true -> 1, "10" -> 10, "0.5" -> 0.5) and so act on something the client did not name."""
+    vec = [0.1] * DIM
+    return [
+        ("/delete", {"ids": [True]}, "ids"),
+        ("/delete", {"ids": ["1"]}, "ids"),
+        ("/delete", {"ids": [1.0]}, "ids"),
+        ("/get", {"id": "1"}, "id"),
+        ("/get", {"id": True}, "id"),
+        ("/search", {"vectors": [vec], "k": "10"}, "k"),
+        ("/search", {"vectors": [vec], "k": True}, "k"),
+        ("/search", {"vectors": [vec], "k": 10.0}, "k"),
+        ("/search", {"ids": [False]}, "ids"),
+        ("/search", {"vectors": [["0.5"] * DIM]}, "vectors"),
+        ("/search", {"vectors": [[True] * DIM]}, "vectors"),
+        ("/classify", {"images_b64": ["eA=="], "method": "knn", "neighbours": "20"}, "neighbours"),
+        ("/classify", {"images_b64": ["eA=="], "k": "3"}, "k"),
+        ("/add", {"vectors": [vec], "labels": [7]}, "labels"),
+        ("/add", {"vectors": [vec], "labels": [True]}, "labels"),
+        ("/add", {"vectors": [vec], "metadata": ['{"a": 1}']}, "metadata"),
+        ("/add", {"vectors": [vec], "metadata": [[["a", 1]]]}, "metadata"),
+        ("/add", {"vectors": [vec], "idempotency_key": 12345}, "idempotency_key"),
+        ("/delete", {"ids": [1], "idempotency_key": ["k"]}, "idempotency_key"),
+        ("/embed", {"urls": "https://example.com/a.jpg"}, "urls"),
+    ]
+
+
+def test_values_of_the_wrong_type_are_refused_naming_the_field(client: httpx.Client) -> None:
+    failures = []
+    for path, body, field in _type_mistakes():
+        resp = client.post(path, json=body)
+        error = resp.json().get("error", "") if resp.headers.get("content-type") == "application/json" else ""
+        if resp.status_code != 400 or not re.search(rf"; {field}[.:]", error):  # pydantic's location, e.g. "ids.0:"
+            failures.append(f"{path} {json.dumps(body)[:80]}: {resp.status_code} {resp.text[:200]}")
+    assert not failures, "\n".join(failures)
+
+
+def test_form_fields_are_read_as_json_values(client: httpx.Client, jpeg: bytes) -> None:
+    """A form's text is parsed as JSON: -F k=5 is the number 5, -F k='"5"' the string "5" (refused)."""
+    image = {"images": ("a.jpg", jpeg, "image/jpeg")}
+    assert client.post("/search", files=image, data={"k": "5"}).status_code == 200
+    for k in ('"5"', "true", "5.0"):
+        resp = client.post("/search", files=image, data={"k": k})
+        assert resp.status_code == 400 and "; k: " in resp.json()["error"], (k, resp.text)
 
 
 def test_api_key_scheme_is_case_insensitive_and_a_bare_key_is_refused(server: Server) -> None:

@@ -454,6 +454,7 @@ class CorInfoMax:
 
 web.mount(CorInfoMax)
 serde.install()
+serde.validate_strictly(CorInfoMax)
 free_timeout_timers()
 count_known_routes_only(frozenset(f"/{name}" for name in [*CorInfoMax.apis, *IndexOwner.apis]))
 CorInfoMax.add_asgi_middleware(JsonErrors)  # outermost of the two: it also reshapes the guard's answers
