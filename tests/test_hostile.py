@@ -11,6 +11,7 @@ import http.server
 import io
 import json
 import re
+import socket
 import threading
 import time
 import uuid
@@ -33,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 KEY = "hostile-key"
 MAX_REQUEST = 4 << 20
 BAD_INPUT_SECONDS = 10.0
+BODY_SECONDS = 3  # the test server's body deadline (the default is 30 s)
 DIM = 256
 
 
@@ -40,7 +42,7 @@ DIM = 256
 def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("hostile")
     srv = start_service(root, model=str(tiny_bundle), demo_dir="", api_key=KEY, workers="2",
-                        max_request_bytes=str(MAX_REQUEST), access_log="0")
+                        max_request_bytes=str(MAX_REQUEST), access_log="0", body_timeout_s=str(BODY_SECONDS))
     yield srv
     srv.stop()
 
@@ -262,6 +264,57 @@ def test_form_fields_are_read_as_json_values(client: httpx.Client, jpeg: bytes) 
     for k in ('"5"', "true", "5.0"):
         resp = client.post("/search", files=image, data={"k": k})
         assert resp.status_code == 400 and "; k: " in resp.json()["error"], (k, resp.text)
+
+
+def _drip(server: Server, request_head: bytes, seconds: float) -> tuple[bytes, bool]:
+    """Send ``request_head``, then one more byte every 0.5 s for up to ``seconds``; return what the server
+    answered and whether it closed the connection."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(request_head)
+        sock.settimeout(0.5)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                sock.sendall(b" ")
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:  # reset after the server closed
+                return answer, True
+            if not chunk:
+                return answer, True
+            answer += chunk
+    return answer, False
+
+
+def test_a_dripped_body_gets_408_by_its_deadline_and_loses_its_connection(server: Server,
+                                                                          client: httpx.Client) -> None:
+    head = (b"POST /search HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{")
+    started = time.monotonic()
+    answer, closed = _drip(server, head, BODY_SECONDS + BAD_INPUT_SECONDS)
+    status, _, rest = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 408 Request Timeout", answer[:300]
+    assert "did not arrive within" in json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert closed and time.monotonic() - started < BODY_SECONDS + BAD_INPUT_SECONDS
+    assert client.post("/stats", json={}).status_code == 200
+
+
+def test_slow_headers_hold_no_request_slot(server: Server, client: httpx.Client) -> None:
+    """Clients dripping their headers (slowloris) never reach the service: while twenty do, requests are
+    answered. (uvicorn has no header deadline: see docs/LIMITS.md.)"""
+    drips = [threading.Thread(target=_drip, args=(server, b"POST /stats HTTP/1.1\r\nX-Slow:", 4.0))
+             for _ in range(20)]
+    for drip in drips:
+        drip.start()
+    try:
+        time.sleep(1)
+        for _ in range(5):
+            assert client.post("/stats", json={}).status_code == 200
+    finally:
+        for drip in drips:
+            drip.join()
 
 
 def test_api_key_scheme_is_case_insensitive_and_a_bare_key_is_refused(server: Server) -> None:

@@ -36,15 +36,23 @@ class _TooLarge(BentoMLException):
     error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
 
 
+class _TooSlow(BentoMLException):
+    """Raised from ``receive`` when the body has not arrived by its deadline."""
+
+    error_code = HTTPStatus.REQUEST_TIMEOUT
+
+
 class GuardMiddleware:
-    """Refuse requests without the API key (401) or with bodies over ``max_bytes`` (413).
+    """Refuse requests without the API key (401), with bodies over ``max_bytes`` (413), or whose body has
+    not fully arrived ``body_seconds`` after the request started (408).
 
     The size check reads ``Content-Length`` first, then counts streamed bytes, so chunked uploads
-    cannot slip past it.
+    cannot slip past it. The deadline is for the whole body, so a client dripping it byte by byte
+    holds a request (and its worker's memory and concurrency slot) for at most ``body_seconds``.
     """
 
-    def __init__(self, app: Any, api_key: str | None, max_bytes: int) -> None:
-        self.app, self.api_key, self.max_bytes = app, api_key, max_bytes
+    def __init__(self, app: Any, api_key: str | None, max_bytes: int, body_seconds: float) -> None:
+        self.app, self.api_key, self.max_bytes, self.body_seconds = app, api_key, max_bytes, body_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -62,27 +70,39 @@ class GuardMiddleware:
             await send_error(send, 413, f"request body of {length} bytes exceeds the limit of {self.max_bytes} bytes")
             return
         received = 0
+        body_done = False
         started = False
+        deadline = asyncio.get_running_loop().time() + self.body_seconds
 
-        async def counting_receive() -> dict[str, Any]:
-            nonlocal received
-            message = await receive()
+        async def guarded_receive() -> dict[str, Any]:
+            nonlocal received, body_done
+            if body_done:  # later calls wait for the client to disconnect: no deadline
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise _TooSlow(f"the request body did not arrive within {self.body_seconds:g} s (the limit)") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise _TooLarge(f"request body exceeds the limit of {self.max_bytes} bytes")
             return message
 
         async def tracking_send(message: dict[str, Any]) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if not body_done:  # answered before the whole body came (408, 413): free the connection too
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
+            await self.app(scope, guarded_receive, tracking_send)
+        except (_TooLarge, _TooSlow) as err:
             if not started:
-                await send_error(send, 413, f"request body exceeds the limit of {self.max_bytes} bytes")
+                await send_error(send, err.error_code, str(err))
 
     def _authorised(self, headers: dict[str, str]) -> bool:
         given = headers.get("x-api-key", "")
