@@ -229,4 +229,4 @@ def free_timeout_timers() -> None:
         await app
 
     call.frees_timer = True  # type: ignore[attr-defined]
-    TimeoutMiddleware.__call__ = call  # type: ignore[method-assign]
+    TimeoutMiddleware.__call__ = call  # type: ignore[method-assign,assignment]
