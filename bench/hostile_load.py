@@ -6,7 +6,7 @@ Checks what a careful client relies on, and prints the numbers of docs/RESULTS.m
 - every valid request answers 200 (errors are counted and the first few printed);
 - every acknowledged add is present exactly once at the end (looked up by its ids and its metadata
   tag) and every acknowledged delete is gone; the index count equals start + added - deleted;
-- the server's memory (RSS of all its processes) before and after, beside the data stored meanwhile.
+- the memory of each server process (RSS every 10 s) and its growth beside the data it stored meanwhile.
 Adds carry an idempotency key, as a client that retries should send. The load generator is one asyncio
 loop in this process; the server runs the default model with its demo collection (labelled, for kNN).
 """
@@ -36,21 +36,25 @@ MIX = {"embed": 0.2, "search_image": 0.15, "search_vector": 0.15, "classify": 0.
        "get": 0.05}
 
 
-def rss_by_process(server: Server) -> dict[int, int]:
-    """RSS in bytes of the server and each of its workers, by pid."""
+def process_name(proc: psutil.Process) -> str:
+    """``IndexOwner#1``, ``CorInfoMax#2`` for BentoML's workers (from their command line), else ``arbiter``."""
+    args = proc.cmdline()
+    if "--service-name" not in args:
+        return "arbiter"
+    return f"{args[args.index('--service-name') + 1]}#{args[args.index('--worker-id') + 1]}"
+
+
+def rss_by_process(server: Server) -> dict[str, int]:
+    """RSS in bytes of the server (arbiter) and each of its workers, by ``process_name``."""
     assert server.proc is not None
     root = psutil.Process(server.proc.pid)
     out = {}
     for proc in [root, *root.children(recursive=True)]:
         try:
-            out[proc.pid] = proc.memory_info().rss
+            out[process_name(proc)] = proc.memory_info().rss
         except psutil.NoSuchProcess:
             pass
-    return out
-
-
-def server_rss(server: Server) -> int:
-    return sum(rss_by_process(server).values())
+    return dict(sorted(out.items()))
 
 
 class Client:
@@ -126,6 +130,27 @@ async def run_load(url: str, jpegs: list[bytes], dim: int, clients: int, seconds
     return workers
 
 
+async def fill_bounded_caches(url: str, jpegs: list[bytes], workers: int) -> None:
+    """Bring the server's bounded caches to their bound, so that growth measured afterwards is the stored data's.
+
+    Each API worker's onnxruntime arena is sized by the largest batch it has run (at most ``max_images`` rows:
+    bigger merged batches are cut there): a few requests of that many images per worker, concurrently,
+    since the workers share the port. ``IndexOwner``'s SQLite page cache (2 MiB, serving/index/store.py) fills
+    as rows are read: one search whose answer is every stored item reads them all.
+    """
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        info = (await http.post("/info", json={})).json()
+        most = info["limits"]["max_images"]
+        files = [("images", (f"{i}.jpg", jpegs[i % len(jpegs)], "image/jpeg")) for i in range(most)]
+        answers = await asyncio.gather(*(http.post("/embed", files=files) for _ in range(4 * workers)))
+        stats = (await http.post("/stats", json={})).json()
+        vector = [1.0] + [0.0] * (stats["dim"] - 1)
+        queries = max(1, info["limits"]["max_hits"] // info["limits"]["max_k"])
+        answers.append(await http.post("/search", json={"vectors": [vector] * queries, "k": info["limits"]["max_k"]}))
+    for answer in answers:
+        answer.raise_for_status()
+
+
 def verify(http: httpx.Client, workers: list[Client], count_before: int) -> list[str]:
     """Every acknowledged add present once with its tag, every acknowledged delete gone, counts add up."""
     problems = []
@@ -165,15 +190,15 @@ def main() -> None:
         try:
             with httpx.Client(base_url=server.url, timeout=60) as http:
                 stats = http.post("/stats", json={}).json()
-                asyncio.run(run_load(server.url, jpegs, stats["dim"], args.clients, 3))  # warm-up
+                asyncio.run(run_load(server.url, jpegs, stats["dim"], args.clients, 10))  # warm-up: pools, schemas
+                asyncio.run(fill_bounded_caches(server.url, jpegs, args.workers))
                 count_before = http.post("/stats", json={}).json()["count"]
-                rss_before, per_process_before = server_rss(server), rss_by_process(server)
-                samples: list[int] = []
+                samples = [rss_by_process(server)]
                 started = time.perf_counter()
                 workers = asyncio.run(run_load(server.url, jpegs, stats["dim"], args.clients, args.seconds,
-                                               on_tick=lambda: samples.append(server_rss(server))))
+                                               on_tick=lambda: samples.append(rss_by_process(server))))
                 elapsed = time.perf_counter() - started
-                rss_after, per_process_after = server_rss(server), rss_by_process(server)
+                samples.append(rss_by_process(server))
                 problems = verify(http, workers, count_before)
                 count_after = http.post("/stats", json={}).json()["count"]
             db_bytes = sum(f.stat().st_size for f in Path(tmp, "index").iterdir())
@@ -201,16 +226,32 @@ def main() -> None:
     print(f"internal calls to IndexOwner retried after a dropped connection: {retries}")
     for problem in problems[:5]:
         print(f"  problem: {problem}")
-    net = count_after - count_before
-    print("server RSS every 10 s: " + ", ".join(f"{s / 2**20:.0f}" for s in [rss_before, *samples, rss_after])
-          + " MiB")
-    print("growth per process (MiB): " + ", ".join(
-        f"{pid}: {(per_process_after.get(pid, 0) - rss) / 2**20:+.1f}" for pid, rss in per_process_before.items()))
-    grown = (rss_after - rss_before) / 2**20
-    print(f"server RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB ({grown:+.1f} MiB); net {net} items "
-          f"stored = {net * stats['dim'] * 4 / 2**20:.1f} MiB of vectors; index folder "
-          f"{db_bytes / 2**20:.1f} MiB")
+    report_memory(samples, count_after - count_before, stats["dim"], len(every), db_bytes)
 
+
+def report_memory(samples: list[dict[str, int]], net_items: int, dim: int, requests: int, db_bytes: int) -> None:
+    """RSS of each process every 10 s, its growth, and the growth the stored data explains.
+
+    Only ``IndexOwner`` stores anything in memory: the FAISS copy of each net added vector (``dim`` float32).
+    The API workers and the arbiter store nothing, so any growth of theirs is unexplained; so is
+    ``IndexOwner``'s beyond its vectors.
+    """
+    stored = net_items * dim * 4
+    first, last = samples[0], samples[-1]
+    unexplained = 0
+    for name in first:
+        series = [s[name] for s in samples if name in s]
+        grown = series[-1] - series[0]
+        explained = stored if name.startswith("IndexOwner") else 0
+        unexplained += grown - explained
+        print(f"  {name:14s} RSS every 10 s " + " ".join(f"{r / 2**20:.0f}" for r in series)
+              + f" MiB: {grown / 2**20:+.1f} MiB ({grown / max(requests, 1):+.0f} B per request), stored data "
+              f"{explained / 2**20:.1f} MiB")
+    total_before, total_after = sum(first.values()), sum(last.values())
+    print(f"server RSS {total_before / 2**20:.0f} -> {total_after / 2**20:.0f} MiB "
+          f"({(total_after - total_before) / 2**20:+.1f} MiB); net {net_items} items stored = {stored / 2**20:.2f} MiB "
+          f"of vectors; unexplained {unexplained / 2**20:+.1f} MiB ({unexplained / max(requests, 1):+.0f} B per "
+          f"request); index folder {db_bytes / 2**20:.1f} MiB")
 
 if __name__ == "__main__":
     main()

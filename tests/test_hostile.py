@@ -10,6 +10,8 @@ import base64
 import http.server
 import io
 import json
+import re
+import socket
 import threading
 import time
 import uuid
@@ -32,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 KEY = "hostile-key"
 MAX_REQUEST = 4 << 20
 BAD_INPUT_SECONDS = 10.0
+BODY_SECONDS = 3  # the test server's body deadline (the default is 30 s)
 DIM = 256
 
 
@@ -39,7 +42,7 @@ DIM = 256
 def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("hostile")
     srv = start_service(root, model=str(tiny_bundle), demo_dir="", api_key=KEY, workers="2",
-                        max_request_bytes=str(MAX_REQUEST), access_log="0")
+                        max_request_bytes=str(MAX_REQUEST), access_log="0", body_timeout_s=str(BODY_SECONDS))
     yield srv
     srv.stop()
 
@@ -131,7 +134,7 @@ def _hostile(jpeg: bytes, bait: str) -> list[tuple[str, str, str, dict[str, Any]
         ("id 2**63 search", "POST", "/search", {"json": {"ids": [2**63]}}, 400),
         ("id -1 search", "POST", "/search", {"json": {"ids": [-1]}}, 400),
         ("id 10**400", "POST", "/get", _json('{"id": 1' + "0" * 400 + "}"), 400),
-        ("id as bool (read as 1, like any form field)", "POST", "/delete", {"json": {"ids": [True]}}, 404),
+        ("id as bool", "POST", "/delete", {"json": {"ids": [True]}}, 400),
         ("id as float", "POST", "/get", {"json": {"id": 1.5}}, 400),
         # broken bodies and content types
         ("multipart without boundary", "POST", "/embed", _json(b"--x\r\n", "multipart/form-data"), 400),
@@ -214,6 +217,104 @@ def test_hostile_requests_get_a_quick_4xx_json_error(client: httpx.Client, serve
     assert client.get("/readyz").status_code == 200
     grown = server_rss(server) - before
     assert grown < 200 << 20, f"server grew by {grown >> 20} MiB over the hostile requests"
+
+
+def _type_mistakes() -> list[tuple[str, dict[str, Any], str]]:
+    """(path, JSON body, the field the 400 must name): values of the wrong JSON type that lax parsing would
+    convert (true -> 1, "10" -> 10, "0.5" -> 0.5) and so act on something the client did not name."""
+    vec = [0.1] * DIM
+    return [
+        ("/delete", {"ids": [True]}, "ids"),
+        ("/delete", {"ids": ["1"]}, "ids"),
+        ("/delete", {"ids": [1.0]}, "ids"),
+        ("/get", {"id": "1"}, "id"),
+        ("/get", {"id": True}, "id"),
+        ("/search", {"vectors": [vec], "k": "10"}, "k"),
+        ("/search", {"vectors": [vec], "k": True}, "k"),
+        ("/search", {"vectors": [vec], "k": 10.0}, "k"),
+        ("/search", {"ids": [False]}, "ids"),
+        ("/search", {"vectors": [["0.5"] * DIM]}, "vectors"),
+        ("/search", {"vectors": [[True] * DIM]}, "vectors"),
+        ("/classify", {"images_b64": ["eA=="], "method": "knn", "neighbours": "20"}, "neighbours"),
+        ("/classify", {"images_b64": ["eA=="], "k": "3"}, "k"),
+        ("/add", {"vectors": [vec], "labels": [7]}, "labels"),
+        ("/add", {"vectors": [vec], "labels": [True]}, "labels"),
+        ("/add", {"vectors": [vec], "metadata": ['{"a": 1}']}, "metadata"),
+        ("/add", {"vectors": [vec], "metadata": [[["a", 1]]]}, "metadata"),
+        ("/add", {"vectors": [vec], "idempotency_key": 12345}, "idempotency_key"),
+        ("/delete", {"ids": [1], "idempotency_key": ["k"]}, "idempotency_key"),
+        ("/embed", {"urls": "https://example.com/a.jpg"}, "urls"),
+    ]
+
+
+def test_values_of_the_wrong_type_are_refused_naming_the_field(client: httpx.Client) -> None:
+    failures = []
+    for path, body, field in _type_mistakes():
+        resp = client.post(path, json=body)
+        error = resp.json().get("error", "") if resp.headers.get("content-type") == "application/json" else ""
+        if resp.status_code != 400 or not re.search(rf"; {field}[.:]", error):  # pydantic's location, e.g. "ids.0:"
+            failures.append(f"{path} {json.dumps(body)[:80]}: {resp.status_code} {resp.text[:200]}")
+    assert not failures, "\n".join(failures)
+
+
+def test_form_fields_are_read_as_json_values(client: httpx.Client, jpeg: bytes) -> None:
+    """A form's text is parsed as JSON: -F k=5 is the number 5, -F k='"5"' the string "5" (refused)."""
+    image = {"images": ("a.jpg", jpeg, "image/jpeg")}
+    assert client.post("/search", files=image, data={"k": "5"}).status_code == 200
+    for k in ('"5"', "true", "5.0"):
+        resp = client.post("/search", files=image, data={"k": k})
+        assert resp.status_code == 400 and "; k: " in resp.json()["error"], (k, resp.text)
+
+
+def _drip(server: Server, request_head: bytes, seconds: float) -> tuple[bytes, bool]:
+    """Send ``request_head``, then one more byte every 0.5 s for up to ``seconds``; return what the server
+    answered and whether it closed the connection."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(request_head)
+        sock.settimeout(0.5)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                sock.sendall(b" ")
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:  # reset after the server closed
+                return answer, True
+            if not chunk:
+                return answer, True
+            answer += chunk
+    return answer, False
+
+
+def test_a_dripped_body_gets_408_by_its_deadline_and_loses_its_connection(server: Server,
+                                                                          client: httpx.Client) -> None:
+    head = (b"POST /search HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{")
+    started = time.monotonic()
+    answer, closed = _drip(server, head, BODY_SECONDS + BAD_INPUT_SECONDS)
+    status, _, rest = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 408 Request Timeout", answer[:300]
+    assert "did not arrive within" in json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert closed and time.monotonic() - started < BODY_SECONDS + BAD_INPUT_SECONDS
+    assert client.post("/stats", json={}).status_code == 200
+
+
+def test_slow_headers_hold_no_request_slot(server: Server, client: httpx.Client) -> None:
+    """Clients dripping their headers (slowloris) never reach the service: while twenty do, requests are
+    answered. (uvicorn has no header deadline: see docs/LIMITS.md.)"""
+    drips = [threading.Thread(target=_drip, args=(server, b"POST /stats HTTP/1.1\r\nX-Slow:", 4.0))
+             for _ in range(20)]
+    for drip in drips:
+        drip.start()
+    try:
+        time.sleep(1)
+        for _ in range(5):
+            assert client.post("/stats", json={}).status_code == 200
+    finally:
+        for drip in drips:
+            drip.join()
 
 
 def test_api_key_scheme_is_case_insensitive_and_a_bare_key_is_refused(server: Server) -> None:

@@ -91,6 +91,7 @@ class Settings:
     max_pixels: int  # per image
     max_request_pixels: int  # all images of one request together: bounds the decode time of one request
     max_images: int  # per request
+    body_seconds: int  # the whole request body must arrive within this many seconds of the request's start
     threads: int  # onnxruntime intra-op threads per worker (default: model_threads)
     batch_size: int  # most images per model call when concurrent requests are merged
     batch_wait_ms: int  # extra wait for more requests before a model call that is not full (0: none)
@@ -114,6 +115,7 @@ class Settings:
             max_pixels=_int("CORINFOMAX_MAX_PIXELS", DEFAULT_MAX_PIXELS),
             max_request_pixels=_int("CORINFOMAX_MAX_REQUEST_PIXELS", 128_000_000),
             max_images=_int("CORINFOMAX_MAX_IMAGES", 64),
+            body_seconds=max(1, _int("CORINFOMAX_BODY_TIMEOUT_S", 30)),
             batch_size=max(1, _int("CORINFOMAX_BATCH_SIZE", 64)),
             batch_wait_ms=max(0, _int("CORINFOMAX_BATCH_WAIT_MS", 0)),
             allow_private_urls=os.environ.get("CORINFOMAX_ALLOW_PRIVATE_URLS") == "1",

@@ -5,7 +5,8 @@ place of a file (a multipart text field ``images=http://...``, or a raw JSON bod
 no size limit, no timeout and no private-address guard, and answer 500 when that fails. Here files
 arrive only as uploaded parts; URLs go through ``serving.api.fetch`` with the service's limits. Form
 parsing also gets explicit part and field limits, and parse failures (no boundary, too many fields,
-nesting too deep for the JSON decoder) become 400s instead of 500s.
+nesting too deep for the JSON decoder) become 400s instead of 500s. Inputs are validated strictly
+(``validate_strictly``).
 """
 
 from __future__ import annotations
@@ -76,3 +77,16 @@ def install() -> None:
     serdes["application/json"] = GuardedJSONSerde
     serdes["multipart/form-data"] = GuardedMultipartSerde
     serdes["application/x-www-form-urlencoded"] = GuardedMultipartSerde
+
+
+def validate_strictly(service: Any) -> None:
+    """Validate ``service``'s API inputs without pydantic's lax conversions.
+
+    Lax mode reads ``true`` as the id 1, ``"10"`` as the number 10 and ``"0.5"`` as a vector component, so a
+    client's type mistake would act on the wrong item instead of being named. A form's text fields are
+    parsed as JSON first (BentoML), so ``-F k=10`` is still the number 10 there.
+    """
+    for api in service.apis.values():
+        model = api.input_spec
+        model.model_config["strict"] = True
+        model.model_rebuild(force=True)

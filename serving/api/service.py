@@ -37,7 +37,7 @@ from corinfomax.serving.api import limits, serde, web
 from corinfomax.serving.api.batcher import MicroBatcher
 from corinfomax.serving.api.config import Settings
 from corinfomax.serving.api.fetch import fetch_url
-from corinfomax.serving.api.http import GuardMiddleware, JsonErrors, count_known_routes_only
+from corinfomax.serving.api.http import GuardMiddleware, JsonErrors, count_known_routes_only, free_timeout_timers
 from corinfomax.serving.embedder import Embedder
 from corinfomax.serving.index.store import MAX_K, IndexStore, check_k, check_key, check_metadata, normalise
 
@@ -448,15 +448,19 @@ class CorInfoMax:
                 "index": {"count": stats["count"], "labelled": stats["labelled"], "kind": stats["kind"]},
                 "probe": {"classes": self.probe.classes} if self.probe is not None else None,
                 "limits": {"max_images": SETTINGS.max_images, "max_request_bytes": SETTINGS.max_request_bytes,
+                           "body_timeout_s": SETTINGS.body_seconds,
                            "max_pixels": SETTINGS.max_pixels, "max_request_pixels": SETTINGS.max_request_pixels,
                            "max_k": MAX_K, **limits.PUBLIC}}
 
 
 web.mount(CorInfoMax)
 serde.install()
+serde.validate_strictly(CorInfoMax)
+free_timeout_timers()
 count_known_routes_only(frozenset(f"/{name}" for name in [*CorInfoMax.apis, *IndexOwner.apis]))
 CorInfoMax.add_asgi_middleware(JsonErrors)  # outermost of the two: it also reshapes the guard's answers
-CorInfoMax.add_asgi_middleware(GuardMiddleware, api_key=SETTINGS.api_key, max_bytes=SETTINGS.max_request_bytes)
+CorInfoMax.add_asgi_middleware(GuardMiddleware, api_key=SETTINGS.api_key, max_bytes=SETTINGS.max_request_bytes,
+                               body_seconds=SETTINGS.body_seconds)
 
 
 def seed_index_if_empty(store: IndexStore, embedder: Embedder, folder: str | Path, batch: int = 64,

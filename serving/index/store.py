@@ -183,6 +183,9 @@ class IndexStore:
         self._db = sqlite3.connect(db_path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged add survives power loss, not only a crash
+        # The page cache is the store's only memory besides its vectors (FAISS): it grew to 1.6 MiB under
+        # 6,000 rounds of keyed add/delete/search/get. SQLite's default bound, 2 MiB, stated here.
+        self._db.execute("PRAGMA cache_size=-2048")
         self._create_or_check(dim, model_sha256)
         self._index: faiss.Index | None = None
         self._meta: dict[str, Any] = {}
