@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow  # subprocesses, servers, DDP jobs or model export
 
 
 @pytest.fixture(scope="module")
-def milvus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def milvus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen]]:
     root = tmp_path_factory.mktemp("milvus")
     port = free_port()
     command = [str(Path(sys.executable).with_name("milvus-lite")), "server", "--data-dir", str(root / "data"),
@@ -33,15 +33,16 @@ def milvus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     while b"listening" not in (root / "milvus.log").read_bytes():
         assert proc.poll() is None and time.monotonic() < deadline, (root / "milvus.log").read_text()
         time.sleep(0.2)
-    yield f"milvus://127.0.0.1:{port}/replicas"
+    yield f"milvus://127.0.0.1:{port}/replicas", proc
     proc.terminate()
     proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
-def replicas(milvus: str, tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
+def replicas(milvus: tuple[str, subprocess.Popen], tiny_bundle: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
     servers = [start_service(tmp_path_factory.mktemp(f"replica{i}"), model=str(tiny_bundle), demo_dir="",
-                             index=milvus, workers="2") for i in range(2)]
+                             index=milvus[0], workers="2") for i in range(2)]
     yield servers
     for server in servers:
         server.stop()
@@ -81,3 +82,11 @@ def test_replicas_share_one_collection(replicas: list[Server]) -> None:
     assert counts == [2 + 3 + 40] * 2
     a.close()
     b.close()
+
+
+def test_milvus_down_is_a_503_to_retry(milvus: tuple[str, subprocess.Popen], replicas: list[Server]) -> None:
+    milvus[1].terminate()
+    milvus[1].wait(timeout=30)
+    resp = httpx.post(f"{replicas[0].url}/search", json={"vectors": [[0.1] * 256], "k": 1}, timeout=60)
+    assert resp.status_code == 503 and "retry" in resp.json()["error"]
+    assert httpx.get(f"{replicas[0].url}/livez").status_code == 200

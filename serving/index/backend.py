@@ -39,6 +39,12 @@ class IndexMismatch(BadInput):
     """An index made for another embedding dimension or another model."""
 
 
+class IndexUnavailable(BadInput):
+    """The index server failed or could not be reached: the client should retry (503)."""
+
+    status = 503
+
+
 @dataclass(frozen=True)
 class Item:
     id: int

@@ -23,11 +23,12 @@ Facts this module relies on, checked with milvus-lite 3.2 / pymilvus 3.0 (and th
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import os
 import re
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -39,6 +40,7 @@ from corinfomax.serving.index.backend import (
     MAX_LABEL_CHARS,
     Hit,
     IndexMismatch,
+    IndexUnavailable,
     Item,
     Labelled,
     check_answer_size,
@@ -74,6 +76,23 @@ def connection(location: str) -> tuple[str, str | None, str]:
                        "made of letters, digits and underscores")
     return f"http://{parts.hostname}:{parts.port or 19530}", os.environ.get("CORINFOMAX_MILVUS_TOKEN") or None, \
         collection
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _answers_503(method: F) -> F:
+    """A Milvus failure (server down, timeout) as IndexUnavailable: a 503 the client may retry, not a 500."""
+
+    @functools.wraps(method)
+    def wrapper(self: "MilvusStore", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except MilvusException as err:
+            raise IndexUnavailable(f"Milvus at {self.location} failed ({err.message}); retry the request (with the "
+                                   "same idempotency_key for a write)") from err
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _quote(text: str) -> str:
@@ -162,6 +181,7 @@ class MilvusStore:
 
     # -- writes ------------------------------------------------------------------------------------
 
+    @_answers_503
     def add(self, vectors: Any, metadata: Sequence[dict[str, Any]] | None = None,
             labels: Sequence[str | None] | None = None, thumbnails: Sequence[bytes | None] | None = None,
             key: str | None = None) -> list[int]:
@@ -193,6 +213,7 @@ class MilvusStore:
         found = self._client.query(self.collection, filter=f"write_key == {_quote(key)}", output_fields=["id"])
         return sorted(int(row["id"]) for row in found)  # one insert's ids ascend in input order
 
+    @_answers_503
     def delete(self, ids: Sequence[int], key: str | None = None) -> list[int]:
         """Delete items by id; all must exist (else NotFound and nothing is deleted). ``key``: as in ``add``.
 
@@ -223,12 +244,14 @@ class MilvusStore:
 
     # -- reads -------------------------------------------------------------------------------------
 
+    @_answers_503
     def count(self) -> int:
         return self._count("")
 
     def _count(self, condition: str) -> int:
         return int(self._client.query(self.collection, filter=condition, output_fields=["count(*)"])[0]["count(*)"])
 
+    @_answers_503
     def get(self, item_id: int) -> Item:
         (item_id,) = check_ids([item_id])
         rows = self._client.get(self.collection, ids=[item_id], output_fields=["vector", "metadata", "label"])
@@ -236,6 +259,7 @@ class MilvusStore:
             raise NotFound(f"no item with id {item_id}")
         return _item(rows[0])
 
+    @_answers_503
     def thumbnail(self, item_id: int) -> bytes:
         """The stored thumbnail of an item (NotFound if the item is unknown or was added without one)."""
         (item_id,) = check_ids([item_id])
@@ -246,6 +270,7 @@ class MilvusStore:
             raise NotFound(f"item {item_id} has no thumbnail (it was added as a vector, or with thumbnails off)")
         return base64.b64decode(rows[0]["thumbnail"])
 
+    @_answers_503
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
         """Stored unit vectors of ``ids`` (NotFound if any is unknown), float32 ``[N, D]``."""
         wanted = check_ids(ids)
@@ -256,6 +281,7 @@ class MilvusStore:
             raise NotFound(f"no item with id {', '.join(map(str, missing[:10]))}")
         return np.asarray([rows[i] for i in wanted], dtype=np.float32)
 
+    @_answers_503
     def search(self, queries: Any, k: int, labelled_only: bool = False) -> list[list[Hit]]:
         """Top-``k`` stored items by inner product of unit vectors, per query (fewer if the index is smaller)."""
         queries = normalise(queries, self.dim, "query vectors")
@@ -269,6 +295,7 @@ class MilvusStore:
         return [[Hit(int(hit["id"]), float(hit["distance"]), hit["entity"]["metadata"], hit["entity"]["label"])
                  for hit in row] for row in answer]
 
+    @_answers_503
     def labelled(self) -> Labelled:
         """All labelled items (for kNN classification)."""
         ids: list[int] = []
@@ -297,6 +324,7 @@ class MilvusStore:
         finally:
             iterator.close()
 
+    @_answers_503
     def stats(self) -> dict[str, Any]:
         """Size and state of the index, for `info`, `/metrics` and the CLI (the keys of IndexStore's that apply)."""
         index = self._client.describe_index(self.collection, "vector")
