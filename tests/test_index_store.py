@@ -306,7 +306,7 @@ def test_milvus_completes_a_write_that_half_happened(tmp_path: Path) -> None:
         first = store.add(unit(3), key="add-1")
         store._client.delete(store.collection, ids=first[1:])  # as if only one shard's rows had landed
         again = store.add(unit(3), key="add-1")
-        assert store.count() == 3 and len(set(again)) == 3 and store.add(unit(3), key="add-1") == again
+        assert store.count() == 3 and len(set(again)) == 3 and store.add(unit(1), key="add-1") == again
         # A keyed delete that recorded its ids and crashed before deleting: the retry deletes and answers.
         store._client.insert(store.writes, [{"key": "del-1", "result": again[:2], "unused": [0.0, 0.0]}])
         assert store.delete(again[:2], key="del-1") == again[:2] and store.count() == 1

@@ -140,8 +140,9 @@ class MilvusStore:
         schema.add_field("metadata", DataType.JSON)
         schema.add_field("label", DataType.VARCHAR, max_length=MAX_LABEL_CHARS * UTF8_MAX, nullable=True)
         schema.add_field("thumbnail", DataType.VARCHAR, max_length=MAX_THUMBNAIL_CHARS, nullable=True)
-        # The idempotency key rides on the rows it wrote, so a keyed add cannot half-happen.
+        # The idempotency key rides on the rows it wrote, with their number, so a keyed add cannot half-happen.
         schema.add_field("write_key", DataType.VARCHAR, max_length=MAX_KEY_CHARS * UTF8_MAX, nullable=True)
+        schema.add_field("write_rows", DataType.INT64, nullable=True)
         index = self._client.prepare_index_params()
         index.add_index("vector", index_type="HNSW", metric_type="IP", params=HNSW)
         index.add_index("write_key", index_type="INVERTED")
@@ -165,7 +166,7 @@ class MilvusStore:
     def _check(self, dim: int | None, model_sha256: str | None) -> None:
         described = self._client.describe_collection(self.collection)
         fields = {field["name"]: field for field in described["fields"]}
-        missing = {"id", "vector", "metadata", "label", "thumbnail", "write_key"} - set(fields)
+        missing = {"id", "vector", "metadata", "label", "thumbnail", "write_key", "write_rows"} - set(fields)
         if missing:
             raise IndexMismatch(f"collection {self.collection!r} at {self.location} is not a corinfomax index "
                                 f"(no field {', '.join(sorted(missing))}); use another collection")
@@ -188,30 +189,35 @@ class MilvusStore:
         """Store vectors (L2-normalised here) with metadata, labels and thumbnails; their ids once in the WAL.
 
         With a ``key`` that an earlier add stored on its rows, nothing is stored and those ids come back. The
-        key is on every row of one insert request, so a retry finds all of them; should it find only part
-        (a crash between two shards' WAL writes), it deletes that part and inserts the whole batch again.
+        key and the number of rows are on every row of one insert request, so a retry finds all of them;
+        should it find only part (a crash between two shards' WAL writes), it deletes that part and inserts
+        the batch again.
         """
         vectors = normalise(vectors, self.dim)
         rows = check_rows(vectors, metadata, labels)
         thumbs = check_thumbnails(thumbnails, len(rows))
         key = check_key(key)
         if key is not None:
-            done = self._keyed_rows(key)
-            if len(done) == len(rows):
+            done, expected = self._keyed_rows(key)
+            if done and len(done) == expected:
                 return done
             if done:
                 log.warning("index %s: write %r landed %d of %d rows; writing it again", self.location, key,
-                            len(done), len(rows))
+                            len(done), expected)
                 self._client.delete(self.collection, ids=done)
         entities = [{"vector": vector, "metadata": json.loads(text), "label": label,
-                     "thumbnail": base64.b64encode(thumb).decode() if thumb else None, "write_key": key}
+                     "thumbnail": base64.b64encode(thumb).decode() if thumb else None,
+                     "write_key": key, "write_rows": len(rows) if key is not None else None}
                     for (vector, text, label), thumb in zip(rows, thumbs)]
         answer = self._client.insert(self.collection, entities)
         return [int(i) for i in answer["ids"]]
 
-    def _keyed_rows(self, key: str) -> list[int]:
-        found = self._client.query(self.collection, filter=f"write_key == {_quote(key)}", output_fields=["id"])
-        return sorted(int(row["id"]) for row in found)  # one insert's ids ascend in input order
+    def _keyed_rows(self, key: str) -> tuple[list[int], int]:
+        """Ids of the rows an add with ``key`` wrote (one insert's ids ascend in input order), and how many it
+        wrote."""
+        found = self._client.query(self.collection, filter=f"write_key == {_quote(key)}",
+                                   output_fields=["id", "write_rows"])
+        return sorted(int(row["id"]) for row in found), max((int(row["write_rows"]) for row in found), default=0)
 
     @_answers_503
     def delete(self, ids: Sequence[int], key: str | None = None) -> list[int]:
