@@ -68,9 +68,13 @@ def register(subparsers: Any) -> None:
     probe = subparsers.add_parser("probe", help="fit a linear probe on labelled features")
     probe_sub = probe.add_subparsers(dest="probe_command", required=True, metavar="ACTION")
     p = probe_sub.add_parser("fit", help="fit a logistic-regression probe and write probe.npz",
-                             description="Fit a multinomial logistic regression on labelled features, choosing "
-                                         "L2 on a held-out split; report held-out accuracy; write probe.npz.")
-    p.add_argument("--features", required=True, metavar="DIR", help="features folder with labels")
+                             description="Fit a multinomial logistic regression on labelled features (or the "
+                                         "labelled items of an index), choosing L2 on a held-out split; report "
+                                         "held-out accuracy; write probe.npz.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--features", metavar="DIR", help="features folder with labels")
+    source.add_argument("--index", metavar="LOCATION",
+                        help="index folder, Milvus Lite FILE.db or milvus://HOST:PORT/COLLECTION (needs --out)")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="probe file, or a model bundle folder to write probe.npz into (default: DIR/probe.npz)")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of each class held out for evaluation")
@@ -144,10 +148,17 @@ def _index_migrate(args: argparse.Namespace) -> int:
 
 
 def _probe_fit(args: argparse.Namespace) -> int:
-    from corinfomax.serving.probe import DEFAULT_L2_GRID, fit_probe_on_features
+    from corinfomax.core.errors import UserError
+    from corinfomax.serving.probe import DEFAULT_L2_GRID, fit_probe_on_features, fit_probe_on_index
 
-    report = fit_probe_on_features(args.features, args.out, l2_grid=args.l2 or DEFAULT_L2_GRID,
-                                   holdout=args.holdout, max_iter=args.max_iter, seed=args.seed)
+    options = {"l2_grid": args.l2 or DEFAULT_L2_GRID, "holdout": args.holdout, "max_iter": args.max_iter,
+               "seed": args.seed}
+    if args.index is not None:
+        if args.out is None:
+            raise UserError("probe fit --index needs --out (a probe file or a model bundle folder)")
+        report = fit_probe_on_index(args.index, args.out, **options)
+    else:
+        report = fit_probe_on_features(args.features, args.out, **options)
     print(json.dumps(report, indent=2))
     print(f"probe: held-out accuracy {report['holdout_accuracy']:.4f} over {report['classes']} classes "
           f"(l2={report['l2']}); written to {report['path_written']}")

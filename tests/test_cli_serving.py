@@ -76,6 +76,10 @@ def test_index_build_into_milvus_resumes_and_migrate_goes_both_ways(features: Pa
                       "--no-progress")
     assert back.returncode == 0, back.stderr
     loaded = load_features(features)
+    # Before this process opens the file: Milvus Lite keeps it locked until the process ends.
+    fitted = corinfomax("probe", "fit", "--index", str(lite), "--out", str(tmp_path / "probe.npz"))
+    assert fitted.returncode == 0, fitted.stderr
+    assert LinearProbe.load(tmp_path / "probe.npz").classes == sorted(set(loaded.labels))
     with open_index(lite) as first, open_index(tmp_path / "folder") as folder, open_index(tmp_path / "back.db") as last:
         assert folder.stats()["thumbnails"] == 0 and folder.stats()["labelled"] == last.stats()["labelled"] == 300
         for store in (first, folder, last):

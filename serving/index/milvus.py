@@ -8,7 +8,8 @@ Facts this module relies on, checked with milvus-lite 3.2 / pymilvus 3.0 (and th
 - Reads at consistency level ``Strong`` see every write acknowledged before them, from any client; the
   collection is created with it, so a search right after an add finds the added item.
 - Milvus Lite opens a ``.db`` file in one process only (a second process fails "Open local milvus
-  failed"): with a ``.db`` file the service keeps one index worker. A server takes any number of clients.
+  failed"), and keeps it until that process ends (closing the client does not release it): with a ``.db``
+  file the service keeps one index worker. A server takes any number of clients.
 - A collection is not loaded after a restart (``NotLoad``): it must be loaded before search, get or query.
 - ``auto_id`` ids of one insert are one ascending range (Lite counts from 1, servers from a timestamp);
   all stay below 2**63, like the service's ids. Ids of a deleted item are never handed out again.
