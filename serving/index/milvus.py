@@ -125,8 +125,8 @@ class MilvusStore:
         try:
             self._client = MilvusClient(uri=uri, token=token or "")
         except MilvusException as err:
-            raise BadInput(f"cannot open Milvus at {location}: {err.message} (a Milvus Lite .db file can be open "
-                           "in one process only)") from err
+            hint = " (a Milvus Lite .db file can be open in one process only)" if location.endswith(".db") else ""
+            raise BadInput(f"cannot open Milvus at {location}: {err.message}{hint}") from err
         if not self._client.has_collection(self.collection):
             if dim is None:
                 raise BadInput(f"{location} has no collection {self.collection!r}; give the embedding dim to create it")
