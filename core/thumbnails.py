@@ -15,7 +15,9 @@ from corinfomax.core.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
 MEDIA_TYPE = "image/webp"
 DEFAULT_SIDE = 128
 MAX_SIDE = 256  # a thumbnail, not a copy: bounds what each item adds to the index
-MAX_BYTES = 64 << 10  # what the store accepts per thumbnail (a 256 px WebP at this quality is ~15 KB)
+# What an index accepts per thumbnail (a 256 px WebP at this quality is ~15 KB). 48,000, not 64 KiB: Milvus
+# keeps it base64-encoded in a VARCHAR of at most 65,535 characters (serving/index/milvus.py).
+MAX_BYTES = 48_000
 QUALITY = 75
 
 

@@ -1,4 +1,4 @@
-"""Serving-side subcommands: `extract`, `index build`, `probe fit`, `serve`.
+"""Serving-side subcommands: `extract`, `index build`, `index migrate`, `probe fit`, `serve`.
 
 Imports happen inside the handlers so that `corinfomax --help` stays fast and nothing here pulls in
 PyTorch (serving environments do not have it).
@@ -37,24 +37,44 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_extract)
 
-    index = subparsers.add_parser("index", help="build the search index from features")
+    index = subparsers.add_parser("index", help="build the search index from features, or move it")
     index_sub = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
-    p = index_sub.add_parser("build", help="build an index folder the service loads from a features folder",
-                             description="Bulk-load features into an index folder, pick the FAISS index kind "
-                                         "from collection size and memory budget, report recall@10 vs exact search.")
+    p = index_sub.add_parser("build", help="build an index the service loads from a features folder",
+                             description="Bulk-load features into an index folder (--out: picks the FAISS index kind "
+                                         "from collection size and memory budget, reports recall@10 vs exact "
+                                         "search) or into a Milvus collection (--to: resumable, rerun to finish).")
     p.add_argument("--features", required=True, metavar="DIR", help="features folder (from `corinfomax extract`)")
-    p.add_argument("--out", required=True, metavar="INDEX_DIR", help="index folder to create")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", metavar="INDEX_DIR", help="index folder to create")
+    where.add_argument("--to", metavar="LOCATION",
+                       help="Milvus collection to add to: a Milvus Lite FILE.db or milvus://HOST:PORT/COLLECTION")
     p.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="memory the FAISS index may use, e.g. 512M, 4G (default: no limit)")
     p.add_argument("--kind", default=None, help="force a FAISS index kind (e.g. Flat, HNSW32, IVF1024,PQ32)")
     p.set_defaults(handler=_index_build)
+    p = index_sub.add_parser("migrate", help="copy an index to another backend (folder, .db, milvus://) and verify",
+                             description="Copy every item (vector, metadata, label, thumbnail) from one index to "
+                                         "another, in either direction, then check the counts and a sample of "
+                                         "vectors. The target gives new ids (--id-map writes old -> new); rerun "
+                                         "an interrupted migration to finish it.")
+    p.add_argument("--from", dest="source", required=True, metavar="LOCATION",
+                   help="index folder, Milvus Lite FILE.db or milvus://HOST:PORT/COLLECTION")
+    p.add_argument("--to", dest="target", required=True, metavar="LOCATION", help="the same kinds; created if missing")
+    p.add_argument("--batch", type=int, default=1000, help="items per insert (keep it when resuming)")
+    p.add_argument("--id-map", default=None, metavar="FILE", help="write {old id: new id} as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_index_migrate)
 
     probe = subparsers.add_parser("probe", help="fit a linear probe on labelled features")
     probe_sub = probe.add_subparsers(dest="probe_command", required=True, metavar="ACTION")
     p = probe_sub.add_parser("fit", help="fit a logistic-regression probe and write probe.npz",
-                             description="Fit a multinomial logistic regression on labelled features, choosing "
-                                         "L2 on a held-out split; report held-out accuracy; write probe.npz.")
-    p.add_argument("--features", required=True, metavar="DIR", help="features folder with labels")
+                             description="Fit a multinomial logistic regression on labelled features (or the "
+                                         "labelled items of an index), choosing L2 on a held-out split; report "
+                                         "held-out accuracy; write probe.npz.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--features", metavar="DIR", help="features folder with labels")
+    source.add_argument("--index", metavar="LOCATION",
+                        help="index folder, Milvus Lite FILE.db or milvus://HOST:PORT/COLLECTION (needs --out)")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="probe file, or a model bundle folder to write probe.npz into (default: DIR/probe.npz)")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of each class held out for evaluation")
@@ -70,7 +90,8 @@ def register(subparsers: Any) -> None:
                     "demo index are served.",
     )
     p.add_argument("--model", default=None, help="bundle folder or BentoML model tag (CORINFOMAX_MODEL)")
-    p.add_argument("--index", default=None, help="index folder (CORINFOMAX_INDEX)")
+    p.add_argument("--index", default=None,
+                   help="index folder, Milvus Lite FILE.db or milvus://HOST:PORT/COLLECTION (CORINFOMAX_INDEX)")
     p.add_argument("--probe", default=None, help="probe.npz (CORINFOMAX_PROBE)")
     p.add_argument("--workers", type=int, default=None, help="API worker processes (CORINFOMAX_WORKERS)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
@@ -100,8 +121,13 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _index_build(args: argparse.Namespace) -> int:
-    from corinfomax.serving.index.build import build_index, parse_size
+    from corinfomax.serving.index.build import build_index, build_into, parse_size
 
+    if args.to:
+        stats = build_into(args.features, args.to)
+        print(json.dumps(stats, indent=2))
+        print(f"index {args.to}: {stats['count']} vectors ({stats['labelled']} labelled), {stats['kind']}")
+        return 0
     budget = parse_size(args.memory_budget) if args.memory_budget else None
     report = build_index(args.features, args.out, memory_budget_bytes=budget, kind=args.kind)
     print(json.dumps(report, indent=2))
@@ -111,11 +137,28 @@ def _index_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _probe_fit(args: argparse.Namespace) -> int:
-    from corinfomax.serving.probe import DEFAULT_L2_GRID, fit_probe_on_features
+def _index_migrate(args: argparse.Namespace) -> int:
+    from corinfomax.serving.index.migrate import migrate
 
-    report = fit_probe_on_features(args.features, args.out, l2_grid=args.l2 or DEFAULT_L2_GRID,
-                                   holdout=args.holdout, max_iter=args.max_iter, seed=args.seed)
+    summary = migrate(args.source, args.target, batch=args.batch, id_map=args.id_map, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    print(f"copied {summary['copied']} items from {args.source} to {args.target} ({summary['target_count']} there "
+          f"now); counts and {summary['verified_sample']} sampled items verified")
+    return 0
+
+
+def _probe_fit(args: argparse.Namespace) -> int:
+    from corinfomax.core.errors import UserError
+    from corinfomax.serving.probe import DEFAULT_L2_GRID, fit_probe_on_features, fit_probe_on_index
+
+    options = {"l2_grid": args.l2 or DEFAULT_L2_GRID, "holdout": args.holdout, "max_iter": args.max_iter,
+               "seed": args.seed}
+    if args.index is not None:
+        if args.out is None:
+            raise UserError("probe fit --index needs --out (a probe file or a model bundle folder)")
+        report = fit_probe_on_index(args.index, args.out, **options)
+    else:
+        report = fit_probe_on_features(args.features, args.out, **options)
     print(json.dumps(report, indent=2))
     print(f"probe: held-out accuracy {report['holdout_accuracy']:.4f} over {report['classes']} classes "
           f"(l2={report['l2']}); written to {report['path_written']}")

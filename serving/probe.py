@@ -213,6 +213,23 @@ def fit_probe(
     return final, report
 
 
+def _probe_target(out: str | Path, model_sha256: str, source: str | Path) -> Path:
+    """Where to write the probe: ``out`` as a file, or a model bundle folder's ``probe.npz`` after checking the
+    bundle is the model ``source`` (features or index) came from."""
+    from corinfomax.core.bundle import PROBE_FILE, read_card
+
+    target = Path(out)
+    if target.is_dir():
+        card = read_card(target)
+        if card.checkpoint_sha256 != model_sha256:
+            raise ProbeError(f"bundle {target} is not the model that produced {source} "
+                             f"(checkpoint {card.checkpoint_sha256[:12]} vs {model_sha256[:12]})")
+        target = target / PROBE_FILE
+    if not target.parent.is_dir():
+        raise ProbeError(f"cannot write {target}: folder {target.parent} does not exist")
+    return target
+
+
 def fit_probe_on_features(
     features_dir: str | Path,
     out: str | Path | None = None,
@@ -223,26 +240,35 @@ def fit_probe_on_features(
     ``out`` is a file path, or a model bundle folder (its ``probe.npz``, after checking the bundle is the
     model the features came from); by default ``FEATURES_DIR/probe.npz``.
     """
-    from corinfomax.core.bundle import PROBE_FILE, read_card
+    from corinfomax.core.bundle import PROBE_FILE
     from corinfomax.serving.extract.features import load_features
 
     features = load_features(features_dir)
     model_sha256 = str(features.manifest["model"].get("checkpoint_sha256") or "")
-    target = Path(out) if out is not None else Path(features_dir) / PROBE_FILE
-    if target.is_dir():
-        card = read_card(target)
-        if card.checkpoint_sha256 != model_sha256:
-            raise ProbeError(f"bundle {target} is not the model that produced {features_dir} "
-                             f"(checkpoint {card.checkpoint_sha256[:12]} vs {model_sha256[:12]})")
-        target = target / PROBE_FILE
-    if not target.parent.is_dir():
-        raise ProbeError(f"cannot write {target}: folder {target.parent} does not exist")
+    target = _probe_target(out if out is not None else Path(features_dir) / PROBE_FILE, model_sha256, features_dir)
     rows = [i for i, label in enumerate(features.labels) if label is not None]
     if not rows:
         raise ProbeError(f"{features_dir} has no labelled rows: extract from an ImageFolder tree "
                          "(FOLDER/<class>/image) or a .txt list with 'path<TAB>label' lines")
     labels = [features.labels[i] for i in rows]
     probe, report = fit_probe(features.embeddings[rows], labels, model_sha256=model_sha256, **fit_options)
+    probe.save(target)
+    report["path_written"] = str(target)
+    return report
+
+
+def fit_probe_on_index(location: str, out: str | Path, **fit_options: Any) -> dict[str, Any]:
+    """`corinfomax probe fit --index`: fit on the labelled items of an index (any backend) and write the probe
+    to ``out`` (a file, or a model bundle folder)."""
+    from corinfomax.serving.index.backend import open_index
+
+    with open_index(location) as index:
+        labelled = index.labelled()
+        model_sha256 = index.model_sha256 or ""
+    if not labelled.labels:
+        raise ProbeError(f"index {location} has no labelled items: add items with labels first")
+    target = _probe_target(out, model_sha256, location)
+    probe, report = fit_probe(labelled.vectors, labelled.labels, model_sha256=model_sha256, **fit_options)
     probe.save(target)
     report["path_written"] = str(target)
     return report

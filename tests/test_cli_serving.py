@@ -12,6 +12,7 @@ import pytest
 from test_extract import REPO, make_image_folder
 
 from corinfomax.serving.extract.features import load_features
+from corinfomax.serving.index.backend import open_index
 from corinfomax.serving.index.build import parse_size
 from corinfomax.serving.index.store import IndexStore
 from corinfomax.serving.probe import LinearProbe
@@ -58,6 +59,36 @@ def test_index_build_loads_in_the_store(features: Path, tmp_path: Path) -> None:
 
     again = corinfomax("index", "build", "--features", str(features), "--out", str(out))
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_index_build_into_milvus_resumes_and_migrate_goes_both_ways(features: Path, tmp_path: Path) -> None:
+    lite = tmp_path / "index.db"
+    for _ in range(2):  # the rerun finds every shard's key: nothing is written twice
+        built = corinfomax("index", "build", "--features", str(features), "--to", str(lite))
+        assert built.returncode == 0, built.stderr
+        assert f"index {lite}: 300 vectors (300 labelled), Milvus HNSW" in built.stdout
+    to_folder = corinfomax("index", "migrate", "--from", str(lite), "--to", str(tmp_path / "folder"),
+                           "--id-map", str(tmp_path / "ids.json"), "--no-progress")
+    assert to_folder.returncode == 0, to_folder.stderr
+    assert "copied 300 items" in to_folder.stdout and "100 sampled items verified" in to_folder.stdout
+    ids = json.loads((tmp_path / "ids.json").read_text())
+    back = corinfomax("index", "migrate", "--from", str(tmp_path / "folder"), "--to", str(tmp_path / "back.db"),
+                      "--no-progress")
+    assert back.returncode == 0, back.stderr
+    loaded = load_features(features)
+    # Before this process opens the file: Milvus Lite keeps it locked until the process ends.
+    fitted = corinfomax("probe", "fit", "--index", str(lite), "--out", str(tmp_path / "probe.npz"))
+    assert fitted.returncode == 0, fitted.stderr
+    assert LinearProbe.load(tmp_path / "probe.npz").classes == sorted(set(loaded.labels))
+    with open_index(lite) as first, open_index(tmp_path / "folder") as folder, open_index(tmp_path / "back.db") as last:
+        assert folder.stats()["thumbnails"] == 0 and folder.stats()["labelled"] == last.stats()["labelled"] == 300
+        for store in (first, folder, last):
+            hit = store.search(loaded.embeddings[7:8], k=1)[0][0]
+            assert hit.metadata["path"] == loaded.paths[7] and hit.label == loaded.labels[7]
+        old = first.search(loaded.embeddings[7:8], k=1)[0][0].id
+        assert ids[str(old)] == folder.search(loaded.embeddings[7:8], k=1)[0][0].id
+    refused = corinfomax("index", "migrate", "--from", str(tmp_path / "nothing"), "--to", str(lite))
+    assert refused.returncode == 2 and "not an index" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_index_build_forced_kind_reports_recall(features: Path, tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from servekit import start_service
 
 from corinfomax.serving.api.launcher import Server
 from corinfomax.serving.api.limits import MAX_HITS
-from corinfomax.serving.index.store import MAX_ANSWER_BYTES, MAX_METADATA_BYTES
+from corinfomax.serving.index.backend import MAX_ANSWER_BYTES, MAX_METADATA_BYTES
 
 pytestmark = pytest.mark.slow  # a server subprocess
 

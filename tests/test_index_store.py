@@ -1,4 +1,5 @@
-"""IndexStore on real SQLite and real FAISS: the index format of docs/FORMATS.md section 5."""
+"""The index backends on real engines: IndexStore (SQLite + FAISS, the format of docs/FORMATS.md section 5) and
+MilvusStore on Milvus Lite. Tests taking the parametrised ``store`` (or ``backend``) run against both."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import io
 import json
 import sqlite3
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -14,8 +16,10 @@ from PIL import Image
 from corinfomax.core.errors import BadInput, ImageError, ImageTooLarge, NotFound
 from corinfomax.core.thumbnails import MAX_BYTES, make_thumbnail
 from corinfomax.serving.index import kinds
+from corinfomax.serving.index.backend import IndexMismatch, VectorIndex, open_index
 from corinfomax.serving.index.kinds import choose_kind
-from corinfomax.serving.index.store import DB_FILE, FAISS_FILE, FAISS_META, IndexMismatch, IndexStore
+from corinfomax.serving.index.milvus import MilvusStore
+from corinfomax.serving.index.store import DB_FILE, FAISS_FILE, FAISS_META, IndexStore
 
 DIM = 16
 
@@ -25,16 +29,24 @@ def unit(n: int, seed: int = 0, dim: int = DIM) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
+BACKENDS = {"folder": "index", "milvus-lite": "index.db"}  # CORINFOMAX_INDEX of each backend, under tmp_path
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture()
-def store(tmp_path: Path) -> IndexStore:
-    with IndexStore(tmp_path / "index", dim=DIM, model_sha256="m1") as opened:
+def store(tmp_path: Path, backend: str) -> Iterator[VectorIndex]:
+    with open_index(tmp_path / BACKENDS[backend], dim=DIM, model_sha256="m1") as opened:
         yield opened
 
 
-def test_add_get_search_finds_itself_first(store: IndexStore) -> None:
+def test_add_get_search_finds_itself_first(store: VectorIndex) -> None:
     vectors = unit(50)
     ids = store.add(vectors * 3.0, [{"n": i} for i in range(50)], ["odd" if i % 2 else None for i in range(50)])
-    assert ids == list(range(1, 51))
+    assert ids == sorted(set(ids)) and len(ids) == 50 and 0 < ids[0] and ids[-1] < 2**63
     item = store.get(ids[7])
     assert item.metadata == {"n": 7} and item.label == "odd"
     np.testing.assert_allclose(np.linalg.norm(item.vector), 1.0, rtol=1e-5)  # stored normalised
@@ -45,38 +57,38 @@ def test_add_get_search_finds_itself_first(store: IndexStore) -> None:
     assert store.stats()["count"] == 50 and store.stats()["labelled"] == 25
 
 
-def test_delete_and_ids_never_reused(store: IndexStore) -> None:
+def test_delete_and_ids_never_reused(store: VectorIndex) -> None:
     vectors = unit(10)
     ids = store.add(vectors)
-    with pytest.raises(NotFound, match="999"):
-        store.delete([ids[0], 999])
+    with pytest.raises(NotFound, match="999999"):
+        store.delete([ids[0], 999999])
     assert store.count() == 10  # all-or-nothing
     assert store.delete([ids[0], ids[1]]) == ids[:2]
     with pytest.raises(NotFound):
         store.get(ids[0])
     assert all(h.id not in ids[:2] for h in store.search(vectors[0], k=10)[0])
-    assert store.add(unit(1, seed=5)) == [11]
+    assert store.add(unit(1, seed=5))[0] > max(ids)
 
 
-@pytest.mark.parametrize(
-    "vectors, message",
-    [
-        (np.ones((2, DIM + 1)), "shape"),
-        (np.full((1, DIM), np.nan), "NaN"),
-        (np.zeros((0, DIM)), "empty"),
-        (np.zeros((1, DIM)), "zero"),
-        ([["a"] * DIM], "numbers"),
-    ],
-)
-def test_bad_vectors_are_refused(store: IndexStore, vectors: object, message: str) -> None:
-    with pytest.raises(BadInput, match=message):
-        store.add(vectors)
-    with pytest.raises(BadInput, match=message):
-        store.search(vectors, k=1)
+BAD_VECTORS = [
+    (np.ones((2, DIM + 1)), "shape"),
+    (np.full((1, DIM), np.nan), "NaN"),
+    (np.zeros((0, DIM)), "empty"),
+    (np.zeros((1, DIM)), "zero"),
+    ([["a"] * DIM], "numbers"),
+]
+
+
+def test_bad_vectors_are_refused(store: VectorIndex) -> None:
+    for vectors, message in BAD_VECTORS:  # one store per backend: a Milvus collection takes a second to make
+        with pytest.raises(BadInput, match=message):
+            store.add(vectors)
+        with pytest.raises(BadInput, match=message):
+            store.search(vectors, k=1)
     assert store.count() == 0
 
 
-def test_bad_parameters_are_refused(store: IndexStore) -> None:
+def test_bad_parameters_are_refused(store: VectorIndex) -> None:
     store.add(unit(3))
     for k in (0, -1, 10**6, 2.5, True):
         with pytest.raises(BadInput, match="k must"):
@@ -96,14 +108,15 @@ def test_bad_parameters_are_refused(store: IndexStore) -> None:
     assert store.count() == 3
 
 
-def test_refuses_other_dim_or_model(tmp_path: Path) -> None:
-    IndexStore(tmp_path / "ix", dim=DIM, model_sha256="m1").close()
+def test_refuses_other_dim_or_model(tmp_path: Path, backend: str) -> None:
+    location = tmp_path / BACKENDS[backend]
+    open_index(location, dim=DIM, model_sha256="m1").close()
     with pytest.raises(IndexMismatch, match="16-dim"):
-        IndexStore(tmp_path / "ix", dim=32)
-    with pytest.raises(IndexMismatch, match="another index folder"):
-        IndexStore(tmp_path / "ix", dim=DIM, model_sha256="m2")
+        open_index(location, dim=32)
+    with pytest.raises(IndexMismatch, match="built with model m1, not m2; its vectors are not comparable"):
+        open_index(location, dim=DIM, model_sha256="m2")
     with pytest.raises(BadInput, match="give the embedding dim"):
-        IndexStore(tmp_path / "missing")
+        open_index(tmp_path / "missing" / BACKENDS[backend])
 
 
 def test_cache_rebuilt_when_missing_corrupt_or_stale(tmp_path: Path) -> None:
@@ -136,9 +149,9 @@ def test_cache_rebuilt_when_missing_corrupt_or_stale(tmp_path: Path) -> None:
     crashed._db.close()
 
 
-def test_writes_visible_to_another_process_handle(tmp_path: Path) -> None:
-    writer = IndexStore(tmp_path / "ix", dim=DIM)
-    reader = IndexStore(tmp_path / "ix", dim=DIM)
+def test_writes_visible_to_another_handle_and_after_reopening(tmp_path: Path, backend: str) -> None:
+    writer = open_index(tmp_path / BACKENDS[backend], dim=DIM)
+    reader = open_index(tmp_path / BACKENDS[backend], dim=DIM)
     assert reader.search(unit(1), k=1) == [[]]
     ids = writer.add(unit(5))
     assert reader.search(unit(5), k=1)[0][0].id == ids[0]
@@ -146,9 +159,12 @@ def test_writes_visible_to_another_process_handle(tmp_path: Path) -> None:
     assert reader.search(unit(5)[:1], k=1)[0][0].id != ids[0]
     writer.close()
     reader.close()
+    with open_index(tmp_path / BACKENDS[backend]) as again:  # Milvus: a reopened collection must be loaded first
+        assert again.count() == 4 and again.search(unit(5)[1:2], k=1)[0][0].id == ids[1]
 
 
-def test_sqlite_is_the_format_of_the_contract(store: IndexStore) -> None:
+def test_sqlite_is_the_format_of_the_contract(tmp_path: Path) -> None:
+    store = IndexStore(tmp_path / "index", dim=DIM, model_sha256="m1")
     store.add(unit(2), [{"path": "a.jpg"}, {}], ["cat", None])
     db = sqlite3.connect(store.folder / DB_FILE)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -157,15 +173,17 @@ def test_sqlite_is_the_format_of_the_contract(store: IndexStore) -> None:
     info = dict(db.execute("SELECT key, value FROM info"))
     assert info == {"embedding_dim": str(DIM), "model_sha256": "m1", "generation": "1"}
     db.close()
+    store.close()
 
 
-def test_labelled_and_labelled_only_search(store: IndexStore) -> None:
+def test_labelled_and_labelled_only_search(store: VectorIndex) -> None:
     vectors = unit(30)
     labels = [None if i < 10 else ("x" if i % 2 else "y") for i in range(30)]
-    store.add(vectors, labels=labels)
+    ids = store.add(vectors, labels=labels)
     labelled = store.labelled()
     assert labelled.vectors.shape == (20, DIM) and labelled.classes == ["x", "y"]
-    assert labelled.ids.tolist() == list(range(11, 31))
+    assert labelled.ids.tolist() == ids[10:] and labelled.labels == labels[10:]
+    np.testing.assert_allclose(labelled.vectors.astype(np.float64), vectors[10:], atol=1e-6)
     hits = store.search(vectors[:10], k=5, labelled_only=True)
     assert all(h.label is not None for row in hits for h in row) and all(len(row) == 5 for row in hits)
 
@@ -217,7 +235,7 @@ def test_chosen_kind_that_misses_the_recall_target_falls_back_to_exact(tmp_path:
         assert ix.rebuild("HNSW32")["kind"] == "HNSW32"  # an explicit kind is kept as asked
 
 
-def test_thumbnails_stored_with_their_items(store: IndexStore, cifar10: Path) -> None:
+def test_thumbnails_stored_with_their_items(store: VectorIndex, cifar10: Path) -> None:
     """Real CIFAR-10 JPEGs -> WebP thumbnails committed with the items; vectors-only adds have none."""
     sources = sorted((cifar10 / "test" / "cat").glob("*.jpg"))[:2]
     thumbs = [make_thumbnail(path.read_bytes()) for path in sources]
@@ -228,7 +246,7 @@ def test_thumbnails_stored_with_their_items(store: IndexStore, cifar10: Path) ->
     with pytest.raises(NotFound, match="no thumbnail"):
         store.thumbnail(ids[2])
     with pytest.raises(NotFound, match="no item"):
-        store.thumbnail(999)
+        store.thumbnail(999999)
     store.delete([ids[0]])
     assert store.stats()["thumbnails"] == 1
     with pytest.raises(BadInput, match="thumbnails"):
@@ -249,7 +267,7 @@ def test_thumbnail_shrinks_large_images_to_the_side() -> None:
         make_thumbnail(buffer.getvalue(), max_pixels=1000)
 
 
-def test_a_retried_write_with_its_idempotency_key_lands_once(store: IndexStore) -> None:
+def test_a_retried_write_with_its_idempotency_key_lands_once(store: VectorIndex) -> None:
     first = store.add(unit(2), key="add-1")
     assert store.add(unit(2, seed=5), key="add-1") == first  # the retry: nothing new stored
     assert store.count() == 2
@@ -260,7 +278,7 @@ def test_a_retried_write_with_its_idempotency_key_lands_once(store: IndexStore) 
         store.add(unit(1), key="x" * 1000)
 
 
-def test_write_limits_name_themselves(store: IndexStore) -> None:
+def test_write_limits_name_themselves(store: VectorIndex) -> None:
     with pytest.raises(BadInput, match="limit is 16384"):
         store.add(unit(1), [{"blob": "x" * 20_000}])
     deep: dict = {}
@@ -275,3 +293,28 @@ def test_write_limits_name_themselves(store: IndexStore) -> None:
     with pytest.raises(BadInput, match="2\\*\\*63"):
         store.delete([-1])
     assert store.count() == 0
+
+
+def test_items_lists_everything_for_a_migration(store: VectorIndex) -> None:
+    ids = store.add(unit(5), [{"n": i} for i in range(5)], ["a", None, "b", None, None],
+                    [b"t0", None, None, None, b"t4"])
+    store.delete([ids[1]])
+    batches = list(store.items(batch=2))
+    assert [len(b) for b in batches] == [2, 2]
+    listed = [pair for batch in batches for pair in batch]
+    assert [item.id for item, _ in listed] == [ids[0], *ids[2:]]
+    assert [(item.metadata, item.label, thumb) for item, thumb in listed] == [
+        ({"n": 0}, "a", b"t0"), ({"n": 2}, "b", None), ({"n": 3}, None, None), ({"n": 4}, None, b"t4")]
+    np.testing.assert_allclose(listed[0][0].vector.astype(np.float64), unit(5)[0], atol=1e-6)
+
+
+def test_milvus_completes_a_write_that_half_happened(tmp_path: Path) -> None:
+    """No transactions in Milvus: a keyed write found in part is finished by its retry, never doubled."""
+    with MilvusStore(str(tmp_path / "index.db"), dim=DIM) as store:
+        first = store.add(unit(3), key="add-1")
+        store._client.delete(store.collection, ids=first[1:])  # as if only one shard's rows had landed
+        again = store.add(unit(3), key="add-1")
+        assert store.count() == 3 and len(set(again)) == 3 and store.add(unit(1), key="add-1") == again
+        # A keyed delete that recorded its ids and crashed before deleting: the retry deletes and answers.
+        store._client.insert(store.writes, [{"key": "del-1", "result": again[:2], "unused": [0.0, 0.0]}])
+        assert store.delete(again[:2], key="del-1") == again[:2] and store.count() == 1

@@ -33,12 +33,16 @@ def write_probe(path: Path, dim: int) -> None:
              classes=np.array(CLASSES), model_sha256=np.array(""))
 
 
-@pytest.fixture(scope="module")
-def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+# Every test that talks to the server runs against both index backends: a folder (SQLite + FAISS) and a
+# Milvus Lite file (the real Milvus engine, in the index worker's process).
+@pytest.fixture(scope="module", params=["index", "index.db"], ids=["folder", "milvus-lite"])
+def server(request: pytest.FixtureRequest, tiny_bundle: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("service")
     write_probe(root / "probe.npz", 256)
     srv = start_service(root, model=str(tiny_bundle), demo_dir="", probe=str(root / "probe.npz"), api_key=API_KEY,
-                        workers="2", max_request_bytes=str(MAX_REQUEST), max_pixels=str(MAX_PIXELS))
+                        workers="2", max_request_bytes=str(MAX_REQUEST), max_pixels=str(MAX_PIXELS),
+                        index=str(root / request.param))
     yield srv
     srv.stop()
 
@@ -72,7 +76,7 @@ def test_embed_files_and_base64_agree(client: httpx.Client, cifar10: Path) -> No
     np.testing.assert_allclose(by_file, by_b64, atol=1e-6)
 
 
-def test_add_search_get_classify_delete(client: httpx.Client, cifar10: Path) -> None:
+def test_add_search_get_classify_delete(server: Server, client: httpx.Client, cifar10: Path) -> None:
     items = jpegs(cifar10, 2)
     added = ok(client.post("/add", files=files([p for _, p in items]),
                            data={"metadata": str([{"path": p.name} for _, p in items]).replace("'", '"'),
@@ -96,7 +100,8 @@ def test_add_search_get_classify_delete(client: httpx.Client, cifar10: Path) -> 
     assert ok(client.post("/delete", json={"ids": [added[0]]}))["deleted"] == [added[0]]
     assert client.post("/get", json={"id": added[0]}).status_code == 404
     stats = ok(client.post("/stats", json={}))
-    assert stats["count"] >= 19 and stats["labelled"] >= 19
+    assert stats["count"] >= 19 and stats["labelled"] >= 19 and stats["thumbnails"] >= 19
+    assert stats["kind"].startswith("Milvus") == server.env["CORINFOMAX_INDEX"].endswith(".db")
     info = ok(client.post("/info", json={}))
     assert info["model"]["embedding_dim"] == 256 and info["probe"]["classes"] == CLASSES
 

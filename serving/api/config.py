@@ -55,20 +55,25 @@ def _thumbnail_side(side: int) -> int:
     return side
 
 
-def _index_dir(raw: str | None) -> Path:
+def _index_location(raw: str | None) -> str:
     """CORINFOMAX_INDEX, else ``data/index`` under the working directory, except inside a Bento.
+
+    A folder is the embedded index, a ``.db`` file a Milvus Lite one, ``milvus://host:port/collection`` a
+    Milvus server (``serving.index.backend.open_index``); a URL is kept as given.
 
     An index in a Bento's ``src/`` folder would grow the stored Bento and vanish with it, so a Bento keeps it
     under BentoML's home (``$BENTOML_HOME/data/index``: ~/bentoml/data/index locally, /home/bentoml/data/index
     in a container).
-    The path is made absolute so the start-up log says exactly where it is.
+    A path is made absolute so the start-up log says exactly where it is.
     """
+    if raw and raw.startswith("milvus://"):
+        return raw
     if raw:
-        return Path(raw).absolute()
+        return str(Path(raw).absolute())
     if _inside_bento():
         home = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
-        return home.absolute() / "data" / "index"
-    return Path.cwd() / "data" / "index"
+        return str(home.absolute() / "data" / "index")
+    return str(Path.cwd() / "data" / "index")
 
 
 def model_threads(workers: int) -> int:
@@ -83,7 +88,7 @@ def model_threads(workers: int) -> int:
 @dataclass(frozen=True)
 class Settings:
     model: str  # bundle folder or BentoML model tag
-    index: Path
+    index: str  # an index folder, a Milvus Lite .db file or milvus://host:port/collection
     probe: Path | None
     api_key: str | None
     workers: int
@@ -106,7 +111,7 @@ class Settings:
         workers = max(1, _int("CORINFOMAX_WORKERS", 1))
         return cls(
             model=os.environ.get("CORINFOMAX_MODEL", str(_shipped() / "models" / "default")),
-            index=_index_dir(os.environ.get("CORINFOMAX_INDEX")),
+            index=_index_location(os.environ.get("CORINFOMAX_INDEX")),
             probe=Path(probe) if probe else None,
             api_key=os.environ.get("CORINFOMAX_API_KEY") or None,
             workers=workers,

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sized
 from PIL import Image
 
 from corinfomax.core.errors import BadInput, ImageTooLarge
-from corinfomax.serving.index.store import MAX_ANSWER_BYTES, MAX_METADATA_BYTES, MAX_METADATA_DEPTH
+from corinfomax.serving.index.backend import MAX_ANSWER_BYTES, MAX_METADATA_BYTES, MAX_METADATA_DEPTH
 
 MAX_HITS = 10_000  # queries x k in one search or kNN vote: 10 queries at k=1000, or 1000 at k=10
 PUBLIC = {"max_hits": MAX_HITS, "max_metadata_bytes": MAX_METADATA_BYTES, "max_metadata_depth": MAX_METADATA_DEPTH,

@@ -4,8 +4,11 @@ Two services, one job each (start with ``bentoml serve serving.service:CorInfoMa
 - ``CorInfoMax`` (N workers, the public entry): decodes images (files, URLs, base64) in a thread pool,
   validates input, runs the ONNX model in-process with concurrent requests merged into one call
   (``serving.service_batcher.MicroBatcher``), applies the probe or a kNN vote;
-- ``IndexOwner`` (1 worker): the only process that opens the index, so every write is seen by every
-  request and SQLite has a single writer; ``CorInfoMax`` calls it through ``bentoml.depends``.
+- ``IndexOwner``: the process that opens the index; ``CorInfoMax`` calls it through ``bentoml.depends``.
+  With an index folder (or a Milvus Lite ``.db`` file, which one process can open) it has 1 worker, so
+  every write is seen by every request and SQLite has a single writer. With a Milvus server
+  (``milvus://``) it holds no state but a client, so it runs as many workers as the entry service, and
+  several replicas of the whole service may serve one collection (docs/ARCHITECTURE.md).
 Why the model is not a separate batchable service: the extra hop (uint8 arrays serialised both ways)
 and BentoML's dispatcher cost more than the model itself for small images (docs/RESULTS.md "Serving").
 Configuration comes from the environment (``serving.api.config.Settings``).
@@ -39,7 +42,16 @@ from corinfomax.serving.api.config import Settings
 from corinfomax.serving.api.fetch import fetch_url
 from corinfomax.serving.api.http import GuardMiddleware, JsonErrors, count_known_routes_only, free_timeout_timers
 from corinfomax.serving.embedder import Embedder
-from corinfomax.serving.index.store import MAX_K, IndexStore, check_k, check_key, check_metadata, normalise
+from corinfomax.serving.index.backend import (
+    MAX_K,
+    VectorIndex,
+    check_k,
+    check_key,
+    check_metadata,
+    is_milvus,
+    normalise,
+    open_index,
+)
 
 log = logging.getLogger("corinfomax.service")
 # BentoML's server logging shows its own loggers at INFO and the rest at WARNING: without this, the start-up
@@ -78,9 +90,15 @@ INDEX_ITEMS = bentoml.metrics.Gauge(name="corinfomax_index_items", documentation
                                     multiprocess_mode="livemostrecent")
 
 
-@bentoml.service(workers=1, traffic={"timeout": 600})
+def index_workers(location: str | Path, api_workers: int) -> int:
+    """One index worker for an embedded index (a folder, or a Milvus Lite file: one process only); as many as
+    the API has for a Milvus server, whose clients share nothing."""
+    return api_workers if str(location).startswith("milvus://") else 1
+
+
+@bentoml.service(workers=index_workers(SETTINGS.index, SETTINGS.workers), traffic={"timeout": 600})
 class IndexOwner:
-    """Owns the IndexStore: the single writer, so all workers of the entry service see one index."""
+    """Opens the index (``serving.index.backend.open_index``); all workers of the entry service call it."""
 
     def __init__(self) -> None:
         import faiss
@@ -89,9 +107,9 @@ class IndexOwner:
         faiss.omp_set_num_threads(1)
         bundle = SETTINGS.bundle_dir()
         card = read_card(bundle)
-        self.store = IndexStore(SETTINGS.index, dim=card.embedding_dim,
-                                model_sha256=card.checkpoint_sha256)
-        if SETTINGS.demo_dir is not None and self.store.count() == 0:
+        self.store = open_index(SETTINGS.index, dim=card.embedding_dim, model_sha256=card.checkpoint_sha256)
+        first_worker = (bentoml.server_context.worker_index or 1) == 1  # Milvus: workers share one collection
+        if SETTINGS.demo_dir is not None and first_worker and self.store.count() == 0:
             # First start: index the demo collection so search and classify answer at once.
             added = seed_index_if_empty(self.store, Embedder(bundle, threads=1), SETTINGS.demo_dir,
                                         thumbnail_side=SETTINGS.thumbnail_side)
@@ -150,7 +168,9 @@ class IndexOwner:
     @bentoml.api
     @_envelope
     def rebuild(self, kind: Optional[str] = None) -> dict[str, Any]:
-        return self.store.rebuild(kind)
+        if is_milvus(SETTINGS.index):
+            raise BadInput("a Milvus collection keeps its own index: change it with Milvus' tools, not rebuild")
+        return self.store.rebuild(kind)  # type: ignore[attr-defined]
 
 
 # -- the public API -------------------------------------------------------------------------------
@@ -463,7 +483,7 @@ CorInfoMax.add_asgi_middleware(GuardMiddleware, api_key=SETTINGS.api_key, max_by
                                body_seconds=SETTINGS.body_seconds)
 
 
-def seed_index_if_empty(store: IndexStore, embedder: Embedder, folder: str | Path, batch: int = 64,
+def seed_index_if_empty(store: VectorIndex, embedder: Embedder, folder: str | Path, batch: int = 64,
                         thumbnail_side: int = 0) -> int:
     """Index a folder of sample images (label = sub-folder name, with thumbnails of ``thumbnail_side`` px unless
     0) if the index is empty; return how many."""

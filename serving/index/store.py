@@ -14,7 +14,6 @@ import logging
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -23,8 +22,20 @@ import numpy as np
 
 from corinfomax.core.errors import BadInput, NotFound
 from corinfomax.core.files import atomic_write, atomic_write_text
-from corinfomax.core.thumbnails import MAX_BYTES as MAX_THUMBNAIL_BYTES
 from corinfomax.serving.index import kinds
+from corinfomax.serving.index.backend import (
+    Hit,
+    IndexMismatch,
+    Item,
+    Labelled,
+    check_answer_size,
+    check_ids,
+    check_k,
+    check_key,
+    check_rows,
+    check_thumbnails,
+    normalise,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +43,7 @@ DB_FILE = "index.sqlite"
 FAISS_FILE = "faiss.index"
 FAISS_META = "faiss.json"
 
-MAX_K = 1000  # beyond this a "top-k" is a data dump, not a search
 READ_BATCH = 50_000
-MAX_ID = 2**63 - 1  # SQLite's INTEGER range
-# Metadata is a small description of an item, not a document store: every search answer carries it.
-MAX_METADATA_BYTES = 16 << 10  # per item, as JSON text
-MAX_METADATA_DEPTH = 32
-MAX_ANSWER_BYTES = 8 << 20  # metadata in one search answer: bounds what a request makes the server build
-MAX_LABEL_CHARS = 200
-MAX_KEY_CHARS = 128  # an idempotency key (a UUID is 36)
 KEY_TTL_S = 24 * 3600  # a retried write is recognised for a day
 
 _SCHEMA = """
@@ -57,104 +60,6 @@ CREATE TABLE IF NOT EXISTS thumbnails (id INTEGER PRIMARY KEY, image BLOB NOT NU
 CREATE TABLE IF NOT EXISTS writes (key TEXT PRIMARY KEY, result TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS writes_created ON writes(created_at);
 """
-
-
-class AnswerTooLarge(BadInput):
-    """A search whose answer would carry more than MAX_ANSWER_BYTES of metadata (413)."""
-
-    status = 413
-
-
-class IndexMismatch(BadInput):
-    """An index folder made for another embedding dimension or another model."""
-
-
-@dataclass(frozen=True)
-class Item:
-    id: int
-    vector: np.ndarray
-    metadata: dict[str, Any]
-    label: str | None
-
-
-@dataclass(frozen=True)
-class Hit:
-    id: int
-    score: float
-    metadata: dict[str, Any]
-    label: str | None
-
-
-@dataclass(frozen=True)
-class Labelled:
-    """What kNN classification needs: the labelled items' ids, unit vectors and labels."""
-
-    ids: np.ndarray  # int64 [L]
-    vectors: np.ndarray  # float32 [L, D]
-    labels: list[str]
-
-    @property
-    def classes(self) -> list[str]:
-        return sorted(set(self.labels))
-
-
-def normalise(vectors: Any, dim: int, what: str = "vectors") -> np.ndarray:
-    """Check a ``[N, dim]`` (or ``[dim]``) array of finite, non-zero vectors; return float32 unit rows."""
-    try:
-        array = np.asarray(vectors, dtype=np.float32)
-    except (TypeError, ValueError) as err:
-        raise BadInput(f"{what} must be numbers: {err}") from err
-    if array.ndim == 1:
-        array = array[None, :]
-    if array.ndim != 2 or array.shape[1] != dim:
-        raise BadInput(f"{what} must have shape [N, {dim}] (embedding dim {dim}), got {list(array.shape)}")
-    if len(array) == 0:
-        raise BadInput(f"{what}: empty batch, give at least one vector")
-    if not np.isfinite(array).all():
-        bad = sorted({int(i) for i in np.nonzero(~np.isfinite(array))[0]})[:5]
-        raise BadInput(f"{what} contain NaN or infinite values (rows {bad})")
-    norms = np.linalg.norm(array, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise BadInput(f"{what} contain all-zero rows {np.nonzero(norms[:, 0] == 0)[0][:5].tolist()}")
-    return np.ascontiguousarray(array / norms, dtype=np.float32)
-
-
-def check_metadata(meta: Any, where: str) -> str:
-    """A metadata object as JSON text, refused if not an object, too deep or over MAX_METADATA_BYTES."""
-    if not isinstance(meta, dict):
-        raise BadInput(f"{where} must be a JSON object, got {type(meta).__name__}")
-    stack: list[tuple[Any, int]] = [(meta, 1)]
-    while stack:  # iterative, so a hostile nesting cannot exhaust the interpreter's recursion limit
-        value, depth = stack.pop()
-        if depth > MAX_METADATA_DEPTH:
-            raise BadInput(f"{where} is nested deeper than {MAX_METADATA_DEPTH} levels")
-        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-        stack.extend((child, depth + 1) for child in children)
-    try:
-        text = json.dumps(meta, allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise BadInput(f"{where} is not JSON-serialisable: {err}") from err
-    if len(text.encode()) > MAX_METADATA_BYTES:
-        raise BadInput(f"{where} is {len(text.encode())} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
-    return text
-
-
-def check_key(key: Any) -> str | None:
-    """An idempotency key: None, or 1..MAX_KEY_CHARS printable characters."""
-    if key is None:
-        return None
-    if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_CHARS or not key.isprintable():
-        raise BadInput(f"idempotency_key must be a string of 1 to {MAX_KEY_CHARS} printable characters")
-    return key
-
-
-def check_k(k: Any) -> int:
-    """Validate a top-k parameter."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise BadInput(f"k must be an integer, got {k!r}")
-    if not 1 <= k <= MAX_K:
-        raise BadInput(f"k must be between 1 and {MAX_K}, got {k}")
-    return int(k)
 
 
 class IndexStore:
@@ -253,7 +158,7 @@ class IndexStore:
         """
         vectors = normalise(vectors, self.dim)
         rows = self._rows(vectors, metadata, labels)
-        thumbs = _thumbnails(thumbnails, len(rows))
+        thumbs = check_thumbnails(thumbnails, len(rows))
         key = check_key(key)
         with self._lock:
             with self._write():
@@ -290,7 +195,7 @@ class IndexStore:
 
     def delete(self, ids: Sequence[int], key: str | None = None) -> list[int]:
         """Delete items by id; all must exist (else NotFound and nothing is deleted). ``key``: as in ``add``."""
-        wanted = _ids(ids)
+        wanted = check_ids(ids)
         key = check_key(key)
         with self._lock:
             with self._write():
@@ -308,21 +213,10 @@ class IndexStore:
             self._sync_after_write(generation, lambda index: self._remove(index, wanted))
         return wanted
 
-    def _rows(self, vectors: np.ndarray, metadata: Sequence[dict] | None,
+    @staticmethod
+    def _rows(vectors: np.ndarray, metadata: Sequence[dict] | None,
               labels: Sequence[str | None] | None) -> list[tuple[bytes, str, str | None]]:
-        n = len(vectors)
-        metadata = list(metadata) if metadata is not None else [{}] * n
-        labels = list(labels) if labels is not None else [None] * n
-        if len(metadata) != n or len(labels) != n:
-            raise BadInput(f"{n} vectors but {len(metadata)} metadata objects and {len(labels)} labels")
-        rows = []
-        for i, (vector, meta, label) in enumerate(zip(vectors, metadata, labels)):
-            text = check_metadata(meta, f"metadata[{i}]")
-            if label is not None and (not isinstance(label, str) or not 1 <= len(label) <= MAX_LABEL_CHARS):
-                raise BadInput(f"labels[{i}] must be a string of 1 to {MAX_LABEL_CHARS} characters or null, "
-                               f"got {str(label)[:100]!r}")
-            rows.append((vector.tobytes(), text, label))
-        return rows
+        return [(vector.tobytes(), text, label) for vector, text, label in check_rows(vectors, metadata, labels)]
 
     def _insert(self, rows: list[tuple[bytes, str, str | None]]) -> list[int]:
         """Insert with explicit consecutive ids (AUTOINCREMENT never reuses a deleted id)."""
@@ -376,7 +270,7 @@ class IndexStore:
     # -- reads --------------------------------------------------------------------------------
 
     def get(self, item_id: int) -> Item:
-        (item_id,) = _ids([item_id])
+        (item_id,) = check_ids([item_id])
         with self._lock:
             row = self._db.execute("SELECT id, vector, metadata, label FROM items WHERE id = ?", (item_id,)).fetchone()
         if row is None:
@@ -385,7 +279,7 @@ class IndexStore:
 
     def thumbnail(self, item_id: int) -> bytes:
         """The stored thumbnail of an item (NotFound if the item is unknown or was added without one)."""
-        (item_id,) = _ids([item_id])
+        (item_id,) = check_ids([item_id])
         with self._lock:
             row = self._db.execute("SELECT image FROM thumbnails WHERE id = ?", (item_id,)).fetchone()
         if row is None:
@@ -395,7 +289,7 @@ class IndexStore:
 
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
         """Stored unit vectors of ``ids`` (NotFound if any is unknown), float32 ``[N, D]``."""
-        return np.stack([self.get(i).vector for i in _ids(ids)])
+        return np.stack([self.get(i).vector for i in check_ids(ids)])
 
     def search(self, queries: Any, k: int, labelled_only: bool = False) -> list[list[Hit]]:
         """Top-``k`` stored items by inner product of unit vectors, per query (fewer if the index is smaller)."""
@@ -412,10 +306,7 @@ class IndexStore:
             texts = self._rows_by_id(wanted)
         answer = [[(int(i), float(s)) for s, i in zip(srow, irow) if int(i) in texts][:k]
                   for srow, irow in zip(scores, ids)]
-        size = sum(len(texts[i][0]) for row in answer for i, _ in row)
-        if size > MAX_ANSWER_BYTES:  # checked before parsing: the same item may be in every row
-            raise AnswerTooLarge(f"the answer would carry {size} bytes of metadata; the limit is {MAX_ANSWER_BYTES}: "
-                                 "lower k or send fewer queries per request")
+        check_answer_size(sum(len(texts[i][0]) for row in answer for i, _ in row))
         parsed = {i: json.loads(text) for i, (text, _) in texts.items()}
         return [[Hit(i, s, parsed[i], texts[i][1]) for i, s in row] for row in answer]
 
@@ -439,6 +330,20 @@ class IndexStore:
                                                    chunk):
                 out[i] = (meta, label)
         return out
+
+    def items(self, batch: int) -> Iterator[list[tuple[Item, bytes | None]]]:
+        """Every item with its thumbnail (or None), in id order, ``batch`` at a time (for `index migrate`)."""
+        last = 0
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT items.id, vector, metadata, label, image FROM items LEFT JOIN thumbnails USING (id) "
+                    "WHERE items.id > ? ORDER BY items.id LIMIT ?", (last, batch)).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [(Item(i, np.frombuffer(v, np.float32).copy(), json.loads(m), label),
+                    bytes(image) if image is not None else None) for i, v, m, label, image in rows]
 
     def labelled(self) -> Labelled:
         """All labelled items (for kNN classification), cached until the next write."""
@@ -648,34 +553,6 @@ class _Transaction:
             self._db.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
             self._lock.release()
-
-
-def _ids(ids: Any) -> list[int]:
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) and not isinstance(ids, np.ndarray):
-        raise BadInput(f"ids must be a list of integers, got {type(ids).__name__}")
-    out = []
-    for i in ids:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise BadInput(f"ids must be integers, got {str(i)[:100]!r}")
-        if not 0 <= i <= MAX_ID:
-            raise BadInput(f"ids must be between 0 and 2**63-1, got {str(i)[:100]}")
-        out.append(int(i))
-    if not out:
-        raise BadInput("ids: empty list, give at least one id")
-    return list(dict.fromkeys(out))
-
-
-def _thumbnails(thumbnails: Sequence[bytes | None] | None, n: int) -> list[bytes | None]:
-    """Check one thumbnail (or None) per item, each an encoded image of at most MAX_THUMBNAIL_BYTES."""
-    if thumbnails is None:
-        return [None] * n
-    if len(thumbnails) != n:
-        raise BadInput(f"{n} vectors but {len(thumbnails)} thumbnails")
-    for i, thumb in enumerate(thumbnails):
-        if thumb is not None and not (isinstance(thumb, bytes) and 0 < len(thumb) <= MAX_THUMBNAIL_BYTES):
-            size = len(thumb) if isinstance(thumb, bytes) else type(thumb).__name__
-            raise BadInput(f"thumbnails[{i}] must be 1 to {MAX_THUMBNAIL_BYTES} bytes, got {size}")
-    return list(thumbnails)
 
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:

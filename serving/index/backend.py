@@ -1,0 +1,250 @@
+"""What every index backend promises (``VectorIndex``), the checks they share, and the one place that picks a
+backend from ``CORINFOMAX_INDEX``.
+
+Two backends satisfy the protocol: ``store.IndexStore`` (SQLite + FAISS in a folder, embedded, the default)
+and ``milvus.MilvusStore`` (a Milvus collection: a local ``.db`` file opened by Milvus Lite, or a Milvus
+server at ``milvus://host:port/collection``). Input is validated here, before either backend sees it, so
+bad input is the same 4xx on both.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from corinfomax.core.errors import BadInput
+from corinfomax.core.thumbnails import MAX_BYTES as MAX_THUMBNAIL_BYTES
+
+MAX_K = 1000  # beyond this a "top-k" is a data dump, not a search
+MAX_ID = 2**63 - 1  # SQLite's INTEGER range and Milvus' INT64
+# Metadata is a small description of an item, not a document store: every search answer carries it.
+MAX_METADATA_BYTES = 16 << 10  # per item, as JSON text
+MAX_METADATA_DEPTH = 32
+MAX_ANSWER_BYTES = 8 << 20  # metadata in one search answer: bounds what a request makes the server build
+MAX_LABEL_CHARS = 200
+MAX_KEY_CHARS = 128  # an idempotency key (a UUID is 36)
+
+
+class AnswerTooLarge(BadInput):
+    """A search whose answer would carry more than MAX_ANSWER_BYTES of metadata (413)."""
+
+    status = 413
+
+
+class IndexMismatch(BadInput):
+    """An index made for another embedding dimension or another model."""
+
+
+class IndexUnavailable(BadInput):
+    """The index server failed or could not be reached: the client should retry (503)."""
+
+    status = 503
+
+
+@dataclass(frozen=True)
+class Item:
+    id: int
+    vector: np.ndarray
+    metadata: dict[str, Any]
+    label: str | None
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: int
+    score: float
+    metadata: dict[str, Any]
+    label: str | None
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """What kNN classification needs: the labelled items' ids, unit vectors and labels."""
+
+    ids: np.ndarray  # int64 [L]
+    vectors: np.ndarray  # float32 [L, D]
+    labels: list[str]
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(set(self.labels))
+
+
+class VectorIndex(Protocol):
+    """Unit vectors with metadata, labels and thumbnails; what the service, `index build/migrate` and kNN use.
+
+    Every write is acknowledged only once it is durable, and a write with an idempotency ``key`` that an
+    earlier write used returns that write's answer and stores nothing again.
+    """
+
+    dim: int
+    model_sha256: str | None
+
+    def count(self) -> int: ...
+
+    def add(self, vectors: Any, metadata: Sequence[dict[str, Any]] | None = None,
+            labels: Sequence[str | None] | None = None, thumbnails: Sequence[bytes | None] | None = None,
+            key: str | None = None) -> list[int]: ...
+
+    def delete(self, ids: Sequence[int], key: str | None = None) -> list[int]: ...
+
+    def get(self, item_id: int) -> Item: ...
+
+    def thumbnail(self, item_id: int) -> bytes: ...
+
+    def vectors(self, ids: Sequence[int]) -> np.ndarray: ...
+
+    def search(self, queries: Any, k: int, labelled_only: bool = False) -> list[list[Hit]]: ...
+
+    def labelled(self) -> Labelled: ...
+
+    def items(self, batch: int) -> Iterator[list[tuple[Item, bytes | None]]]:
+        """Every item with its thumbnail (or None), in id order, ``batch`` at a time (for `index migrate`)."""
+        ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "VectorIndex": ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def is_milvus(location: str | Path) -> bool:
+    """Whether ``CORINFOMAX_INDEX``-style ``location`` names a Milvus collection rather than an index folder."""
+    text = str(location)
+    return text.startswith("milvus://") or text.endswith(".db")
+
+
+def open_index(location: str | Path, dim: int | None = None, model_sha256: str | None = None) -> VectorIndex:
+    """Open (or create, given ``dim``) the index at ``location``: a folder (SQLite + FAISS), a ``.db`` file
+    (Milvus Lite) or ``milvus://host:port/collection`` (a Milvus server; token from CORINFOMAX_MILVUS_TOKEN)."""
+    if is_milvus(location):
+        from corinfomax.serving.index.milvus import MilvusStore
+
+        return MilvusStore(str(location), dim=dim, model_sha256=model_sha256)
+    from corinfomax.serving.index.store import IndexStore
+
+    return IndexStore(location, dim=dim, model_sha256=model_sha256)
+
+
+# -- the checks every backend runs before touching storage ------------------------------------------
+
+
+def normalise(vectors: Any, dim: int, what: str = "vectors") -> np.ndarray:
+    """Check a ``[N, dim]`` (or ``[dim]``) array of finite, non-zero vectors; return float32 unit rows."""
+    try:
+        array = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise BadInput(f"{what} must be numbers: {err}") from err
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2 or array.shape[1] != dim:
+        raise BadInput(f"{what} must have shape [N, {dim}] (embedding dim {dim}), got {list(array.shape)}")
+    if len(array) == 0:
+        raise BadInput(f"{what}: empty batch, give at least one vector")
+    if not np.isfinite(array).all():
+        bad = sorted({int(i) for i in np.nonzero(~np.isfinite(array))[0]})[:5]
+        raise BadInput(f"{what} contain NaN or infinite values (rows {bad})")
+    norms = np.linalg.norm(array, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise BadInput(f"{what} contain all-zero rows {np.nonzero(norms[:, 0] == 0)[0][:5].tolist()}")
+    return np.ascontiguousarray(array / norms, dtype=np.float32)
+
+
+def check_metadata(meta: Any, where: str) -> str:
+    """A metadata object as JSON text, refused if not an object, too deep or over MAX_METADATA_BYTES."""
+    if not isinstance(meta, dict):
+        raise BadInput(f"{where} must be a JSON object, got {type(meta).__name__}")
+    stack: list[tuple[Any, int]] = [(meta, 1)]
+    while stack:  # iterative, so a hostile nesting cannot exhaust the interpreter's recursion limit
+        value, depth = stack.pop()
+        if depth > MAX_METADATA_DEPTH:
+            raise BadInput(f"{where} is nested deeper than {MAX_METADATA_DEPTH} levels")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    try:
+        text = json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise BadInput(f"{where} is not JSON-serialisable: {err}") from err
+    if len(text.encode()) > MAX_METADATA_BYTES:
+        raise BadInput(f"{where} is {len(text.encode())} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
+    return text
+
+
+def check_key(key: Any) -> str | None:
+    """An idempotency key: None, or 1..MAX_KEY_CHARS printable characters."""
+    if key is None:
+        return None
+    if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_CHARS or not key.isprintable():
+        raise BadInput(f"idempotency_key must be a string of 1 to {MAX_KEY_CHARS} printable characters")
+    return key
+
+
+def check_k(k: Any) -> int:
+    """Validate a top-k parameter."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise BadInput(f"k must be an integer, got {k!r}")
+    if not 1 <= k <= MAX_K:
+        raise BadInput(f"k must be between 1 and {MAX_K}, got {k}")
+    return int(k)
+
+
+def check_ids(ids: Any) -> list[int]:
+    """A non-empty list of ids in 0..MAX_ID, duplicates dropped (first occurrence kept)."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) and not isinstance(ids, np.ndarray):
+        raise BadInput(f"ids must be a list of integers, got {type(ids).__name__}")
+    out = []
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise BadInput(f"ids must be integers, got {str(i)[:100]!r}")
+        if not 0 <= i <= MAX_ID:
+            raise BadInput(f"ids must be between 0 and 2**63-1, got {str(i)[:100]}")
+        out.append(int(i))
+    if not out:
+        raise BadInput("ids: empty list, give at least one id")
+    return list(dict.fromkeys(out))
+
+
+def check_rows(vectors: np.ndarray, metadata: Sequence[dict] | None,
+               labels: Sequence[str | None] | None) -> list[tuple[np.ndarray, str, str | None]]:
+    """(unit vector, metadata JSON text, label) per row, with one metadata object and one label per vector."""
+    n = len(vectors)
+    metadata = list(metadata) if metadata is not None else [{}] * n
+    labels = list(labels) if labels is not None else [None] * n
+    if len(metadata) != n or len(labels) != n:
+        raise BadInput(f"{n} vectors but {len(metadata)} metadata objects and {len(labels)} labels")
+    rows = []
+    for i, (vector, meta, label) in enumerate(zip(vectors, metadata, labels)):
+        text = check_metadata(meta, f"metadata[{i}]")
+        if label is not None and (not isinstance(label, str) or not 1 <= len(label) <= MAX_LABEL_CHARS):
+            raise BadInput(f"labels[{i}] must be a string of 1 to {MAX_LABEL_CHARS} characters or null, "
+                           f"got {str(label)[:100]!r}")
+        rows.append((vector, text, label))
+    return rows
+
+
+def check_thumbnails(thumbnails: Sequence[bytes | None] | None, n: int) -> list[bytes | None]:
+    """Check one thumbnail (or None) per item, each an encoded image of at most MAX_THUMBNAIL_BYTES."""
+    if thumbnails is None:
+        return [None] * n
+    if len(thumbnails) != n:
+        raise BadInput(f"{n} vectors but {len(thumbnails)} thumbnails")
+    for i, thumb in enumerate(thumbnails):
+        if thumb is not None and not (isinstance(thumb, bytes) and 0 < len(thumb) <= MAX_THUMBNAIL_BYTES):
+            size = len(thumb) if isinstance(thumb, bytes) else type(thumb).__name__
+            raise BadInput(f"thumbnails[{i}] must be 1 to {MAX_THUMBNAIL_BYTES} bytes, got {size}")
+    return list(thumbnails)
+
+
+def check_answer_size(size: int) -> None:
+    """Refuse a search answer that would carry more than MAX_ANSWER_BYTES of metadata (checked before parsing:
+    the same item may be in every row)."""
+    if size > MAX_ANSWER_BYTES:
+        raise AnswerTooLarge(f"the answer would carry {size} bytes of metadata; the limit is {MAX_ANSWER_BYTES}: "
+                             "lower k or send fewer queries per request")

@@ -1,0 +1,92 @@
+"""Two replicas of the service (two `bentoml serve`, two API and two index workers each) on one Milvus collection,
+as behind a load balancer: what one writes, the other reads at once. The Milvus server is Milvus Lite's
+gRPC server (`milvus-lite server`), the same protocol a Milvus cluster speaks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from servekit import start_service
+
+from corinfomax.serving.api.launcher import Server, free_port
+
+pytestmark = pytest.mark.slow  # subprocesses, servers, DDP jobs or model exports
+
+
+@pytest.fixture(scope="module")
+def milvus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen]]:
+    root = tmp_path_factory.mktemp("milvus")
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("milvus-lite")), "server", "--data-dir", str(root / "data"),
+               "--host", "127.0.0.1", "--port", str(port)]
+    with (root / "milvus.log").open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while b"listening" not in (root / "milvus.log").read_bytes():
+        assert proc.poll() is None and time.monotonic() < deadline, (root / "milvus.log").read_text()
+        time.sleep(0.2)
+    yield f"milvus://127.0.0.1:{port}/replicas", proc
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def replicas(milvus: tuple[str, subprocess.Popen], tiny_bundle: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
+    servers = [start_service(tmp_path_factory.mktemp(f"replica{i}"), model=str(tiny_bundle), demo_dir="",
+                             index=milvus[0], workers="2") for i in range(2)]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def test_replicas_share_one_collection(replicas: list[Server]) -> None:
+    a, b = (httpx.Client(base_url=server.url, timeout=60) for server in replicas)
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(3, 256)).tolist()
+    ids = a.post("/add", json={"vectors": vectors, "labels": ["x", "y", None]}).json()["ids"]
+    found = b.post("/search", json={"vectors": vectors, "k": 1}).json()["results"]
+    assert [row[0]["id"] for row in found] == ids  # B sees A's acknowledged add at once (Strong)
+    again = b.post("/add", json={"vectors": vectors, "idempotency_key": "once"}).json()["ids"]
+    assert a.post("/add", json={"vectors": vectors, "idempotency_key": "once"}).json()["ids"] == again
+    assert b.post("/delete", json={"ids": ids[:1]}).json()["deleted"] == ids[:1]
+    assert a.post("/get", json={"id": ids[0]}).status_code == 404
+    assert a.post("/search", json={"vectors": [[0.0] * 256]}).status_code == 400  # the same 4xx on Milvus
+
+    added: list[int] = []
+    errors: list[str] = []
+
+    def work(client: httpx.Client) -> None:  # both replicas, all their workers, writing at once
+        for _ in range(10):
+            resp = client.post("/add", json={"vectors": rng.normal(size=(1, 256)).tolist()})
+            if resp.status_code == 200:
+                added.extend(resp.json()["ids"])
+            else:
+                errors.append(resp.text[:200])
+
+    threads = [threading.Thread(target=work, args=(client,)) for client in (a, b, a, b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(set(added)) == 40
+    counts = [client.post("/stats", json={}).json()["count"] for client in (a, b)]
+    assert counts == [2 + 3 + 40] * 2
+    a.close()
+    b.close()
+
+
+def test_milvus_down_is_a_503_to_retry(milvus: tuple[str, subprocess.Popen], replicas: list[Server]) -> None:
+    milvus[1].terminate()
+    milvus[1].wait(timeout=30)
+    resp = httpx.post(f"{replicas[0].url}/search", json={"vectors": [[0.1] * 256], "k": 1}, timeout=60)
+    assert resp.status_code == 503 and "retry" in resp.json()["error"]
+    assert httpx.get(f"{replicas[0].url}/livez").status_code == 200
