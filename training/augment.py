@@ -8,15 +8,22 @@ View 1 and view 2 share RandomResizedCrop (scale 0.08-1, bicubic), horizontal fl
 - `BatchTwoView`: the same distributions on a whole uint8 batch at once, as tensor ops on the training
   device (GPU or CPU), so augmentation no longer starves the model. Each op is a function taking
   explicit per-sample parameters, so tests can compare it with the reference op for the same parameters.
+  It runs in two stages: the crop (random-resized crop + flip) and the colour ops (jitter, grayscale, blur,
+  solarisation, normalisation). Small cached images go through both on the device; streamed files are
+  cropped per image in the loader workers (`TwoCrops`, fixed-size uint8) and only the colour stage is batched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 from torchvision import transforms as T
 
@@ -228,34 +235,40 @@ def solarize(x: Tensor, apply: Tensor) -> Tensor:
     return torch.where(apply.to(x.device).view(-1, 1, 1, 1), inverted, x)
 
 
-@dataclass
-class ViewParams:
-    """Every random draw of one view for a batch: crop boxes, flips, jitter, grayscale, blur, solarisation."""
+P = TypeVar("P", "ColourParams", "ViewParams", JitterParams)
 
-    boxes: Tensor
-    flip: Tensor
+
+def _select(params: P, index: Tensor | slice) -> P:
+    """The same draws, keeping the samples at ``index`` (nested draws too)."""
+    def pick(value: Any) -> Any:
+        return value[index] if isinstance(value, Tensor) else _select(value, index)
+
+    return dataclasses.replace(params, **{f.name: pick(getattr(params, f.name)) for f in dataclasses.fields(params)})
+
+
+@dataclass
+class ColourParams:
+    """One view's per-sample draws after the crop: jitter, grayscale, blur sigma and flag, solarisation."""
+
     jitter: JitterParams
     gray: Tensor
     sigma: Tensor
     blur: Tensor
     solarize: Tensor
 
-    def select(self, index: Tensor | slice) -> "ViewParams":
-        """The draws of the samples at ``index`` (e.g. one DDP rank's share of the global batch)."""
-        def pick(t: Tensor) -> Tensor:
-            return t[index]
 
-        jitter = JitterParams(*(pick(getattr(self.jitter, f)) for f in JitterParams.__dataclass_fields__))
-        return ViewParams(pick(self.boxes), pick(self.flip), jitter, pick(self.gray), pick(self.sigma),
-                          pick(self.blur), pick(self.solarize))
+@dataclass
+class ViewParams:
+    """Every random draw of one view for a batch: crop boxes, flips, then the colour stage's draws."""
+
+    boxes: Tensor
+    flip: Tensor
+    colour: ColourParams
 
 
-def sample_view(n: int, height: int, width: int, blur_p: float, solarize_p: float,
-                generator: torch.Generator | None = None) -> ViewParams:
-    """Draw one view's parameters for ``n`` images, from the reference transforms' distributions."""
-    return ViewParams(
-        boxes=sample_crop_boxes(n, height, width, generator),
-        flip=torch.rand(n, generator=generator) < 0.5,
+def sample_colour(n: int, blur_p: float, solarize_p: float, generator: torch.Generator | None = None) -> ColourParams:
+    """Draw one view's colour-stage parameters for ``n`` images, from the reference transforms' distributions."""
+    return ColourParams(
         jitter=sample_jitter(n, generator),
         gray=torch.rand(n, generator=generator) < GRAYSCALE_P,
         sigma=torch.empty(n).uniform_(*BLUR_SIGMA, generator=generator),
@@ -264,8 +277,40 @@ def sample_view(n: int, height: int, width: int, blur_p: float, solarize_p: floa
     )
 
 
+def sample_view(n: int, height: int, width: int, blur_p: float, solarize_p: float,
+                generator: torch.Generator | None = None) -> ViewParams:
+    """Draw one view's parameters for ``n`` images, from the reference transforms' distributions."""
+    boxes = sample_crop_boxes(n, height, width, generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    return ViewParams(boxes, flip, sample_colour(n, blur_p, solarize_p, generator))
+
+
+class TwoCrops:
+    """The loader workers' part of the streaming pipeline: two random-resized crops (with flips) of one PIL
+    image, as uint8 ``[3, size, size]`` tensors; `BatchTwoView.colour_views` finishes a batch of them.
+
+    Boxes and flips come from `sample_crop_boxes` (torch's global generator: the dataset seeds it per item).
+    PIL resizes the box (bicubic, antialiased, as the reference does), so a crop from a large image is not
+    aliased and a worker never handles more than the box's pixels in float.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> tuple[Tensor, Tensor]:
+        boxes = sample_crop_boxes(2, image.height, image.width).int().tolist()
+        flips = (torch.rand(2) < 0.5).tolist()
+        crops = []
+        for (top, left, h, w), flip in zip(boxes, flips):
+            crop = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+            if flip:
+                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            crops.append(torch.from_numpy(np.array(crop)).permute(2, 0, 1))
+        return crops[0], crops[1]
+
+
 class BatchTwoView:
-    """Batched two-view augmentation: uint8 ``[N, 3, H, W]`` (any device) -> two normalised float views.
+    """Batched two-view augmentation of uint8 ``[N, 3, H, W]`` (any device) -> two normalised float views.
 
     Parameters are drawn on the CPU from ``generator``, for the global batch of ``world`` shards, and each
     shard uses its own rows: N processes with B/N images see exactly the views one process with B sees.
@@ -279,8 +324,11 @@ class BatchTwoView:
 
     def apply(self, x: Tensor, p: ViewParams) -> Tensor:
         """One view of float ``x`` in [0, 1] with explicit parameters, normalised."""
-        out = resized_crop(x, p.boxes, p.flip, self.size)
-        out = color_jitter(out, p.jitter)
+        return self.colour(resized_crop(x, p.boxes, p.flip, self.size), p.colour)
+
+    def colour(self, x: Tensor, p: ColourParams) -> Tensor:
+        """The colour stage of one view of float ``x`` in [0, 1] (already cropped), normalised."""
+        out = color_jitter(x, p.jitter)
         out = grayscale(out, p.gray)
         out = gaussian_blur(out, p.sigma, p.blur, self.kernel_size)
         out = solarize(out, p.solarize)
@@ -288,11 +336,31 @@ class BatchTwoView:
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None,
                  rank: int = 0, world: int = 1) -> tuple[Tensor, Tensor]:
+        """Both stages: crop and colour ``images`` twice (the cached-images path)."""
         n, _, height, width = images.shape
-        # The default float type (float32; float64 where a test compares runs exactly, tests/test_ddp_train.py).
-        x = images.to(torch.get_default_dtype()).div_(255.0)
+        x = _to_float(images)
         views = []
         for blur_p, solarize_p in zip(BLUR_P, SOLARIZE_P):
-            params = sample_view(n * world, height, width, blur_p, solarize_p, generator)
-            views.append(self.apply(x, params.select(slice(rank, None, world)) if world > 1 else params))
+            params = _shard(sample_view(n * world, height, width, blur_p, solarize_p, generator), rank, world)
+            views.append(self.apply(x, params))
         return views[0], views[1]
+
+    def colour_views(self, crops: tuple[Tensor, Tensor], generator: torch.Generator | None = None,
+                     rank: int = 0, world: int = 1) -> tuple[Tensor, Tensor]:
+        """The colour stage only, of the two uint8 views `TwoCrops` made (the streaming path)."""
+        n = len(crops[0])
+        views = []
+        for crop, blur_p, solarize_p in zip(crops, BLUR_P, SOLARIZE_P):
+            params = _shard(sample_colour(n * world, blur_p, solarize_p, generator), rank, world)
+            views.append(self.colour(_to_float(crop), params))
+        return views[0], views[1]
+
+
+def _to_float(images: Tensor) -> Tensor:
+    # The default float type (float32; float64 where a test compares runs exactly, tests/test_ddp_train.py).
+    return images.to(torch.get_default_dtype()).div_(255.0)
+
+
+def _shard(params: P, rank: int, world: int) -> P:
+    """This rank's rows (every ``world``-th sample from ``rank``) of draws made for the global batch."""
+    return _select(params, slice(rank, None, world)) if world > 1 else params

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from corinfomax.core.errors import UserError
 from corinfomax.core.files import atomic_write_text
-from corinfomax.training.augment import BatchTwoView, PilTwoView
+from corinfomax.training.augment import BatchTwoView, PilTwoView, TwoCrops
 from corinfomax.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_weights, save_checkpoint
 from corinfomax.training.config import ConfigError, TrainConfig
 from corinfomax.training.data import CACHE_MAX_SIDE, DecodedImages, decode_folder
@@ -124,14 +124,17 @@ def load_training_images(config: TrainConfig, progress: bool) -> DecodedImages |
         return decode_folder(config.data, config.image_size, progress=progress)
     reason = (f"image_size {config.image_size} > {CACHE_MAX_SIDE}" if config.image_size > CACHE_MAX_SIDE else
               f"a uint8 cache would need {need / 2**30:.1f} GiB > {CACHE_MAX_BYTES / 2**30:.0f} GiB")
-    log.info("%s: streaming %d files, decoded and augmented in %d loader worker(s)", reason, len(files),
-             config.workers)
+    log.info("%s: streaming %d files, decoded and cropped in %d loader worker(s), %s", reason, len(files),
+             config.workers, "coloured batched on the training device" if config.augment == "tensor" else
+             "augmented there by the PIL reference (augment=pil)")
     return files
 
 
 class BatchSource:
-    """Yields ``(view1, view2, labels)`` on the training device for one epoch: the batched tensor pipeline
-    on cached images, or per-image PIL augmentation in loader workers (cached images or streamed files)."""
+    """Yields ``(view1, view2, labels)`` on the training device for one epoch, by one of three pipelines:
+    cached images through both stages of `BatchTwoView` on the device; streamed files cropped per image in
+    loader workers (`TwoCrops`) and coloured batched on the device; or, with ``augment="pil"``, the per-image
+    PIL reference in the workers (cached images or streamed files; the baseline the benches compare with)."""
 
     def __init__(self, data: DecodedImages | ImageFiles, config: TrainConfig, device: torch.device,
                  ddp: Dist) -> None:
@@ -141,18 +144,21 @@ class BatchSource:
             raise ConfigError(f"batch size {config.batch_size} over {ddp.world} processes leaves < 2 images "
                               "per process")
         self.data, self.n, self.labels = data, len(data), data.labels
-        self.tensor = config.augment == "tensor" and isinstance(data, DecodedImages)
+        self.batched = config.augment == "tensor"
+        self.cached = self.batched and isinstance(data, DecodedImages)
         self.unreadable: set[int] = set()
-        if self.tensor:
+        self.augment = BatchTwoView(config.image_size, config.mean, config.std)
+        if self.cached:
             # Small images live on the device as uint8: no loader workers, no host-to-device copies per step.
             self.images = data.images.to(device)  # type: ignore[union-attr]  # DecodedImages here
-            self.augment = BatchTwoView(config.image_size, config.mean, config.std)
         else:
             self.sampler = _EpochSampler(self.n, config, ddp, self.batch)
-            dataset = TwoViewDataset(data, PilTwoView(config.image_size, config.mean, config.std))
+            transform = (TwoCrops(config.image_size) if self.batched else
+                         PilTwoView(config.image_size, config.mean, config.std))
             self.loader = torch.utils.data.DataLoader(
-                dataset, batch_size=self.batch, sampler=self.sampler, num_workers=config.workers,
-                pin_memory=device.type == "cuda", drop_last=True, persistent_workers=config.workers > 0,
+                TwoViewDataset(data, transform), batch_size=self.batch, sampler=self.sampler,
+                num_workers=config.workers, pin_memory=device.type == "cuda", drop_last=True,
+                persistent_workers=config.workers > 0,
             )
 
     def steps_per_epoch(self) -> int:
@@ -160,20 +166,25 @@ class BatchSource:
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """The batches of ``epoch`` from batch ``start_batch`` on (a run resumed mid-epoch)."""
-        if self.tensor:
+        rank, world = self.ddp.rank, self.ddp.world
+        if self.cached:
             order = epoch_order(self.n, epoch, self.config.seed, self.ddp, self.batch)
             for k, idx in enumerate(order.split(self.batch)[start_batch:], start_batch):
-                # Seeded by (seed, epoch, batch) only: every rank draws the global batch's parameters and keeps
-                # its rows, and a resumed run draws what an uninterrupted one would.
-                generator = torch.Generator().manual_seed((self.config.seed * 100_003 + epoch) * 1_000_003 + k)
-                v1, v2 = self.augment(self.images[idx.to(self.device)], generator, self.ddp.rank, self.ddp.world)
+                v1, v2 = self.augment(self.images[idx.to(self.device)], self._generator(epoch, k), rank, world)
                 yield v1, v2, self.labels[idx].to(self.device)
             return
         self.sampler.set_epoch(epoch, start_batch)
-        for v1, v2, labels, unreadable in self.loader:
-            yield (v1.to(self.device, non_blocking=True), v2.to(self.device, non_blocking=True),
-                   labels.to(self.device, non_blocking=True))
+        for k, (v1, v2, labels, unreadable) in enumerate(self.loader, start_batch):
+            v1, v2, labels = (t.to(self.device, non_blocking=True) for t in (v1, v2, labels))
+            if self.batched:  # uint8 crops from the workers: the colour stage, batched
+                v1, v2 = self.augment.colour_views((v1, v2), self._generator(epoch, k), rank, world)
+            yield v1, v2, labels
             self._count_unreadable(unreadable)
+
+    def _generator(self, epoch: int, batch: int) -> torch.Generator:
+        # Seeded by (seed, epoch, batch) only: every rank draws the global batch's parameters and keeps its
+        # rows, and a resumed run draws what an uninterrupted one would.
+        return torch.Generator().manual_seed((self.config.seed * 100_003 + epoch) * 1_000_003 + batch)
 
     def _count_unreadable(self, unreadable: Tensor) -> None:
         new = set(unreadable[unreadable >= 0].tolist()) - self.unreadable
