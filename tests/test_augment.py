@@ -185,9 +185,8 @@ def test_batched_views_look_like_the_reference_views(images: torch.Tensor) -> No
     mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
     uint8 = (images * 255).round().to(torch.uint8).repeat(4, 1, 1, 1)
     v1, v2 = A.BatchTwoView(32, mean, std)(uint8, torch.Generator().manual_seed(5))
-    torch.manual_seed(5)
     reference = A.PilTwoView(32, mean, std)
-    pil = [reference(Image.fromarray(x.permute(1, 2, 0).numpy())) for x in uint8]
+    pil = [reference(Image.fromarray(x.permute(1, 2, 0).numpy()), 5 + i) for i, x in enumerate(uint8)]
     r1, r2 = torch.stack([p[0] for p in pil]), torch.stack([p[1] for p in pil])
     assert v1.shape == r1.shape == (len(uint8), 3, 32, 32) and v1.dtype == r1.dtype == torch.float32
     for ours, ref in ((v1, r1), (v2, r2)):
@@ -201,16 +200,17 @@ def test_worker_crops_match_the_reference_crop_for_the_same_draws(images: torch.
 
     for i, x in enumerate((images[:8] * 255).round().to(torch.uint8)):
         pil = Image.fromarray(x.permute(1, 2, 0).numpy())
-        torch.manual_seed(i)
-        crops = A.TwoCrops(24)(pil)
-        torch.manual_seed(i)  # the same draws, in the same order
-        boxes, flips = A.sample_crop_boxes(2, 32, 32).int().tolist(), (torch.rand(2) < 0.5).tolist()
+        crops = A.TwoCrops(24)(pil, i)
+        g = torch.Generator().manual_seed(i)  # the same draws, in the same order
+        boxes, flips = A.sample_crop_boxes(2, 32, 32, g).int().tolist(), (torch.rand(2, generator=g) < 0.5).tolist()
         for crop, (top, left, h, w), flip in zip(crops, boxes, flips):
             want = TF.resized_crop(pil, top, left, h, w, [24, 24], T.InterpolationMode.BICUBIC)
             want = torch.from_numpy(np.array(TF.hflip(want) if flip else want)).permute(2, 0, 1)
             assert crop.dtype == torch.uint8 and crop.shape == (3, 24, 24)
-            # PIL's box resize reads the neighbours beyond the box edge where crop-then-resize replicates it.
-            assert float((crop.double() - want.double()).abs().mean()) < 3.0, (i, top, left, h, w)
+            # Rounding in another order: under a grey level on average, a few at most where downscaling; a wrong
+            # box or flip is off by tens of grey levels on average.
+            diff = (crop.double() - want.double()).abs()
+            assert float(diff.max()) <= 8 and float(diff.mean()) < 0.5, (i, top, left, h, w)
 
 
 def test_streamed_views_look_like_the_reference_views(images: torch.Tensor) -> None:
@@ -220,12 +220,11 @@ def test_streamed_views_look_like_the_reference_views(images: torch.Tensor) -> N
     mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
     uint8 = (images * 255).round().to(torch.uint8).repeat(4, 1, 1, 1)
     pils = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in uint8]
-    torch.manual_seed(7)
-    crops = [A.TwoCrops(32)(p) for p in pils]
+    crops = [A.TwoCrops(32)(p, 7 + i) for i, p in enumerate(pils)]
     v1, v2 = A.BatchTwoView(32, mean, std).colour_views(
         (torch.stack([c[0] for c in crops]), torch.stack([c[1] for c in crops])), torch.Generator().manual_seed(7))
     reference = A.PilTwoView(32, mean, std)
-    pil = [reference(p) for p in pils]
+    pil = [reference(p, 7 + i) for i, p in enumerate(pils)]
     r1, r2 = torch.stack([p[0] for p in pil]), torch.stack([p[1] for p in pil])
     assert v1.shape == r1.shape == (len(pils), 3, 32, 32) and v1.dtype == r1.dtype == torch.float32
     for ours, ref in ((v1, r1), (v2, r2)):

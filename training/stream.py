@@ -76,14 +76,14 @@ def list_image_files(root: str | Path, image_size: int) -> ImageFiles:
 
 
 class TwoViewDataset(torch.utils.data.Dataset):
-    """Two views of each image by ``transform`` (`augment.TwoCrops`, or the reference `augment.PilTwoView`);
-    an item is ``(view1, view2, label, unreadable)``.
+    """Two views of each image by ``transform(image, seed)`` (`augment.TwoCrops`, or the reference
+    `augment.PilTwoView`); an item is ``(view1, view2, label, unreadable)``.
 
     A file that fails to decode is replaced by the next readable one (so batches keep their size and a run
     its determinism); ``unreadable`` is the failed index, or -1, for the main process to count.
     """
 
-    def __init__(self, images: ImageSource, transform: Callable[[Image.Image], tuple[Tensor, Tensor]]) -> None:
+    def __init__(self, images: ImageSource, transform: Callable[[Image.Image, int], tuple[Tensor, Tensor]]) -> None:
         self.images, self.transform = images, transform
 
     def __len__(self) -> int:
@@ -92,9 +92,7 @@ class TwoViewDataset(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, int]:
         index, seed = item
         image, used, unreadable = self._load(index)
-        with torch.random.fork_rng(devices=[]):  # both transforms draw from torch's global generator
-            torch.manual_seed(seed)
-            v1, v2 = self.transform(image)
+        v1, v2 = self.transform(image, seed)
         return v1, v2, self.images.labels[used], unreadable
 
     def _load(self, index: int) -> tuple[Image.Image, int, int]:
