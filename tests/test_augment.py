@@ -61,6 +61,13 @@ def test_crop_boxes_follow_random_resized_crop(height: int, width: int) -> None:
     close_means(h * w, ref[:, 2] * ref[:, 3])
 
 
+def test_crop_boxes_fall_back_to_the_centre_crop_as_torchvision_does() -> None:
+    # 4 x 100 px: no try fits, so every box is the centre crop at the ratio clamped to 4/3.
+    want = list(T.RandomResizedCrop.get_params(torch.empty(3, 4, 100), A.CROP_SCALE, A.CROP_RATIO))
+    assert want == [0, 47, 4, 5]
+    assert A.sample_crop_boxes(3, 4, 100).tolist() == [want] * 3
+
+
 def test_jitter_factors_follow_color_jitter() -> None:
     p = A.sample_jitter(N, torch.Generator().manual_seed(1))
     torch.manual_seed(1)

@@ -83,12 +83,15 @@ def sample_crop_boxes(n: int, height: int, width: int, generator: torch.Generato
     w = torch.round(torch.sqrt(scale * ratio))
     h = torch.round(torch.sqrt(scale / ratio))
     ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    found, first = ok.any(1), ok.float().argmax(1)
     rows = torch.arange(n)
-    h_sel, w_sel = h[rows, first.clamp_min(0)], w[rows, first.clamp_min(0)]
+    h_sel, w_sel = h[rows, first], w[rows, first]
     u_top, u_left = torch.rand(n, generator=generator), torch.rand(n, generator=generator)
     top = torch.floor(u_top * (height - h_sel + 1))
     left = torch.floor(u_left * (width - w_sel + 1))
+    boxes = torch.stack([top, left, h_sel, w_sel], 1)
+    if found.all():  # the usual case; a test per box costs the per-image caller (loader workers) dearly
+        return boxes
     # Fallback (no valid try): centre crop with the ratio clamped into range, as torchvision does.
     in_ratio = width / height
     if in_ratio < CROP_RATIO[0]:
@@ -97,12 +100,8 @@ def sample_crop_boxes(n: int, height: int, width: int, generator: torch.Generato
         fh, fw = height, int(round(height * CROP_RATIO[1]))
     else:
         fw, fh = width, height
-    fallback = first < 0
-    h_sel = torch.where(fallback, torch.tensor(float(fh)), h_sel)
-    w_sel = torch.where(fallback, torch.tensor(float(fw)), w_sel)
-    top = torch.where(fallback, torch.tensor(float((height - fh) // 2)), top)
-    left = torch.where(fallback, torch.tensor(float((width - fw) // 2)), left)
-    return torch.stack([top, left, h_sel, w_sel], 1)
+    centre = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=boxes.dtype)
+    return torch.where(found[:, None], boxes, centre)
 
 
 def resized_crop(images: Tensor, boxes: Tensor, flip: Tensor, size: int) -> Tensor:
