@@ -48,7 +48,9 @@ class TrainConfig:
     min_lr: float = 0.0
     epochs: int = 1000
     batch_size: int = 512
-    time_budget_min: float = 0.0  # stop cleanly after this many minutes (0: no budget)
+    # Minutes of training per invocation (0: no budget): a fresh run fits its epochs to it, and any run stops at
+    # the step that spends it, with a resumable checkpoint (mid-epoch if need be).
+    time_budget_min: float = 0.0
     checkpoint_every: int = 0  # also checkpoint every this many steps within an epoch (0: at epoch ends only)
     # data pipeline
     # tensor: batched on the training device (streamed files: crops in loader workers, colour ops batched)

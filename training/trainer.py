@@ -419,12 +419,44 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
                     bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
                     if ddp.main:
                         _write_json(out / "config.json", config.to_dict())
+                if _budget_spent(run, state):
+                    break
+            bar.close()
+            if state.batch < steps_per_epoch:  # the time budget ran out within the epoch
+                _save(run, state, mid_epoch=True)
+                _budget_stop(run, state, steps_per_epoch)
+                break
             _end_epoch(run, state)
             epoch += 1
+            if epoch < config.epochs and _budget_spent(run, state):
+                _budget_stop(run, state, steps_per_epoch)
+                break
     finally:
         if run.metrics is not None:
             run.metrics.close()
     return run.checkpoint
+
+
+def _budget_spent(run: Run, state: LoopState) -> bool:
+    """Whether this invocation has trained for ``--time-budget-min`` minutes (all ranks agree)."""
+    budget = run.config.time_budget_min
+    spent = budget > 0 and time.monotonic() - state.started >= budget * 60
+    if run.ddp.world > 1 and budget > 0:  # rank 0's clock decides, so every rank stops at the same step
+        flag = torch.tensor([int(spent)], device=run.device)
+        dist.broadcast(flag, 0)
+        spent = bool(flag.item())
+    return spent
+
+
+def _budget_stop(run: Run, state: LoopState, steps_per_epoch: int) -> None:
+    """Say that the time budget stopped the run, where, and how to go on (its checkpoint is written)."""
+    where = (f"epoch {state.epoch + 1} batch {state.batch} of {steps_per_epoch}" if state.batch < steps_per_epoch
+             else f"the end of epoch {state.epoch + 1}")
+    log.warning("time budget of %g min spent: stopped at step %d (%s of %d epochs) with a resumable checkpoint "
+                "in %s; run the same command to continue (each run gets the budget again)",
+                run.config.time_budget_min, state.step, where, run.config.epochs, run.out)
+    _log(run.metrics, {"event": "budget_stop", "step": state.step, "epoch": state.epoch,
+                       "epoch_batch": state.batch, "budget_min": run.config.time_budget_min})
 
 
 def _step(run: Run, state: LoopState, lr: float, v1: Tensor, v2: Tensor, labels: Tensor) -> Tensor | None:
