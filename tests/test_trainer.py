@@ -243,6 +243,29 @@ def test_a_spent_time_budget_stops_mid_epoch_and_the_same_command_resumes(data: 
             torch.testing.assert_close(resumed[part][key], value, rtol=1e-5, atol=1e-6, msg=f"{part}.{key}")
 
 
+def test_knn_during_training_uses_a_bounded_bank_of_each_class(data: Path, cifar10: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """--val-data: the kNN bank is the first KNN_BANK_IMAGES / classes training images of each class, and the
+    log and metrics say how many."""
+    val = small_folder(cifar10, tmp_path / "val", per_class=2, split="test")
+    monkeypatch.setattr(trainer, "KNN_BANK_IMAGES", 35)  # 3 of the 10 per class
+    run = tmp_path / "run"
+    with caplog.at_level("INFO", logger="corinfomax.training.trainer"):
+        state = load_checkpoint(train(tiny_config(data, run, epochs=1, val_data=str(val)), progress=False))
+    assert "a bank of 30 training images (up to 3 per class, 10 classes; at most 35 in all)" in caplog.text
+    epoch = [r for r in records(run) if "knn_top1" in r]
+    assert len(epoch) == 1 and epoch[0]["knn_bank"] == 30 and 0 <= epoch[0]["knn_top1"] <= 1
+    assert state["metrics"]["knn_bank"] == 30
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in sorted(data.rglob("*.png"))[:40]:
+        (flat / f"{path.parent.name}-{path.name}").symlink_to(path.resolve())
+    with pytest.raises(trainer.ConfigError, match="--val-data needs class sub-folders"):
+        train(tiny_config(flat, tmp_path / "flat-run", val_data=str(val)), progress=False)
+    assert not (tmp_path / "flat-run").exists()
+
+
 def test_a_folder_too_large_for_the_cache_streams_from_the_files(data: Path, tmp_path: Path, caplog,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(trainer, "CACHE_MAX_BYTES", 100 * 3 * 16**2 - 1)  # one byte short of these 100 images
