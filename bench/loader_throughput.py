@@ -97,9 +97,9 @@ def report(title: str, result: dict[str, float]) -> None:
                                                                    "colour stage" else ""))
     decode, crops, pil = result["reduced decode"], result["two crops"], result["PIL two views"]
     both = 1 / (1 / crops + 1 / result["colour stage"])  # the worker's part and the colour stage on one core
-    print(f"  over the reduced decode: two crops +{100 * (decode / crops - 1):.0f}%, two crops + colour stage "
-          f"+{100 * (decode / both - 1):.0f}% ({both:.1f} img/s on one core), PIL two views "
-          f"+{100 * (decode / pil - 1):.0f}%; reduced / full decode {decode / result['full decode']:.2f}x")
+    print(f"  over the reduced decode: two crops {100 * (decode / crops - 1):+.0f}%, two crops + colour stage "
+          f"{100 * (decode / both - 1):+.0f}% ({both:.1f} img/s on one core), PIL two views "
+          f"{100 * (decode / pil - 1):+.0f}%; reduced / full decode {decode / result['full decode']:.2f}x")
 
 
 def main() -> None:
