@@ -231,7 +231,7 @@ def test_a_spent_time_budget_stops_mid_epoch_and_the_same_command_resumes(data: 
         train(tiny_config(data, run, time_budget_min=1e-6), progress=False)  # 60 us: spent by the first step
     saved = load_checkpoint(run)
     assert (saved["epoch"], saved["epoch_batch"], saved["step"]) == (0, 1, 1)
-    assert "time budget of 1e-06 min spent: stopped at step 1 (epoch 1 batch 1 of 3 of 2 epochs)" in caplog.text
+    assert "time budget of 1e-06 min spent: stopped at step 1 (epoch 1 of 2, batch 1 of 3)" in caplog.text
     assert "run the same command to continue" in caplog.text
     stop = [r for r in records(run) if r.get("event") == "budget_stop"]
     assert stop == [{**stop[0], "step": 1, "epoch": 0, "epoch_batch": 1}]

@@ -457,11 +457,12 @@ def _budget_spent(run: Run, state: LoopState) -> bool:
 
 def _budget_stop(run: Run, state: LoopState, steps_per_epoch: int) -> None:
     """Say that the time budget stopped the run, where, and how to go on (its checkpoint is written)."""
-    where = (f"epoch {state.epoch + 1} batch {state.batch} of {steps_per_epoch}" if state.batch < steps_per_epoch
-             else f"the end of epoch {state.epoch + 1}")
-    log.warning("time budget of %g min spent: stopped at step %d (%s of %d epochs) with a resumable checkpoint "
-                "in %s; run the same command to continue (each run gets the budget again)",
-                run.config.time_budget_min, state.step, where, run.config.epochs, run.out)
+    epochs = run.config.epochs
+    where = (f"epoch {state.epoch + 1} of {epochs}, batch {state.batch} of {steps_per_epoch}"
+             if state.batch < steps_per_epoch else f"the end of epoch {state.epoch + 1} of {epochs}")
+    log.warning("time budget of %g min spent: stopped at step %d (%s) with a resumable checkpoint in %s; run the "
+                "same command to continue (each run gets the budget again)", run.config.time_budget_min,
+                state.step, where, run.out)
     _log(run.metrics, {"event": "budget_stop", "step": state.step, "epoch": state.epoch,
                        "epoch_batch": state.batch, "budget_min": run.config.time_budget_min})
 
