@@ -57,8 +57,8 @@ def augment_only(data, batch: int) -> dict[str, float]:
     images, mean, std = data.images[:batch], (0.5,) * 3, (0.25,) * 3
     pil, tensor = PilTwoView(32, mean, std), BatchTwoView(32, mean, std)
     start = time.perf_counter()
-    for x in images:
-        pil(Image.fromarray(x.permute(1, 2, 0).numpy()))
+    for i, x in enumerate(images):
+        pil(Image.fromarray(x.permute(1, 2, 0).numpy()), i)
     middle = time.perf_counter()
     tensor(images, torch.Generator().manual_seed(0))
     end = time.perf_counter()

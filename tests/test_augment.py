@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
@@ -60,6 +61,13 @@ def test_crop_boxes_follow_random_resized_crop(height: int, width: int) -> None:
     close_means(h * w, ref[:, 2] * ref[:, 3])
 
 
+def test_crop_boxes_fall_back_to_the_centre_crop_as_torchvision_does() -> None:
+    # 4 x 100 px: no try fits, so every box is the centre crop at the ratio clamped to 4/3.
+    want = list(T.RandomResizedCrop.get_params(torch.empty(3, 4, 100), A.CROP_SCALE, A.CROP_RATIO))
+    assert want == [0, 47, 4, 5]
+    assert A.sample_crop_boxes(3, 4, 100).tolist() == [want] * 3
+
+
 def test_jitter_factors_follow_color_jitter() -> None:
     p = A.sample_jitter(N, torch.Generator().manual_seed(1))
     torch.manual_seed(1)
@@ -84,14 +92,15 @@ def test_jitter_factors_follow_color_jitter() -> None:
 @pytest.mark.parametrize("view", [0, 1])
 def test_application_probabilities_match_the_paper(view: int) -> None:
     p = A.sample_view(N, 32, 32, A.BLUR_P[view], A.SOLARIZE_P[view], torch.Generator().manual_seed(2))
-    for flags, want in ((p.flip, 0.5), (p.jitter.apply, A.JITTER_P), (p.gray, A.GRAYSCALE_P),
-                        (p.blur, A.BLUR_P[view]), (p.solarize, A.SOLARIZE_P[view])):
+    c = p.colour
+    for flags, want in ((p.flip, 0.5), (c.jitter.apply, A.JITTER_P), (c.gray, A.GRAYSCALE_P),
+                        (c.blur, A.BLUR_P[view]), (c.solarize, A.SOLARIZE_P[view])):
         rate = float(flags.float().mean())
         assert abs(rate - want) <= 5 * math.sqrt(want * (1 - want) / N) + 1e-9, (rate, want)
     torch.manual_seed(2)
     ref_sigma = torch.tensor([T.GaussianBlur.get_params(*A.BLUR_SIGMA) for _ in range(N)])
-    close_means(p.sigma, ref_sigma)
-    assert A.BLUR_SIGMA[0] <= float(p.sigma.min()) and float(p.sigma.max()) <= A.BLUR_SIGMA[1]
+    close_means(c.sigma, ref_sigma)
+    assert A.BLUR_SIGMA[0] <= float(c.sigma.min()) and float(c.sigma.max()) <= A.BLUR_SIGMA[1]
 
 
 # --------------------------------------------------------------------------- same parameters, same image
@@ -183,11 +192,48 @@ def test_batched_views_look_like_the_reference_views(images: torch.Tensor) -> No
     mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
     uint8 = (images * 255).round().to(torch.uint8).repeat(4, 1, 1, 1)
     v1, v2 = A.BatchTwoView(32, mean, std)(uint8, torch.Generator().manual_seed(5))
-    torch.manual_seed(5)
     reference = A.PilTwoView(32, mean, std)
-    pil = [reference(Image.fromarray(x.permute(1, 2, 0).numpy())) for x in uint8]
+    pil = [reference(Image.fromarray(x.permute(1, 2, 0).numpy()), 5 + i) for i, x in enumerate(uint8)]
     r1, r2 = torch.stack([p[0] for p in pil]), torch.stack([p[1] for p in pil])
     assert v1.shape == r1.shape == (len(uint8), 3, 32, 32) and v1.dtype == r1.dtype == torch.float32
+    for ours, ref in ((v1, r1), (v2, r2)):
+        torch.testing.assert_close(ours.mean((0, 2, 3)), ref.mean((0, 2, 3)), rtol=0, atol=0.15)
+        torch.testing.assert_close(ours.std((0, 2, 3)), ref.std((0, 2, 3)), rtol=0.15, atol=0)
+
+
+def test_worker_crops_match_the_reference_crop_for_the_same_draws(images: torch.Tensor) -> None:
+    """`TwoCrops` (the streaming workers' stage) cuts torchvision's RandomResizedCrop + flip of the same boxes."""
+    from PIL import Image
+
+    for i, x in enumerate((images[:8] * 255).round().to(torch.uint8)):
+        pil = Image.fromarray(x.permute(1, 2, 0).numpy())
+        crops = A.TwoCrops(24)(pil, i)
+        g = torch.Generator().manual_seed(i)  # the same draws, in the same order
+        boxes, flips = A.sample_crop_boxes(2, 32, 32, g).int().tolist(), (torch.rand(2, generator=g) < 0.5).tolist()
+        for crop, (top, left, h, w), flip in zip(crops, boxes, flips):
+            want = TF.resized_crop(pil, top, left, h, w, [24, 24], T.InterpolationMode.BICUBIC)
+            want = torch.from_numpy(np.array(TF.hflip(want) if flip else want)).permute(2, 0, 1)
+            assert crop.dtype == torch.uint8 and crop.shape == (3, 24, 24)
+            # Rounding in another order: under a grey level on average, a few at most where downscaling; a wrong
+            # box or flip is off by tens of grey levels on average.
+            diff = (crop.double() - want.double()).abs()
+            assert float(diff.max()) <= 8 and float(diff.mean()) < 0.5, (i, top, left, h, w)
+
+
+def test_streamed_views_look_like_the_reference_views(images: torch.Tensor) -> None:
+    """Worker crops + the batched colour stage: the reference's shapes and per-channel statistics."""
+    from PIL import Image
+
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    uint8 = (images * 255).round().to(torch.uint8).repeat(4, 1, 1, 1)
+    pils = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in uint8]
+    crops = [A.TwoCrops(32)(p, 7 + i) for i, p in enumerate(pils)]
+    v1, v2 = A.BatchTwoView(32, mean, std).colour_views(
+        (torch.stack([c[0] for c in crops]), torch.stack([c[1] for c in crops])), torch.Generator().manual_seed(7))
+    reference = A.PilTwoView(32, mean, std)
+    pil = [reference(p, 7 + i) for i, p in enumerate(pils)]
+    r1, r2 = torch.stack([p[0] for p in pil]), torch.stack([p[1] for p in pil])
+    assert v1.shape == r1.shape == (len(pils), 3, 32, 32) and v1.dtype == r1.dtype == torch.float32
     for ours, ref in ((v1, r1), (v2, r2)):
         torch.testing.assert_close(ours.mean((0, 2, 3)), ref.mean((0, 2, 3)), rtol=0, atol=0.15)
         torch.testing.assert_close(ours.std((0, 2, 3)), ref.std((0, 2, 3)), rtol=0.15, atol=0)
@@ -200,5 +246,12 @@ def test_shards_of_a_global_batch_get_the_single_process_views(images: torch.Ten
     whole = augment(uint8, torch.Generator().manual_seed(6))
     for rank in range(2):
         shard = augment(uint8[rank::2], torch.Generator().manual_seed(6), rank=rank, world=2)
+        for view in range(2):
+            torch.testing.assert_close(shard[view], whole[view][rank::2], rtol=0, atol=1e-5)
+    # The colour stage alone (streamed crops) shards the same way.
+    whole = augment.colour_views((uint8, uint8.flip(3)), torch.Generator().manual_seed(6))
+    for rank in range(2):
+        shard = augment.colour_views((uint8[rank::2], uint8.flip(3)[rank::2]), torch.Generator().manual_seed(6),
+                                     rank=rank, world=2)
         for view in range(2):
             torch.testing.assert_close(shard[view], whole[view][rank::2], rtol=0, atol=1e-5)

@@ -208,15 +208,62 @@ def test_checkpoint_writer_refuses_non_finite_tensors(tmp_path: Path) -> None:
     assert path.read_bytes() == before
 
 
-def test_time_budget_is_fitted_after_the_warm_up_steps(data: Path, tmp_path: Path) -> None:
+def test_time_budget_is_fitted_after_the_warm_up_steps(data: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # Warm-up steps (cuDNN autotuning, compilation) are not timed; short epochs are fitted too.
     assert trainer._budget_window(100) == (10, 30)
     assert trainer._budget_window(12) == (6, 12)
     assert trainer._budget_window(1) == (0, 1)
     run = tmp_path / "run"
+    monkeypatch.setattr(trainer, "_budget_spent", lambda run, state: False)  # the fit alone, not the hard stop
     train(tiny_config(data, run, epochs=50, batch_size=8, time_budget_min=1e-4), progress=False)
     assert json.loads((run / "config.json").read_text())["epochs"] == 1  # 6 ms cannot hold two epochs
     assert load_checkpoint(run)["epoch"] == 1
+
+
+def test_a_spent_time_budget_stops_mid_epoch_and_the_same_command_resumes(data: Path, tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A budget shorter than one epoch stops at a step boundary with a mid-epoch checkpoint and says so; the
+    resumed run (here without a budget) ends where an uninterrupted run ends."""
+    reference = load_checkpoint(train(tiny_config(data, tmp_path / "straight"), progress=False))
+    run = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="corinfomax.training.trainer"):
+        train(tiny_config(data, run, time_budget_min=1e-6), progress=False)  # 60 us: spent by the first step
+    saved = load_checkpoint(run)
+    assert (saved["epoch"], saved["epoch_batch"], saved["step"]) == (0, 1, 1)
+    assert "time budget of 1e-06 min spent: stopped at step 1 (epoch 1 of 2, batch 1 of 3)" in caplog.text
+    assert "run the same command to continue" in caplog.text
+    stop = [r for r in records(run) if r.get("event") == "budget_stop"]
+    assert stop == [{**stop[0], "step": 1, "epoch": 0, "epoch_batch": 1}]
+
+    resumed = load_checkpoint(train(tiny_config(data, run), progress=False))
+    assert resumed["epoch"] == 2 and resumed["step"] == 6 and "epoch_batch" not in resumed
+    for part in ("model", "loss", "probe"):
+        for key, value in reference[part].items():
+            torch.testing.assert_close(resumed[part][key], value, rtol=1e-5, atol=1e-6, msg=f"{part}.{key}")
+
+
+def test_knn_during_training_uses_a_bounded_bank_of_each_class(data: Path, cifar10: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """--val-data: the kNN bank is the first KNN_BANK_IMAGES / classes training images of each class, and the
+    log and metrics say how many."""
+    val = small_folder(cifar10, tmp_path / "val", per_class=2, split="test")
+    monkeypatch.setattr(trainer, "KNN_BANK_IMAGES", 35)  # 3 of the 10 per class
+    run = tmp_path / "run"
+    with caplog.at_level("INFO", logger="corinfomax.training.trainer"):
+        state = load_checkpoint(train(tiny_config(data, run, epochs=1, val_data=str(val)), progress=False))
+    assert "a bank of 30 training images (up to 3 per class, 10 classes; at most 35 in all)" in caplog.text
+    epoch = [r for r in records(run) if "knn_top1" in r]
+    assert len(epoch) == 1 and epoch[0]["knn_bank"] == 30 and 0 <= epoch[0]["knn_top1"] <= 1
+    assert state["metrics"]["knn_bank"] == 30
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in sorted(data.rglob("*.png"))[:40]:
+        (flat / f"{path.parent.name}-{path.name}").symlink_to(path.resolve())
+    with pytest.raises(trainer.ConfigError, match="--val-data needs class sub-folders"):
+        train(tiny_config(flat, tmp_path / "flat-run", val_data=str(val)), progress=False)
+    assert not (tmp_path / "flat-run").exists()
 
 
 def test_a_folder_too_large_for_the_cache_streams_from_the_files(data: Path, tmp_path: Path, caplog,

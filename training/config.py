@@ -48,10 +48,14 @@ class TrainConfig:
     min_lr: float = 0.0
     epochs: int = 1000
     batch_size: int = 512
-    time_budget_min: float = 0.0  # stop cleanly after this many minutes (0: no budget)
+    # Minutes of training per invocation (0: no budget): a fresh run fits its epochs to it, and any run stops at
+    # the step that spends it, with a resumable checkpoint (mid-epoch if need be).
+    time_budget_min: float = 0.0
     checkpoint_every: int = 0  # also checkpoint every this many steps within an epoch (0: at epoch ends only)
     # data pipeline
-    augment: str = "tensor"  # tensor: batched augmentation on the training device | pil: per-image PIL workers
+    # tensor: batched on the training device (streamed files: crops in loader workers, colour ops batched)
+    # | pil: the per-image PIL reference in loader workers
+    augment: str = "tensor"
     workers: int = 4
     # runtime
     device: str = "auto"
@@ -108,7 +112,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "imagenet100": dict(
         _IMAGENET, dataset_name="imagenet100", backbone="resnet18", cifar_stem=False, image_size=224,
         projector="4096-4096-128", alpha=500.0, optimizer="sgd", lr=1.0, min_lr=5e-3, weight_decay=1e-4,
-        batch_size=1024, epochs=400, warmup_epochs=10, augment="pil", workers=8, checkpoint_every=20,
+        batch_size=1024, epochs=400, warmup_epochs=10, workers=8, checkpoint_every=20,
     ),
     # A folder of photos on a CPU in about an hour: tiny_resnet with the ImageNet stem (7x7 stride-2 conv and a
     # max-pool, /4), so a 128-px crop reaches the blocks at 32x32, the grid the cpu preset trains at: about the
@@ -117,7 +121,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "photo": dict(
         _IMAGENET, dataset_name="photos", backbone="tiny_resnet", cifar_stem=False, image_size=128,
         projector="1024-1024-64", alpha=250.0, lr=0.3, weight_decay=1e-4, batch_size=128, epochs=100,
-        warmup_epochs=1, time_budget_min=60.0, augment="pil", workers=2, checkpoint_every=20,
+        warmup_epochs=1, time_budget_min=60.0, workers=2, checkpoint_every=20,
     ),
     # A CPU budget: a small ResNet on 32x32 images, a narrower projector, a time limit instead of epochs.
     "cpu": dict(

@@ -1,9 +1,11 @@
-"""Two-view batches made in DataLoader workers, from the uint8 cache or streamed from image files.
+"""Per-image work in DataLoader workers: images streamed from their files (or the uint8 cache, for the PIL
+reference pipeline) made into two views each.
 
 Small training sizes (``image_size`` up to `data.CACHE_MAX_SIDE`) train from the decoded uint8 cache; larger
-ones stream from the files: each worker decodes an image at reduced size where the JPEG allows it, then draws
-the paper's two views (`augment.PilTwoView`: random-resized crop, flip, jitter, ...) from it. Nothing is held
-in memory but the file list, so a folder of millions of photos trains as easily as a small one.
+ones stream from the files: each worker decodes an image at reduced size where the JPEG allows it and cuts
+its two random-resized crops (`augment.TwoCrops`, fixed-size uint8); the trainer runs the colour ops batched
+on the training device (`augment.BatchTwoView.colour_views`). Nothing is held in memory but the file list, so
+a folder of millions of photos trains as easily as a small one.
 
 Items are ``(index, seed)``: each image's draws depend only on the run seed, the epoch and the index, so a
 resumed or sharded run sees the same views as an uninterrupted single-process one.
@@ -12,6 +14,7 @@ resumed or sharded run sees the same views as an uninterrupted single-process on
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -22,7 +25,6 @@ from torch import Tensor
 
 from corinfomax.core.errors import DataError, ImageError
 from corinfomax.core.images import load_image, scan_images
-from corinfomax.training.augment import PilTwoView
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +76,14 @@ def list_image_files(root: str | Path, image_size: int) -> ImageFiles:
 
 
 class TwoViewDataset(torch.utils.data.Dataset):
-    """Two PIL-augmented views of each image; an item is ``(view1, view2, label, unreadable)``.
+    """Two views of each image by ``transform(image, seed)`` (`augment.TwoCrops`, or the reference
+    `augment.PilTwoView`); an item is ``(view1, view2, label, unreadable)``.
 
     A file that fails to decode is replaced by the next readable one (so batches keep their size and a run
     its determinism); ``unreadable`` is the failed index, or -1, for the main process to count.
     """
 
-    def __init__(self, images: ImageSource, transform: PilTwoView) -> None:
+    def __init__(self, images: ImageSource, transform: Callable[[Image.Image, int], tuple[Tensor, Tensor]]) -> None:
         self.images, self.transform = images, transform
 
     def __len__(self) -> int:
@@ -89,9 +92,7 @@ class TwoViewDataset(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, int]:
         index, seed = item
         image, used, unreadable = self._load(index)
-        with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global generator
-            torch.manual_seed(seed)
-            v1, v2 = self.transform(image)
+        v1, v2 = self.transform(image, seed)
         return v1, v2, self.images.labels[used], unreadable
 
     def _load(self, index: int) -> tuple[Image.Image, int, int]:

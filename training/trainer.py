@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from corinfomax.core.errors import UserError
 from corinfomax.core.files import atomic_write_text
-from corinfomax.training.augment import BatchTwoView, PilTwoView
+from corinfomax.training.augment import BatchTwoView, PilTwoView, TwoCrops
 from corinfomax.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_weights, save_checkpoint
 from corinfomax.training.config import ConfigError, TrainConfig
 from corinfomax.training.data import CACHE_MAX_SIDE, DecodedImages, decode_folder
@@ -49,6 +49,10 @@ BUDGET_SKIP_STEPS, BUDGET_TIMED_STEPS = 10, 20
 # Small training sizes train from a uint8 cache of the whole folder (held in memory, and on the device with the
 # tensor pipeline) unless it would exceed this; such folders stream from the files like large sizes do.
 CACHE_MAX_BYTES = 8 << 30
+
+# The kNN read-out during training (--val-data) compares with at most this many training images, equally many
+# per class: decoding the whole folder would cost ImageNet-100's 126,689 photos 19 GB at 224 px.
+KNN_BANK_IMAGES = 10_000
 
 # What to do when the run folder's checkpoint does not fit the model this config builds.
 RESUME_HINT = "it cannot be resumed with this config. Use another --out for the new architecture."
@@ -124,14 +128,17 @@ def load_training_images(config: TrainConfig, progress: bool) -> DecodedImages |
         return decode_folder(config.data, config.image_size, progress=progress)
     reason = (f"image_size {config.image_size} > {CACHE_MAX_SIDE}" if config.image_size > CACHE_MAX_SIDE else
               f"a uint8 cache would need {need / 2**30:.1f} GiB > {CACHE_MAX_BYTES / 2**30:.0f} GiB")
-    log.info("%s: streaming %d files, decoded and augmented in %d loader worker(s)", reason, len(files),
-             config.workers)
+    log.info("%s: streaming %d files, decoded and cropped in %d loader worker(s), %s", reason, len(files),
+             config.workers, "coloured batched on the training device" if config.augment == "tensor" else
+             "augmented there by the PIL reference (augment=pil)")
     return files
 
 
 class BatchSource:
-    """Yields ``(view1, view2, labels)`` on the training device for one epoch: the batched tensor pipeline
-    on cached images, or per-image PIL augmentation in loader workers (cached images or streamed files)."""
+    """Yields ``(view1, view2, labels)`` on the training device for one epoch, by one of three pipelines:
+    cached images through both stages of `BatchTwoView` on the device; streamed files cropped per image in
+    loader workers (`TwoCrops`) and coloured batched on the device; or, with ``augment="pil"``, the per-image
+    PIL reference in the workers (cached images or streamed files; the baseline the benches compare with)."""
 
     def __init__(self, data: DecodedImages | ImageFiles, config: TrainConfig, device: torch.device,
                  ddp: Dist) -> None:
@@ -141,18 +148,21 @@ class BatchSource:
             raise ConfigError(f"batch size {config.batch_size} over {ddp.world} processes leaves < 2 images "
                               "per process")
         self.data, self.n, self.labels = data, len(data), data.labels
-        self.tensor = config.augment == "tensor" and isinstance(data, DecodedImages)
+        self.batched = config.augment == "tensor"
+        self.cached = self.batched and isinstance(data, DecodedImages)
         self.unreadable: set[int] = set()
-        if self.tensor:
+        self.augment = BatchTwoView(config.image_size, config.mean, config.std)
+        if self.cached:
             # Small images live on the device as uint8: no loader workers, no host-to-device copies per step.
             self.images = data.images.to(device)  # type: ignore[union-attr]  # DecodedImages here
-            self.augment = BatchTwoView(config.image_size, config.mean, config.std)
         else:
             self.sampler = _EpochSampler(self.n, config, ddp, self.batch)
-            dataset = TwoViewDataset(data, PilTwoView(config.image_size, config.mean, config.std))
+            transform = (TwoCrops(config.image_size) if self.batched else
+                         PilTwoView(config.image_size, config.mean, config.std))
             self.loader = torch.utils.data.DataLoader(
-                dataset, batch_size=self.batch, sampler=self.sampler, num_workers=config.workers,
-                pin_memory=device.type == "cuda", drop_last=True, persistent_workers=config.workers > 0,
+                TwoViewDataset(data, transform), batch_size=self.batch, sampler=self.sampler,
+                num_workers=config.workers, pin_memory=device.type == "cuda", drop_last=True,
+                persistent_workers=config.workers > 0,
             )
 
     def steps_per_epoch(self) -> int:
@@ -160,20 +170,25 @@ class BatchSource:
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """The batches of ``epoch`` from batch ``start_batch`` on (a run resumed mid-epoch)."""
-        if self.tensor:
+        rank, world = self.ddp.rank, self.ddp.world
+        if self.cached:
             order = epoch_order(self.n, epoch, self.config.seed, self.ddp, self.batch)
             for k, idx in enumerate(order.split(self.batch)[start_batch:], start_batch):
-                # Seeded by (seed, epoch, batch) only: every rank draws the global batch's parameters and keeps
-                # its rows, and a resumed run draws what an uninterrupted one would.
-                generator = torch.Generator().manual_seed((self.config.seed * 100_003 + epoch) * 1_000_003 + k)
-                v1, v2 = self.augment(self.images[idx.to(self.device)], generator, self.ddp.rank, self.ddp.world)
+                v1, v2 = self.augment(self.images[idx.to(self.device)], self._generator(epoch, k), rank, world)
                 yield v1, v2, self.labels[idx].to(self.device)
             return
         self.sampler.set_epoch(epoch, start_batch)
-        for v1, v2, labels, unreadable in self.loader:
-            yield (v1.to(self.device, non_blocking=True), v2.to(self.device, non_blocking=True),
-                   labels.to(self.device, non_blocking=True))
+        for k, (v1, v2, labels, unreadable) in enumerate(self.loader, start_batch):
+            v1, v2, labels = (t.to(self.device, non_blocking=True) for t in (v1, v2, labels))
+            if self.batched:  # uint8 crops from the workers: the colour stage, batched
+                v1, v2 = self.augment.colour_views((v1, v2), self._generator(epoch, k), rank, world)
+            yield v1, v2, labels
             self._count_unreadable(unreadable)
+
+    def _generator(self, epoch: int, batch: int) -> torch.Generator:
+        # Seeded by (seed, epoch, batch) only: every rank draws the global batch's parameters and keeps its
+        # rows, and a resumed run draws what an uninterrupted one would.
+        return torch.Generator().manual_seed((self.config.seed * 100_003 + epoch) * 1_000_003 + batch)
 
     def _count_unreadable(self, unreadable: Tensor) -> None:
         new = set(unreadable[unreadable >= 0].tolist()) - self.unreadable
@@ -252,6 +267,9 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
     if data.skipped:
         log.warning("skipped %d unreadable file(s) in %s; training on %d images", data.skipped, config.data,
                     len(data))
+    if config.val_data and not data.classes:
+        raise ConfigError(f"--val-data needs class sub-folders in --data: the kNN read-out votes with the labels "
+                          f"of training images, and {config.data} has none")
     source = BatchSource(data, config, device, ddp)
     steps_per_epoch = source.steps_per_epoch()
     if steps_per_epoch == 0:
@@ -408,12 +426,45 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
                     bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
                     if ddp.main:
                         _write_json(out / "config.json", config.to_dict())
+                if _budget_spent(run, state):
+                    break
+            bar.close()
+            if state.batch < steps_per_epoch:  # the time budget ran out within the epoch
+                _save(run, state, mid_epoch=True)
+                _budget_stop(run, state, steps_per_epoch)
+                break
             _end_epoch(run, state)
             epoch += 1
+            if epoch < config.epochs and _budget_spent(run, state):
+                _budget_stop(run, state, steps_per_epoch)
+                break
     finally:
         if run.metrics is not None:
             run.metrics.close()
     return run.checkpoint
+
+
+def _budget_spent(run: Run, state: LoopState) -> bool:
+    """Whether this invocation has trained for ``--time-budget-min`` minutes (all ranks agree)."""
+    budget = run.config.time_budget_min
+    spent = budget > 0 and time.monotonic() - state.started >= budget * 60
+    if run.ddp.world > 1 and budget > 0:  # rank 0's clock decides, so every rank stops at the same step
+        flag = torch.tensor([int(spent)], device=run.device)
+        dist.broadcast(flag, 0)
+        spent = bool(flag.item())
+    return spent
+
+
+def _budget_stop(run: Run, state: LoopState, steps_per_epoch: int) -> None:
+    """Say that the time budget stopped the run, where, and how to go on (its checkpoint is written)."""
+    epochs = run.config.epochs
+    where = (f"epoch {state.epoch + 1} of {epochs}, batch {state.batch} of {steps_per_epoch}"
+             if state.batch < steps_per_epoch else f"the end of epoch {state.epoch + 1} of {epochs}")
+    log.warning("time budget of %g min spent: stopped at step %d (%s) with a resumable checkpoint in %s; run the "
+                "same command to continue (each run gets the budget again)", run.config.time_budget_min,
+                state.step, where, run.out)
+    _log(run.metrics, {"event": "budget_stop", "step": state.step, "epoch": state.epoch,
+                       "epoch_batch": state.batch, "budget_min": run.config.time_budget_min})
 
 
 def _step(run: Run, state: LoopState, lr: float, v1: Tensor, v2: Tensor, labels: Tensor) -> Tensor | None:
@@ -493,7 +544,7 @@ def _end_epoch(run: Run, state: LoopState) -> None:
         summary["online_probe_acc"] = float(state.sums[3] / state.sums[4])
     last = epoch + 1 == config.epochs
     if config.val_data and ddp.main and (last or (config.knn_every and (epoch + 1) % config.knn_every == 0)):
-        summary["knn_top1"] = _knn(run.model, config, run.device, run.data)
+        summary["knn_top1"], summary["knn_bank"] = _knn(run.model, config, run.device, len(run.data.classes))
     _log(run.metrics, summary, group="epoch")
     log.info("epoch %d/%d: %s", epoch + 1, config.epochs,
              ", ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)))
@@ -549,18 +600,21 @@ def _fit_budget(config: TrainConfig, steps_per_epoch: int, seconds_per_step: flo
     return epochs
 
 
-def _knn(model: CorInfoMaxModel, config: TrainConfig, device: torch.device,
-         train_data: DecodedImages | ImageFiles) -> float:
+def _knn(model: CorInfoMaxModel, config: TrainConfig, device: torch.device, classes: int) -> tuple[float, int]:
+    """kNN top-1 on ``--val-data`` (all of it) against a bank of at most `KNN_BANK_IMAGES` training images at
+    the training size: the first ``KNN_BANK_IMAGES // classes`` of each class (decoded once, then cached)."""
     from corinfomax.training.evaluate import extract_features, knn_top1
 
-    if isinstance(train_data, ImageFiles):  # the kNN bank is the training folder at the training size
-        train_data = decode_folder(config.data, config.image_size, progress=False)
+    per_class = max(1, KNN_BANK_IMAGES // classes)
+    bank = decode_folder(config.data, config.image_size, limit_per_class=per_class, progress=False)
     test = decode_folder(config.val_data, config.image_size, progress=False)
+    log.info("kNN on %s: a bank of %d training images (up to %d per class, %d classes; at most %d in all)",
+             config.val_data, len(bank), per_class, classes, KNN_BANK_IMAGES)
     model.eval()
-    train_f = extract_features(model.backbone, train_data.images, config.mean, config.std, 512, device)
+    bank_f = extract_features(model.backbone, bank.images, config.mean, config.std, 512, device)
     test_f = extract_features(model.backbone, test.images, config.mean, config.std, 512, device)
     model.train()
-    return knn_top1(train_f, train_data.labels, test_f, test.labels, num_classes=len(train_data.classes))
+    return knn_top1(bank_f, bank.labels, test_f, test.labels, num_classes=classes), len(bank)
 
 
 class MetricsLog:
