@@ -103,7 +103,7 @@ class IndexOwner:
     def __init__(self) -> None:
         import faiss
 
-        # One query per request: OpenMP threads only spin-wait against the model workers (bench/search_latency.py).
+        # One query per request: OpenMP threads only spin-wait against the model workers (bench/index_scale.py).
         faiss.omp_set_num_threads(1)
         bundle = SETTINGS.bundle_dir()
         card = read_card(bundle)
