@@ -582,10 +582,17 @@ def _budget_window(steps_per_epoch: int) -> tuple[int, int]:
     return start, min(steps_per_epoch, start + BUDGET_TIMED_STEPS)
 
 
+# Share of the time budget the schedule is fitted to. The rest absorbs what epoch 0's timed steps do not see
+# (end-of-epoch checkpoints and kNN read-outs, speed drift), so that the hard stop at the full budget does not
+# cut off the schedule's last, low-learning-rate steps, which are where the features settle.
+BUDGET_FIT_SHARE = 0.9
+
+
 def _fit_budget(config: TrainConfig, steps_per_epoch: int, seconds_per_step: float, ddp: Dist,
                 device: torch.device) -> int:
-    """Epochs that fit the time budget at the measured speed (all ranks agree)."""
-    epochs = max(1, min(config.epochs, int(config.time_budget_min * 60 / (seconds_per_step * steps_per_epoch))))
+    """Epochs that fit `BUDGET_FIT_SHARE` of the time budget at the measured speed (all ranks agree)."""
+    seconds = BUDGET_FIT_SHARE * config.time_budget_min * 60
+    epochs = max(1, min(config.epochs, int(seconds / (seconds_per_step * steps_per_epoch))))
     if ddp.world > 1:
         t = torch.tensor([epochs], device=device)
         dist.broadcast(t, 0)
