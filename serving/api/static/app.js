@@ -65,7 +65,7 @@ async function loadInfo() {
     $("intended-use").textContent = m.intended_use || "";
     fill($("stats"), [
       ["items", stats.count], ["labelled", stats.labelled], ["thumbnails", stats.thumbnails],
-      ["FAISS kind", stats.kind], ["recall@10", stats.recall_at_10],
+      ["index", stats.kind], ["recall@10", stats.recall_at_10],
     ]);
     status("Ready.");
   } catch (err) {
