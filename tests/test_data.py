@@ -140,6 +140,15 @@ def test_second_call_reads_the_cache_file(tmp_path: Path, cache_dir: Path) -> No
     assert len(cache_files(cache_dir)) == 2
 
 
+def test_relative_and_absolute_paths_share_one_cache(tmp_path: Path, cache_dir: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    write_rgb(tmp_path / "data" / "a.png", (9, 9, 9))
+    decode_folder(tmp_path / "data", SIZE, progress=False)
+    monkeypatch.chdir(tmp_path)
+    decode_folder("data", SIZE, progress=False)
+    assert len(cache_files(cache_dir)) == 1
+
+
 def test_changed_folder_gets_a_new_cache(tmp_path: Path, cache_dir: Path) -> None:
     data = tmp_path / "data"
     for i in range(3):

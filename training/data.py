@@ -62,8 +62,8 @@ class DecodedImages:
 def _cache_path(images: ImageList, size: int) -> Path:
     listing = hashlib.sha256()
     listing.update(f"{DECODER_VERSION}|{images.root.resolve()}|{size}|{len(images.paths)}".encode())
-    for path in images.paths:
-        listing.update(str(path).encode())
+    for path in images.paths:  # relative to the resolved root: `data/x` and `/abs/data/x` share one cache
+        listing.update(str(path.relative_to(images.root)).encode())
     for path in images.paths[:: max(1, len(images.paths) // 64)]:  # cheap change detector
         stat = path.stat()
         listing.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
