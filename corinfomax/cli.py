@@ -47,3 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"corinfomax {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+if __name__ == "__main__":  # `python -m corinfomax.cli`, the same as the `corinfomax` command
+    sys.exit(main())

@@ -171,7 +171,7 @@ def test_overwrite_replaces_a_bundle(tiny_checkpoint: Path, tiny_bundle: Path, t
 
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "corinfomax", *args], cwd=REPO, env={**os.environ, **env},
+    return subprocess.run([sys.executable, "-m", "corinfomax.cli", *args], cwd=REPO, env={**os.environ, **env},
                           capture_output=True, text=True, timeout=300)
 
 
