@@ -46,20 +46,41 @@ def train_command(config: dict, run: Path) -> str:
                      f"--epochs {config['epochs']} --time-budget-min 0"])
 
 
+def invocations(config: dict, records: list[dict]) -> list[tuple[dict, float]]:
+    """Each `corinfomax train` invocation that changed the recipe: its config and its training seconds.
+
+    Every invocation logs a "data" record; one that resumed with --allow-config-change names what it changed, so
+    walking back from the final config gives each earlier one. A plain resume repeats the previous command.
+    """
+    starts = [r for r in records if r.get("event") == "data"]
+    configs = [config]
+    for start in reversed(starts[1:]):
+        configs.insert(0, {**configs[0], **{k: old for k, (old, _new) in start.get("config_changes", {}).items()}})
+    bounds = [s["step"] for s in starts[1:]] + [float("inf")]
+    seconds = [0.0] * len(starts)
+    for i, (low, high) in enumerate(zip([-1] + bounds[:-1], bounds)):
+        seconds[i] = max([r["elapsed_s"] for r in records if "elapsed_s" in r and low < r["step"] <= high],
+                         default=0.0)
+    kept = [0] + [i for i in range(1, len(starts)) if starts[i].get("config_changes")]
+    # The seconds of plain resumes count towards the invocation they continued.
+    totals = [sum(seconds[i:j]) for i, j in zip(kept, kept[1:] + [len(starts)])]
+    return [(configs[i], total) for i, total in zip(kept, totals)]
+
+
 def main(run: Path) -> None:
     config = json.loads((run / "config.json").read_text())
-    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-              if '"elapsed_s"' in line]
-    last = epochs[-1] if epochs else {}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = invocations(config, records)
+    last = next((r for r in reversed(records) if "elapsed_s" in r), {})
     print(json.dumps({
         "commands": [
-            train_command(config, run),
+            *(train_command(c, run) + (" --allow-config-change" if i else "") for i, (c, _) in enumerate(steps)),
             f"corinfomax eval --checkpoint {run} --train-data <cifar10>/train --test-data <cifar10>/test --linear fast",
             "bash scripts/make_default_model.sh (the whole pipeline)",
         ],
         "epochs": last.get("epoch"),
         "steps": last.get("step"),
-        "train_wall_time_s": round(last.get("elapsed_s", 0.0)),
+        "train_wall_time_s": round(sum(seconds for _, seconds in steps)),
         "hardware": f"{os.cpu_count()} CPU cores ({cpu_model()}), no GPU",
         "threads": os.environ.get("TRAIN_THREADS", "see the run's log"),
         "final_train_metrics": {k: last[k] for k in ("loss", "attraction", "big_bang", "effective_rank",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,8 @@ from corinfomax.training.evaluate import one_cpu_thread as one_thread
 from corinfomax.training.guard import StepGuard
 from corinfomax.training.loss import CorInfoMaxLoss, CorInfoMaxOutput
 from corinfomax.training.trainer import ResumeConflict, TrainingDiverged, train
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -95,6 +99,14 @@ def test_changed_config_is_refused_unless_allowed(data: Path, tmp_path: Path) ->
     # Runtime-only fields may change; with permission, so may the recipe (here: one more epoch).
     train(tiny_config(data, run, epochs=2, log_every=5), allow_config_change=True, progress=False)
     assert load_checkpoint(run)["epoch"] == 2
+    starts = [r for r in records(run) if r.get("event") == "data"]  # the change is on record, for provenance
+    assert [r["step"] > 0 for r in starts] == [False, True] and "config_changes" not in starts[0]
+    assert starts[1]["config_changes"] == {"epochs": [1, 2]}
+    made = subprocess.run([sys.executable, str(REPO / "scripts" / "provenance.py"), str(run)], check=True,
+                          capture_output=True, text=True)
+    commands = [c for c in json.loads(made.stdout)["commands"] if c.startswith("corinfomax train")]
+    assert len(commands) == 2 and "--epochs 1 " in commands[0] and "--allow-config-change" not in commands[0]
+    assert "--epochs 2 " in commands[1] and commands[1].endswith("--allow-config-change")
 
 
 def test_checkpoint_of_another_architecture_is_refused(data: Path, tmp_path: Path) -> None:
@@ -286,7 +298,11 @@ def test_a_budget_fitted_run_resumes_with_the_same_command(data: Path, tmp_path:
     """A time budget rewrites the saved epochs (e.g. 100 -> 4); the same command asks for 100 again and must
     resume, not conflict. Without a budget, other epochs are a real change."""
     saved = tiny_config(data, tmp_path / "run", time_budget_min=15.0, epochs=4).to_dict()
-    trainer._check_resume(tiny_config(data, tmp_path / "run", time_budget_min=15.0, epochs=100), saved, False)
+    assert trainer._check_resume(tiny_config(data, tmp_path / "run", time_budget_min=15.0, epochs=100), saved,
+                                 False) == {}
+    # Asking on purpose for other epochs (a longer schedule on top of a budget-fitted run) is a recorded change.
+    assert trainer._check_resume(tiny_config(data, tmp_path / "run", time_budget_min=15.0, epochs=100), saved,
+                                 True) == {"epochs": [4, 100]}
     with pytest.raises(ResumeConflict, match="epochs: 4 -> 100"):
         trainer._check_resume(tiny_config(data, tmp_path / "run", epochs=100), {**saved, "time_budget_min": 0.0},
                               False)

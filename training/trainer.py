@@ -200,16 +200,20 @@ class BatchSource:
 
 
 # --------------------------------------------------------------------------- run folder
-def _check_resume(config: TrainConfig, saved: dict[str, Any], allow_change: bool) -> None:
+def _check_resume(config: TrainConfig, saved: dict[str, Any], allow_change: bool) -> dict[str, list[Any]]:
+    """The recipe fields this invocation changes, as {field: [saved, new]}; refused unless ``allow_change``."""
+    changed = {k for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS and _plain(saved.get(k)) != _plain(v)}
     # A run with a time budget saved the epochs fitted to it; the same command asks for the preset's epochs again.
-    ignored = RUNTIME_FIELDS | ({"epochs"} if saved.get("time_budget_min") else set())
-    changed = {k for k, v in config.to_dict().items() if k not in ignored and _plain(saved.get(k)) != _plain(v)}
-    if changed and not allow_change:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in sorted(changed))
+    refused = changed - ({"epochs"} if saved.get("time_budget_min") else set())
+    if refused and not allow_change:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in sorted(refused))
         raise ResumeConflict(
             f"{config.out} holds a run with a different config ({details}). Use another --out, or pass "
             "--allow-config-change to resume with the new values."
         )
+    if not allow_change:
+        return {}  # the caller keeps the saved epochs
+    return {k: [saved.get(k), _plain(getattr(config, k))] for k in sorted(changed)}
 
 
 def _plain(value: Any) -> Any:
@@ -256,8 +260,9 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
     out = Path(config.out)
     ckpt_path = out / CHECKPOINT_FILE
     resume_state = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+    changes: dict[str, list[Any]] = {}
     if resume_state is not None:
-        _check_resume(config, resume_state["config"], allow_config_change)
+        changes = _check_resume(config, resume_state["config"], allow_config_change)
         if not allow_config_change:
             config.epochs = int(resume_state["config"]["epochs"])  # a budget-fitted schedule stays fixed
 
@@ -320,7 +325,7 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
         guard = StepGuard([m for m in (model, loss_fn, probe) if m is not None],
                           [o for o in (optimizer, probe_opt) if o is not None])
         run = Run(config, ddp, device, out, source, data, train_model, model, loss_fn, optimizer, train_probe,
-                  probe, probe_opt, guard)
+                  probe, probe_opt, guard, changes)
         state = LoopState(start_epoch, step, batch=start_batch)
         if resume_state is not None and start_batch:  # mid-epoch: the epoch's sums so far
             state.sums, state.good_steps = resume_state["epoch_sums"], int(resume_state["epoch_good_steps"])
@@ -349,6 +354,7 @@ class Run:
     probe: nn.Module | None
     probe_opt: torch.optim.Optimizer | None
     guard: StepGuard
+    changes: dict[str, list[Any]]  # recipe fields a resume changed, {field: [before, now]}: provenance reads them
     metrics: MetricsLog | None = None  # metrics.jsonl (and TensorBoard), open on rank 0
 
     @property
@@ -391,7 +397,7 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
         run.metrics = MetricsLog(out / "metrics.jsonl", fresh, out / "tensorboard" if config.tensorboard else None)
         _log(run.metrics, {"event": "data", "step": state.step, "images": len(run.data),
                            "skipped": run.data.skipped, "classes": len(run.data.classes), "world_size": ddp.world,
-                           "device": str(run.device)})
+                           "device": str(run.device), **({"config_changes": run.changes} if run.changes else {})})
     first_epoch = state.epoch
     fit_budget = fresh and config.time_budget_min > 0  # a fresh run fits its schedule in epoch 0
     timed = _budget_window(steps_per_epoch)
