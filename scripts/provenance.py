@@ -56,11 +56,10 @@ def invocations(config: dict, records: list[dict]) -> list[tuple[dict, float]]:
     configs = [config]
     for start in reversed(starts[1:]):
         configs.insert(0, {**configs[0], **{k: old for k, (old, _new) in start.get("config_changes", {}).items()}})
-    bounds = [s["step"] for s in starts[1:]] + [float("inf")]
-    seconds = [0.0] * len(starts)
-    for i, (low, high) in enumerate(zip([-1] + bounds[:-1], bounds)):
-        seconds[i] = max([r["elapsed_s"] for r in records if "elapsed_s" in r and low < r["step"] <= high],
-                         default=0.0)
+    # Each invocation's epoch records report the seconds since it started; its last one is its training time.
+    bounds = [-1, *(s["step"] for s in starts[1:]), float("inf")]
+    seconds = [max((r["elapsed_s"] for r in records if "elapsed_s" in r and low < r["step"] <= high), default=0.0)
+               for low, high in zip(bounds, bounds[1:])]
     kept = [0] + [i for i in range(1, len(starts)) if starts[i].get("config_changes")]
     # The seconds of plain resumes count towards the invocation they continued.
     totals = [sum(seconds[i:j]) for i, j in zip(kept, kept[1:] + [len(starts)])]
