@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the shipped default model (models/default) from scratch with the project's own commands:
-# train -> eval -> export -> extract -> probe fit. About 2.5 hours on a 2-core CPU (training 46 + 97 min on 2 threads).
+# train -> eval -> export -> extract -> probe fit. About 2.5 hours on a 2-core CPU (training 46 + 101 min on 2 threads).
 #   bash scripts/make_default_model.sh            # everything
 #   SKIP_TRAIN=1 bash scripts/make_default_model.sh   # reuse an existing run folder
 # From a GPU run (bench/gpu_run.py --stages run; its OUT/model parts copied here), int8 to stay under 16 MB:
