@@ -138,6 +138,8 @@ def _build(tmp: Path, backbone: torch.nn.Module, feature_dim: int, state: dict[s
     if precision == "int8":
         from corinfomax.export.quantize import quantize_int8
 
+        assert calib_dir is not None  # export_bundle finds the calibration folder for int8
+
         fp32_path = tmp / "fp32.onnx"
         export_onnx(graph, size, fp32_path)
         calibration = load_sample(calib_dir, opts["calibration_images"], card.input.resize, seed=1,
@@ -155,7 +157,7 @@ def _build(tmp: Path, backbone: torch.nn.Module, feature_dim: int, state: dict[s
         return
     images = load_sample(verify_dir, opts["verify_images"], card.input.resize, seed=0, what="verification images")
     bank = (load_sample(calib_dir, opts["knn_images"], card.input.resize, seed=2, what="kNN bank images")
-            if precision == "int8" else None)
+            if calib_dir is not None else None)
     figures = measure(reference, tmp, precision, images, bank)
     missed = failures(precision, figures)
     if missed:

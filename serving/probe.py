@@ -247,10 +247,10 @@ def fit_probe_on_features(
     model_sha256 = str(features.manifest["model"].get("checkpoint_sha256") or "")
     target = _probe_target(out if out is not None else Path(features_dir) / PROBE_FILE, model_sha256, features_dir)
     rows = [i for i, label in enumerate(features.labels) if label is not None]
+    labels = [label for label in features.labels if label is not None]
     if not rows:
         raise ProbeError(f"{features_dir} has no labelled rows: extract from an ImageFolder tree "
                          "(FOLDER/<class>/image) or a .txt list with 'path<TAB>label' lines")
-    labels = [features.labels[i] for i in rows]
     probe, report = fit_probe(features.embeddings[rows], labels, model_sha256=model_sha256, **fit_options)
     probe.save(target)
     report["path_written"] = str(target)

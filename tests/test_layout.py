@@ -49,6 +49,26 @@ def test_every_package_folder_is_listed_in_pyproject() -> None:
     assert found == set(tool["packages"])
 
 
+def test_the_package_folder_links_to_every_stage() -> None:
+    """corinfomax/<stage> is a link to the top-level folder, so the checkout imports (and type-checks) as installed."""
+    for folder, package in FOLDERS.items():
+        if folder != "corinfomax":
+            link = REPO / "corinfomax" / package.rpartition(".")[2]
+            assert link.is_symlink() and link.resolve() == REPO / folder, f"{link} must link to ../{folder}"
+
+
+@pytest.mark.slow
+def test_type_checker_sees_a_wrong_cross_module_call(tmp_path: Path) -> None:
+    """`make lint` resolves first-party imports: a call with the wrong arguments across modules fails it."""
+    probe = tmp_path / "wrong_call.py"
+    probe.write_text("from corinfomax.core.errors import describe\n\n\ndef f() -> None:\n    describe(1, 2, 3)\n")
+    result = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(REPO / "pyproject.toml"),
+                             "--cache-dir", str(tmp_path / "cache"), str(probe)], capture_output=True, text=True,
+                            cwd=REPO, timeout=300)
+    assert result.returncode == 1, result.stdout
+    assert 'Too many arguments for "describe"' in result.stdout
+
+
 @pytest.mark.parametrize("folder", sorted(ALLOWED))
 def test_imports_follow_the_layers(folder: str) -> None:
     own = FOLDERS[folder]

@@ -14,7 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, cast
 
 import torch
 import torch.distributed as dist
@@ -283,9 +283,9 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
 
     if ddp.world > 1:  # global-batch BN; before the optimizer is built, as conversion makes new parameters
         if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = cast(CorInfoMaxModel, nn.SyncBatchNorm.convert_sync_batchnorm(model))  # converted in place
         else:
-            model = convert_global_batchnorm(model)
+            model = cast(CorInfoMaxModel, convert_global_batchnorm(model))
     if config.channels_last:  # faster on GPUs, and ~1.4x on CPU (tiny_resnet, batch 256, 1 thread)
         # On CPU its BatchNorm is ~10x noisier in float32 than contiguous: harmless for training, but enough for
         # runs with different BN code (1 process vs DDP) to part by ~1e-3 in a few steps; tests/test_ddp_train.py.
