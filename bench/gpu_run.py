@@ -178,8 +178,8 @@ def loader_rate(preset: str, overrides: dict[str, Any]) -> float:
     device = pick_device(config.device)
     source = BatchSource(decode_folder(config.data, config.image_size, progress=False), config, device, Dist())
     done, started = 0, time.monotonic()
-    for v1, _, _ in source.epoch(0):
-        done += len(v1)
+    for _, labels in source.epoch(0):
+        done += len(labels)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return round(done / (time.monotonic() - started), 1)

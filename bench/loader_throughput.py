@@ -6,7 +6,7 @@ reduced-size (JPEG draft) vs full decode on large photos, measured side by side 
 One process does what one DataLoader worker does, on one thread; rounds of the pipelines alternate and the
 median round counts, so load from other jobs hits all of them alike. Pipelines:
 - full / reduced decode: the file to an RGB tensor, in full or at reduced size (what every pipeline pays);
-- two crops: the training path's worker part (reduced decode, `TwoCrops`, collate into uint8 batches);
+- two crops: the training path's worker part (reduced decode, `Crops`, collate into uint8 batches);
 - PIL two views: the per-image PIL reference (``augment=pil``), the whole augmentation in the worker.
 The training path's colour stage runs in the main process, batched: its cost per image on this CPU (one
 thread, the same batches) is measured too, so that worker + colour stage is the honest total on a CPU.
@@ -29,9 +29,9 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from corinfomax.core.images import load_image, scan_images
-from corinfomax.training.augment import BatchTwoView, PilTwoView, TwoCrops
+from corinfomax.training.augment import BatchViews, Crops, PilTwoView, view_specs
 from corinfomax.training.config import IMAGENET_MEAN, IMAGENET_STD
-from corinfomax.training.stream import ImageFiles, TwoViewDataset
+from corinfomax.training.stream import ImageFiles, ViewDataset
 
 
 def make_large_photos(sources: list[Path], folder: Path, long_side: int) -> list[Path]:
@@ -66,9 +66,9 @@ def rates(pipelines: dict[str, Pipeline], n: int, batch: int, rounds: int) -> di
 
 def compare(paths: list[Path], size: int, n: int, batch: int, rounds: int) -> dict[str, float]:
     files = ImageFiles(paths, torch.zeros(len(paths), dtype=torch.int64), [], min_side=2 * size)
-    crops = TwoViewDataset(files, TwoCrops(size))
-    pil = TwoViewDataset(files, PilTwoView(size, IMAGENET_MEAN, IMAGENET_STD))
-    colour = BatchTwoView(size, IMAGENET_MEAN, IMAGENET_STD)
+    crops = ViewDataset(files, Crops(view_specs(size)))
+    pil = ViewDataset(files, PilTwoView(size, IMAGENET_MEAN, IMAGENET_STD))
+    colour = BatchViews(view_specs(size), IMAGENET_MEAN, IMAGENET_STD)
     crop_batches = [default_collate([crops[(i % len(paths), i)][:2] for i in range(first, min(n, first + batch))])
                     for first in range(0, n, batch)]
 
@@ -77,7 +77,7 @@ def compare(paths: list[Path], size: int, n: int, batch: int, rounds: int) -> di
 
     def colour_stage(i: int) -> int:  # one call per batch: the whole batch of crops, both views
         if i % batch == 0:
-            colour.colour_views(tuple(crop_batches[i // batch]), torch.Generator().manual_seed(i))
+            colour.colour_views(list(crop_batches[i // batch]), torch.Generator().manual_seed(i))
         return i
 
     # Decoded images differ in size: a decode-only "batch" is their list; the views collate into tensors.

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from corinfomax.training.augment import BatchTwoView
+from corinfomax.training.augment import BatchViews, view_specs
 from corinfomax.training.config import IMAGENET_MEAN, IMAGENET_STD
 from corinfomax.training.data import decode_folder
 from corinfomax.training.loss import CorInfoMaxLoss
@@ -26,7 +26,7 @@ def images_per_second(backbone: str, images: torch.Tensor, args: argparse.Namesp
     model = CorInfoMaxModel(backbone, args.projector, cifar_stem=False).to(memory_format=torch.channels_last)
     loss_fn = CorInfoMaxLoss(model.embedding_dim)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    augment = BatchTwoView(args.size, IMAGENET_MEAN, IMAGENET_STD)
+    augment = BatchViews(view_specs(args.size), IMAGENET_MEAN, IMAGENET_STD)
     generator = torch.Generator().manual_seed(0)
     rates, shares = [], []
     for step in range(args.steps + 1):

@@ -36,7 +36,7 @@ def images_per_second(pipeline: str, args: argparse.Namespace, device: torch.dev
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        v1, v2, _ = next(batches)
+        (v1, v2), _ = next(batches)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             _, z1 = model(v1.contiguous(memory_format=torch.channels_last))
             _, z2 = model(v2.contiguous(memory_format=torch.channels_last))
@@ -52,10 +52,10 @@ def augment_only(data, batch: int) -> dict[str, float]:
     """Images/s of the augmentation alone, one process, no model: where the pipelines really differ."""
     from PIL import Image
 
-    from corinfomax.training.augment import BatchTwoView, PilTwoView
+    from corinfomax.training.augment import BatchViews, PilTwoView, view_specs
 
     images, mean, std = data.images[:batch], (0.5,) * 3, (0.25,) * 3
-    pil, tensor = PilTwoView(32, mean, std), BatchTwoView(32, mean, std)
+    pil, tensor = PilTwoView(32, mean, std), BatchViews(view_specs(32), mean, std)
     start = time.perf_counter()
     for i, x in enumerate(images):
         pil(Image.fromarray(x.permute(1, 2, 0).numpy()), i)

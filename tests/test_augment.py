@@ -13,6 +13,7 @@ import torchvision.transforms.functional as TF
 from torchvision import transforms as T
 
 from corinfomax.training import augment as A
+from corinfomax.training import augment_ops as ops
 from corinfomax.training.data import decode_folder
 from corinfomax.training.evaluate import one_cpu_thread as one_thread
 
@@ -108,7 +109,7 @@ def test_resized_crop_matches_torchvision(images: torch.Tensor) -> None:
     n = len(images)
     boxes = A.sample_crop_boxes(n, 32, 32, torch.Generator().manual_seed(3))
     flip = torch.arange(n) % 2 == 0
-    ours = A.resized_crop(images, boxes, flip, 32)
+    ours = ops.resized_crop(images, boxes, flip, 32)
     to_pil_kernel = []
     for i in range(n):
         top, left, h, w = (int(v) for v in boxes[i])
@@ -130,7 +131,7 @@ def test_resized_crop_matches_torchvision(images: torch.Tensor) -> None:
     errors = torch.stack(to_pil_kernel)
     assert float(errors.mean()) < 0.01 and float(errors.quantile(0.99)) < 0.08
     # The full box without flip is the identity.
-    full = A.resized_crop(images, torch.tensor([[0, 0, 32, 32]] * n), torch.zeros(n, dtype=torch.bool), 32)
+    full = ops.resized_crop(images, torch.tensor([[0, 0, 32, 32]] * n), torch.zeros(n, dtype=torch.bool), 32)
     torch.testing.assert_close(full, images, rtol=0, atol=1e-5)
 
 
@@ -139,10 +140,10 @@ def test_each_colour_op_matches_torchvision(images: torch.Tensor) -> None:
     factor = torch.linspace(0.6, 1.4, n)
     hue = torch.linspace(-0.1, 0.1, n)
     for ours, ref_op, values, atol in (
-        (A.adjust_brightness, TF.adjust_brightness, factor, 1e-6),
-        (A.adjust_contrast, TF.adjust_contrast, factor, 2e-3),  # luma 0.299 vs torchvision's 0.2989
-        (A.adjust_saturation, TF.adjust_saturation, factor, 2e-3),
-        (A.adjust_hue, TF.adjust_hue, hue, 1e-4),
+        (ops.adjust_brightness, TF.adjust_brightness, factor, 1e-6),
+        (ops.adjust_contrast, TF.adjust_contrast, factor, 2e-3),  # luma 0.299 vs torchvision's 0.2989
+        (ops.adjust_saturation, TF.adjust_saturation, factor, 2e-3),
+        (ops.adjust_hue, TF.adjust_hue, hue, 1e-4),
     ):
         got = ours(images, values)
         want = torch.stack([ref_op(images[i], float(values[i])) for i in range(n)])
@@ -151,34 +152,34 @@ def test_each_colour_op_matches_torchvision(images: torch.Tensor) -> None:
 
 def test_color_jitter_applies_ops_in_each_samples_order(images: torch.Tensor) -> None:
     params = A.sample_jitter(len(images), torch.Generator().manual_seed(4))
-    got = A.color_jitter(images, params)
-    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    got = ops.color_jitter(images, params)
+    reference = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
     for i in range(len(images)):
         want = images[i]
         if params.apply[i]:
             values = (params.brightness[i], params.contrast[i], params.saturation[i], params.hue[i])
             for op in params.order[i].tolist():
-                want = ops[op](want, float(values[op]))
+                want = reference[op](want, float(values[op]))
         torch.testing.assert_close(got[i], want, rtol=0, atol=3e-3)
 
 
 def test_grayscale_blur_and_solarize_match_torchvision(images: torch.Tensor) -> None:
     n = len(images)
     on = torch.arange(n) % 3 != 0
-    gray = A.grayscale(images, on)
+    gray = ops.grayscale(images, on)
     for i in range(n):
         want = TF.rgb_to_grayscale(images[i], 3) if on[i] else images[i]
         torch.testing.assert_close(gray[i], want, rtol=0, atol=2e-3)
 
     sigma = torch.linspace(*A.BLUR_SIGMA, n)
     k = A.blur_kernel_size(32)
-    blurred = A.gaussian_blur(images, sigma, on, k)
+    blurred = ops.gaussian_blur(images, sigma, on, k)
     for i in range(n):
         want = TF.gaussian_blur(images[i], [k, k], [float(sigma[i])] * 2) if on[i] else images[i]
         torch.testing.assert_close(blurred[i], want, rtol=0, atol=1e-5)
     assert A.blur_kernel_size(224) == 23 and A.blur_kernel_size(32) == 3
 
-    solar = A.solarize(images, on)
+    solar = ops.solarize(images, on)
     for i in range(n):
         want = TF.solarize(images[i], 128 / 255) if on[i] else images[i]
         torch.testing.assert_close(solar[i], want, rtol=0, atol=0)
@@ -191,7 +192,7 @@ def test_batched_views_look_like_the_reference_views(images: torch.Tensor) -> No
 
     mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
     uint8 = (images * 255).round().to(torch.uint8).repeat(4, 1, 1, 1)
-    v1, v2 = A.BatchTwoView(32, mean, std)(uint8, torch.Generator().manual_seed(5))
+    v1, v2 = A.BatchViews(A.view_specs(32), mean, std)(uint8, torch.Generator().manual_seed(5))
     reference = A.PilTwoView(32, mean, std)
     pil = [reference(Image.fromarray(x.permute(1, 2, 0).numpy()), 5 + i) for i, x in enumerate(uint8)]
     r1, r2 = torch.stack([p[0] for p in pil]), torch.stack([p[1] for p in pil])
@@ -202,12 +203,12 @@ def test_batched_views_look_like_the_reference_views(images: torch.Tensor) -> No
 
 
 def test_worker_crops_match_the_reference_crop_for_the_same_draws(images: torch.Tensor) -> None:
-    """`TwoCrops` (the streaming workers' stage) cuts torchvision's RandomResizedCrop + flip of the same boxes."""
+    """`Crops` (the streaming workers' stage) cuts torchvision's RandomResizedCrop + flip of the same boxes."""
     from PIL import Image
 
     for i, x in enumerate((images[:8] * 255).round().to(torch.uint8)):
         pil = Image.fromarray(x.permute(1, 2, 0).numpy())
-        crops = A.TwoCrops(24)(pil, i)
+        crops = A.Crops(A.view_specs(24))(pil, i)
         g = torch.Generator().manual_seed(i)  # the same draws, in the same order
         boxes, flips = A.sample_crop_boxes(2, 32, 32, g).int().tolist(), (torch.rand(2, generator=g) < 0.5).tolist()
         for crop, (top, left, h, w), flip in zip(crops, boxes, flips):
@@ -227,9 +228,9 @@ def test_streamed_views_look_like_the_reference_views(images: torch.Tensor) -> N
     mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
     uint8 = (images * 255).round().to(torch.uint8).repeat(4, 1, 1, 1)
     pils = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in uint8]
-    crops = [A.TwoCrops(32)(p, 7 + i) for i, p in enumerate(pils)]
-    v1, v2 = A.BatchTwoView(32, mean, std).colour_views(
-        (torch.stack([c[0] for c in crops]), torch.stack([c[1] for c in crops])), torch.Generator().manual_seed(7))
+    crops = [A.Crops(A.view_specs(32))(p, 7 + i) for i, p in enumerate(pils)]
+    v1, v2 = A.BatchViews(A.view_specs(32), mean, std).colour_views(
+        [torch.stack([c[0] for c in crops]), torch.stack([c[1] for c in crops])], torch.Generator().manual_seed(7))
     reference = A.PilTwoView(32, mean, std)
     pil = [reference(p, 7 + i) for i, p in enumerate(pils)]
     r1, r2 = torch.stack([p[0] for p in pil]), torch.stack([p[1] for p in pil])
@@ -242,16 +243,37 @@ def test_streamed_views_look_like_the_reference_views(images: torch.Tensor) -> N
 def test_shards_of_a_global_batch_get_the_single_process_views(images: torch.Tensor) -> None:
     """Rank r of 2 (every other image) sees exactly rows r::2 of the one-process views."""
     uint8 = (images * 255).round().to(torch.uint8)
-    augment = A.BatchTwoView(32, (0.5,) * 3, (0.25,) * 3)
+    augment = A.BatchViews(A.view_specs(32, local_views=2), (0.5,) * 3, (0.25,) * 3)
     whole = augment(uint8, torch.Generator().manual_seed(6))
     for rank in range(2):
         shard = augment(uint8[rank::2], torch.Generator().manual_seed(6), rank=rank, world=2)
-        for view in range(2):
+        for view in range(4):
             torch.testing.assert_close(shard[view], whole[view][rank::2], rtol=0, atol=1e-5)
     # The colour stage alone (streamed crops) shards the same way.
-    whole = augment.colour_views((uint8, uint8.flip(3)), torch.Generator().manual_seed(6))
+    crops = [uint8, uint8.flip(3), uint8[..., :16, :16], uint8[..., 16:, 16:]]
+    whole = augment.colour_views(crops, torch.Generator().manual_seed(6))
     for rank in range(2):
-        shard = augment.colour_views((uint8[rank::2], uint8.flip(3)[rank::2]), torch.Generator().manual_seed(6),
+        shard = augment.colour_views([c[rank::2] for c in crops], torch.Generator().manual_seed(6),
                                      rank=rank, world=2)
         for view in range(2):
             torch.testing.assert_close(shard[view], whole[view][rank::2], rtol=0, atol=1e-5)
+
+
+def test_multi_crop_views_have_their_sizes_scales_and_kinds(images: torch.Tensor) -> None:
+    """Global views alternate the paper's two kinds; local crops are smaller, cut from DINO's area range, blurred
+    with p 0.5 and never solarised; cached and streamed paths make the same shapes."""
+    from PIL import Image
+
+    specs = A.view_specs(32, global_views=3, local_views=2, local_size=16)
+    assert [(s.size, s.blur_p, s.solarize_p) for s in specs] == [
+        (32, 1.0, 0.0), (32, 0.1, 0.2), (32, 1.0, 0.0), (16, A.LOCAL_BLUR_P, 0.0), (16, A.LOCAL_BLUR_P, 0.0)]
+    assert specs[0].scale == A.CROP_SCALE and specs[-1].scale == A.LOCAL_SCALE
+    boxes = A.sample_crop_boxes(N, 32, 32, torch.Generator().manual_seed(8), scale_range=A.LOCAL_SCALE)
+    area = boxes[:, 2] * boxes[:, 3] / 32**2
+    assert float(area.max()) <= A.LOCAL_SCALE[1] * 1.2 and float(area.mean()) < 0.25  # rounding to whole pixels
+    uint8 = (images * 255).round().to(torch.uint8)
+    views = A.BatchViews(specs, (0.5,) * 3, (0.25,) * 3)(uint8, torch.Generator().manual_seed(9))
+    assert [tuple(v.shape) for v in views] == [(len(uint8), 3, 32, 32)] * 3 + [(len(uint8), 3, 16, 16)] * 2
+    crops = A.Crops(specs)(Image.fromarray(uint8[0].permute(1, 2, 0).numpy()), 0)
+    assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 3 + [(3, 16, 16)] * 2
+    assert all(c.dtype == torch.uint8 for c in crops)

@@ -18,12 +18,12 @@ from trainkit import small_folder, tiny_config
 
 from corinfomax.core.images import load_image
 from corinfomax.training import trainer
-from corinfomax.training.augment import TwoCrops
+from corinfomax.training.augment import Crops, view_specs
 from corinfomax.training.checkpoint import load_checkpoint
 from corinfomax.training.config import IMAGENET_MEAN, IMAGENET_STD, PRESETS, resolve
 from corinfomax.training.distributed import Dist
 from corinfomax.training.evaluate import one_cpu_thread as one_thread
-from corinfomax.training.stream import DRAFT_FACTOR, TwoViewDataset, list_image_files
+from corinfomax.training.stream import DRAFT_FACTOR, ViewDataset, list_image_files
 from corinfomax.training.trainer import train
 
 
@@ -87,7 +87,7 @@ def test_jpeg_decodes_at_reduced_size_keeping_the_shorter_side(imagewoof: Path, 
 def test_views_depend_only_on_the_item_seed_and_bad_files_are_replaced(woof: Path, tmp_path: Path) -> None:
     files = list_image_files(woof, 72)
     assert len(files) == 40 and files.min_side == DRAFT_FACTOR * 72 and files.labels.tolist()[::10] == [0, 1, 2, 3]
-    dataset = TwoViewDataset(files, TwoCrops(72))
+    dataset = ViewDataset(files, Crops(view_specs(72)))
     v1, v2, label, unreadable = dataset[(5, 123)]
     assert v1.shape == v2.shape == (3, 72, 72) and v1.dtype == torch.uint8 and label == 0 and unreadable == -1
     again = dataset[(5, 123)]

@@ -45,6 +45,8 @@ def data(cifar10: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("negative checkpoint interval", ["--data", "{data}", "--checkpoint-every", "-1"],
      ["--checkpoint-every must be 0"]),
     ("tiny images", ["--data", "{data}", "--image-size", "4"], ["image_size 4 is too small"]),
+    ("one view", ["--data", "{data}", "--global-views", "1"], ["at least two views"]),
+    ("local crops on PIL", ["--data", "{data}", "--local-views", "2", "--augment", "pil"], ["--augment tensor"]),
     ("batch too large", ["--data", "{data}", "--batch-size", "512"], ["fewer than one batch"]),
     ("no data flag", [], ["--data"]),
 ])

@@ -58,9 +58,10 @@ def test_run_writes_checkpoint_config_and_metrics(data: Path, tmp_path: Path, re
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
 
 
-def test_resume_after_interruption_matches_an_uninterrupted_run(data: Path, tmp_path: Path,
+@pytest.mark.parametrize("views", [{}, {"local_views": 2, "local_size": 8}], ids=["two views", "multi-crop"])
+def test_resume_after_interruption_matches_an_uninterrupted_run(data: Path, tmp_path: Path, views: dict[str, int],
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    reference = load_checkpoint(train(tiny_config(data, tmp_path / "straight"), progress=False))
+    reference = load_checkpoint(train(tiny_config(data, tmp_path / "straight", **views), progress=False))
 
     original = trainer.BatchSource.epoch
 
@@ -71,10 +72,10 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(data: Path, tmp_
 
     monkeypatch.setattr(trainer.BatchSource, "epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(data, tmp_path / "resumed"), progress=False)
+        train(tiny_config(data, tmp_path / "resumed", **views), progress=False)
     assert load_checkpoint(tmp_path / "resumed")["epoch"] == 1
     monkeypatch.setattr(trainer.BatchSource, "epoch", original)
-    resumed = load_checkpoint(train(tiny_config(data, tmp_path / "resumed"), progress=False))
+    resumed = load_checkpoint(train(tiny_config(data, tmp_path / "resumed", **views), progress=False))
 
     assert resumed["epoch"] == reference["epoch"] == 2
     # Both runs execute the same kernels in the same order on the same machine (one thread), so they agree
@@ -107,6 +108,19 @@ def test_changed_config_is_refused_unless_allowed(data: Path, tmp_path: Path) ->
     commands = [c for c in json.loads(made.stdout)["commands"] if c.startswith("corinfomax train")]
     assert len(commands) == 2 and "--epochs 1 " in commands[0] and "--allow-config-change" not in commands[0]
     assert "--epochs 2 " in commands[1] and commands[1].endswith("--allow-config-change")
+
+
+def test_a_run_saved_before_a_config_field_existed_resumes(data: Path, tmp_path: Path) -> None:
+    """A field added since a run was saved counts as its default, so the same command resumes the old run."""
+    run = tmp_path / "run"
+    train(tiny_config(data, run, epochs=1), progress=False)
+    state = load_checkpoint(run)
+    for name in ("global_views", "local_views", "local_size", "crop_scale", "local_scale"):
+        del state["config"][name]
+    torch.save(state, run / "checkpoint.pt")
+    train(tiny_config(data, run, epochs=1), progress=False)  # nothing to do, and no ResumeConflict
+    with pytest.raises(ResumeConflict, match="local_views: None -> 2"):
+        train(tiny_config(data, run, epochs=1, local_views=2), progress=False)
 
 
 def test_checkpoint_of_another_architecture_is_refused(data: Path, tmp_path: Path) -> None:

@@ -23,8 +23,10 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         kind = hints[field.name]
         if kind is bool:
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
-        elif typing.get_origin(kind) is tuple:
-            group.add_argument(flag, dest=field.name, type=float, nargs=3, default=None, metavar=("R", "G", "B"))
+        elif typing.get_origin(kind) is tuple:  # (R, G, B) statistics, or a (low, high) range
+            arity = len(typing.get_args(kind))
+            group.add_argument(flag, dest=field.name, type=float, nargs=arity, default=None,
+                               metavar=("R", "G", "B") if arity == 3 else ("LOW", "HIGH"))
         else:
             group.add_argument(flag, dest=field.name, type=kind, default=None)
 

@@ -33,6 +33,12 @@ class TrainConfig:
     projector: str = "1024-1024-64"
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
+    # views: the paper's two global views, or more global ones (many patches) and/or local crops (multi-crop)
+    global_views: int = 2
+    local_views: int = 0
+    local_size: int = 0  # side of a local crop (0: half of image_size)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # area range of a global view's random-resized crop
+    local_scale: tuple[float, float] = (0.05, 0.4)  # area range of a local crop (DINO's)
     # loss
     alpha: float = 250.0
     la_R: float = 0.01
@@ -80,7 +86,7 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
         values = dict(values)
-        for key in ("mean", "std"):
+        for key in ("mean", "std", "crop_scale", "local_scale"):
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)

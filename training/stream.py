@@ -1,10 +1,10 @@
 """Per-image work in DataLoader workers: images streamed from their files (or the uint8 cache, for the PIL
-reference pipeline) made into two views each.
+reference pipeline) made into views (two, or more for multi-crop).
 
 Small training sizes (``image_size`` up to `data.CACHE_MAX_SIDE`) train from the decoded uint8 cache; larger
 ones stream from the files: each worker decodes an image at reduced size where the JPEG allows it and cuts
-its two random-resized crops (`augment.TwoCrops`, fixed-size uint8); the trainer runs the colour ops batched
-on the training device (`augment.BatchTwoView.colour_views`). Nothing is held in memory but the file list, so
+one random-resized crop per view (`augment.Crops`, fixed-size uint8); the trainer runs the colour ops batched
+on the training device (`augment.BatchViews.colour_views`). Nothing is held in memory but the file list, so
 a folder of millions of photos trains as easily as a small one.
 
 Items are ``(index, seed)``: each image's draws depend only on the run seed, the epoch and the index, so a
@@ -37,7 +37,7 @@ SUBSTITUTE_TRIES = 16
 
 
 class ImageSource(Protocol):
-    """What `TwoViewDataset` reads: a number of images, each loadable as an RGB PIL image, and their labels."""
+    """What `ViewDataset` reads: a number of images, each loadable as an RGB PIL image, and their labels."""
 
     labels: Tensor
 
@@ -75,25 +75,24 @@ def list_image_files(root: str | Path, image_size: int) -> ImageFiles:
                       min_side=DRAFT_FACTOR * image_size)
 
 
-class TwoViewDataset(torch.utils.data.Dataset):
-    """Two views of each image by ``transform(image, seed)`` (`augment.TwoCrops`, or the reference
-    `augment.PilTwoView`); an item is ``(view1, view2, label, unreadable)``.
+class ViewDataset(torch.utils.data.Dataset):
+    """The views of each image by ``transform(image, seed)`` (`augment.Crops`, or the two-view reference
+    `augment.PilTwoView`); an item is ``(view_1, ..., view_V, label, unreadable)``.
 
     A file that fails to decode is replaced by the next readable one (so batches keep their size and a run
     its determinism); ``unreadable`` is the failed index, or -1, for the main process to count.
     """
 
-    def __init__(self, images: ImageSource, transform: Callable[[Image.Image, int], tuple[Tensor, Tensor]]) -> None:
+    def __init__(self, images: ImageSource, transform: Callable[[Image.Image, int], tuple[Tensor, ...]]) -> None:
         self.images, self.transform = images, transform
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, int]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor | int, ...]:
         index, seed = item
         image, used, unreadable = self._load(index)
-        v1, v2 = self.transform(image, seed)
-        return v1, v2, self.images.labels[used], unreadable
+        return *self.transform(image, seed), self.images.labels[used], unreadable
 
     def _load(self, index: int) -> tuple[Image.Image, int, int]:
         unreadable = -1

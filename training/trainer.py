@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from corinfomax.core.errors import UserError
 from corinfomax.core.files import atomic_write_text
-from corinfomax.training.augment import BatchTwoView, PilTwoView, TwoCrops
+from corinfomax.training.augment import BatchViews, Crops, PilTwoView, view_specs
 from corinfomax.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_weights, save_checkpoint
 from corinfomax.training.config import ConfigError, TrainConfig
 from corinfomax.training.data import CACHE_MAX_SIDE, DecodedImages, decode_folder
@@ -33,7 +33,7 @@ from corinfomax.training.guard import StepGuard
 from corinfomax.training.loss import CorInfoMaxLoss
 from corinfomax.training.models import CorInfoMaxModel
 from corinfomax.training.optim import LARS, lr_at
-from corinfomax.training.stream import ImageFiles, TwoViewDataset, list_image_files
+from corinfomax.training.stream import ImageFiles, ViewDataset, list_image_files
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,15 @@ def validate(config: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "max_bad_steps", "log_every"):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.global_views < 1 or config.local_views < 0 or config.global_views + config.local_views < 2:
+        raise ConfigError(f"need at least two views per image, got --global-views {config.global_views} and "
+                          f"--local-views {config.local_views}")
+    if config.augment == "pil" and (config.global_views, config.local_views) != (2, 0):
+        raise ConfigError("the PIL reference pipeline makes the paper's two views only; use --augment tensor for "
+                          "more views")
+    if config.local_views and not 8 <= (config.local_size or config.image_size // 2) <= config.image_size:
+        raise ConfigError(f"--local-size must be between 8 and the image size {config.image_size}, got "
+                          f"{config.local_size or config.image_size // 2}")
     if config.lr <= 0 or not math.isfinite(config.lr):
         raise ConfigError(f"--lr must be a positive number, got {config.lr}")
     if config.workers < 0:
@@ -135,9 +144,9 @@ def load_training_images(config: TrainConfig, progress: bool) -> DecodedImages |
 
 
 class BatchSource:
-    """Yields ``(view1, view2, labels)`` on the training device for one epoch, by one of three pipelines:
-    cached images through both stages of `BatchTwoView` on the device; streamed files cropped per image in
-    loader workers (`TwoCrops`) and coloured batched on the device; or, with ``augment="pil"``, the per-image
+    """Yields ``(views, labels)`` on the training device for one epoch, by one of three pipelines:
+    cached images through both stages of `BatchViews` on the device; streamed files cropped per image in
+    loader workers (`Crops`) and coloured batched on the device; or, with ``augment="pil"``, the per-image
     PIL reference in the workers (cached images or streamed files; the baseline the benches compare with)."""
 
     def __init__(self, data: DecodedImages | ImageFiles, config: TrainConfig, device: torch.device,
@@ -151,16 +160,17 @@ class BatchSource:
         self.batched = config.augment == "tensor"
         self.cached = self.batched and isinstance(data, DecodedImages)
         self.unreadable: set[int] = set()
-        self.augment = BatchTwoView(config.image_size, config.mean, config.std)
+        specs = view_specs(config.image_size, config.global_views, config.local_views, config.local_size,
+                           config.crop_scale, config.local_scale)
+        self.augment = BatchViews(specs, config.mean, config.std)
         if self.cached:
             # Small images live on the device as uint8: no loader workers, no host-to-device copies per step.
             self.images = data.images.to(device)  # type: ignore[union-attr]  # DecodedImages here
         else:
             self.sampler = _EpochSampler(self.n, config, ddp, self.batch)
-            transform = (TwoCrops(config.image_size) if self.batched else
-                         PilTwoView(config.image_size, config.mean, config.std))
+            transform = (Crops(specs) if self.batched else PilTwoView(config.image_size, config.mean, config.std))
             self.loader = torch.utils.data.DataLoader(
-                TwoViewDataset(data, transform), batch_size=self.batch, sampler=self.sampler,
+                ViewDataset(data, transform), batch_size=self.batch, sampler=self.sampler,
                 num_workers=config.workers, pin_memory=device.type == "cuda", drop_last=True,
                 persistent_workers=config.workers > 0,
             )
@@ -168,21 +178,21 @@ class BatchSource:
     def steps_per_epoch(self) -> int:
         return self.n // (self.batch * self.ddp.world)
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[list[Tensor], Tensor]]:
         """The batches of ``epoch`` from batch ``start_batch`` on (a run resumed mid-epoch)."""
         rank, world = self.ddp.rank, self.ddp.world
         if self.cached:
             order = epoch_order(self.n, epoch, self.config.seed, self.ddp, self.batch)
             for k, idx in enumerate(order.split(self.batch)[start_batch:], start_batch):
-                v1, v2 = self.augment(self.images[idx.to(self.device)], self._generator(epoch, k), rank, world)
-                yield v1, v2, self.labels[idx].to(self.device)
+                views = self.augment(self.images[idx.to(self.device)], self._generator(epoch, k), rank, world)
+                yield views, self.labels[idx].to(self.device)
             return
         self.sampler.set_epoch(epoch, start_batch)
-        for k, (v1, v2, labels, unreadable) in enumerate(self.loader, start_batch):
-            v1, v2, labels = (t.to(self.device, non_blocking=True) for t in (v1, v2, labels))
+        for k, (*views, labels, unreadable) in enumerate(self.loader, start_batch):
+            views = [v.to(self.device, non_blocking=True) for v in views]
             if self.batched:  # uint8 crops from the workers: the colour stage, batched
-                v1, v2 = self.augment.colour_views((v1, v2), self._generator(epoch, k), rank, world)
-            yield v1, v2, labels
+                views = self.augment.colour_views(views, self._generator(epoch, k), rank, world)
+            yield views, labels.to(self.device, non_blocking=True)
             self._count_unreadable(unreadable)
 
     def _generator(self, epoch: int, batch: int) -> torch.Generator:
@@ -202,7 +212,10 @@ class BatchSource:
 # --------------------------------------------------------------------------- run folder
 def _check_resume(config: TrainConfig, saved: dict[str, Any], allow_change: bool) -> dict[str, list[Any]]:
     """The recipe fields this invocation changes, as {field: [saved, new]}; refused unless ``allow_change``."""
-    changed = {k for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS and _plain(saved.get(k)) != _plain(v)}
+    # A field the saved config lacks (added since that run) had its default value then.
+    defaults = TrainConfig().to_dict()
+    changed = {k for k, v in config.to_dict().items()
+               if k not in RUNTIME_FIELDS and _plain(saved.get(k, defaults[k])) != _plain(v)}
     # A run with a time budget saved the epochs fitted to it; the same command asks for the preset's epochs again.
     refused = changed - ({"epochs"} if saved.get("time_budget_min") else set())
     if refused and not allow_change:
@@ -291,7 +304,8 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
         # runs with different BN code (1 process vs DDP) to part by ~1e-3 in a few steps; tests/test_ddp_train.py.
         model = model.to(memory_format=torch.channels_last)
     loss_fn = CorInfoMaxLoss(model.embedding_dim, config.alpha, config.la_R, config.la_mu, config.eps,
-                             config.R_init).to(device)
+                             config.R_init, views=config.global_views + config.local_views,
+                             global_views=config.global_views).to(device)
     num_classes = len(data.classes)
     probe = nn.Linear(model.feature_dim, num_classes).to(device) if (config.online_probe and num_classes) else None
     optimizer = _optimizer(config, model)
@@ -409,10 +423,10 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
             run.model.train()
             bar = tqdm(run.source.epoch(epoch, state.batch), total=steps_per_epoch, initial=state.batch,
                        desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and ddp.main), unit="step")
-            for i, (v1, v2, labels) in enumerate(bar, state.batch):
+            for i, (views, labels) in enumerate(bar, state.batch):
                 lr = lr_at(state.step, config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch,
                            config.lr, config.min_lr)
-                terms = _step(run, state, lr, v1, v2, labels)
+                terms = _step(run, state, lr, views, labels)
                 if terms is not None and state.step % config.log_every == 0:
                     rate = state.window_images / max(1e-9, time.monotonic() - state.window_start)
                     state.window_start, state.window_images = time.monotonic(), 0
@@ -473,20 +487,18 @@ def _budget_stop(run: Run, state: LoopState, steps_per_epoch: int) -> None:
                        "epoch_batch": state.batch, "budget_min": run.config.time_budget_min})
 
 
-def _step(run: Run, state: LoopState, lr: float, v1: Tensor, v2: Tensor, labels: Tensor) -> Tensor | None:
+def _step(run: Run, state: LoopState, lr: float, views: list[Tensor], labels: Tensor) -> Tensor | None:
     """One optimisation step (and one online-probe step); returns the float64 loss terms, or None for a
     step skipped by the NaN guard, which then rolls the whole state back (`StepGuard`)."""
     config, device = run.config, run.device
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     if config.channels_last:
-        v1 = v1.contiguous(memory_format=torch.channels_last)
-        v2 = v2.contiguous(memory_format=torch.channels_last)
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     run.guard.save()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
-        f1, z1 = run.train_model(v1)
-        _, z2 = run.train_model(v2)
-    out_loss = run.loss_fn(z1, z2)
+        f1, z = _project(run.train_model, views, config.global_views)
+    out_loss = run.loss_fn(*z)
     run.optimizer.zero_grad(set_to_none=True)
     out_loss.loss.backward()
     run.optimizer.step()
@@ -514,9 +526,22 @@ def _step(run: Run, state: LoopState, lr: float, v1: Tensor, v2: Tensor, labels:
         state.sums[4] += len(labels)
     state.step += 1
     state.good_steps += 1
-    state.window_images += len(v1) * run.ddp.world
+    state.window_images += len(labels) * run.ddp.world
     state.sums[:3] += host[:3]
     return host[:3]
+
+
+def _project(model: nn.Module, views: list[Tensor], global_views: int) -> tuple[Tensor, list[Tensor]]:
+    """The first view's backbone features (for the online probe) and every view's projection.
+
+    Each global view is its own forward pass (batch-norm statistics per view, as the paper's two views);
+    the local crops, all of one size, share one pass, which is faster than many small ones.
+    """
+    features, z = model(views[0])
+    projections = [z] + [model(v)[1] for v in views[1:global_views]]
+    if len(views) > global_views:
+        projections += model(torch.cat(views[global_views:]))[1].chunk(len(views) - global_views)
+    return features, projections
 
 
 def _skip_step(run: Run, state: LoopState) -> None:
