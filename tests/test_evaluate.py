@@ -153,7 +153,7 @@ def test_weights_of_another_architecture_are_a_user_error(tiny_checkpoint: Path,
 
 
 def test_eval_command_line_builds_without_pytorch() -> None:
-    code = ("import argparse, sys; from training.eval_cli import add_eval_arguments; "
+    code = ("import argparse, sys; from corinfomax.training.eval_cli import add_eval_arguments; "
             "add_eval_arguments(argparse.ArgumentParser()); assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 

@@ -32,8 +32,12 @@ def modules(folder: str) -> list[Path]:
 
 def imports(path: Path) -> set[str]:
     """Every module name ``path`` imports, at module level or inside functions."""
+    return imports_of(ast.parse(path.read_text(), str(path)))
+
+
+def imports_of(tree: ast.AST) -> set[str]:
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -144,6 +148,28 @@ def test_core_needs_only_numpy_and_pillow() -> None:
     for path in modules("core"):
         outside = {name.split(".")[0] for name in imports(path)} - stdlib - CORE_THIRD_PARTY - {"corinfomax"}
         assert not outside, f"{path} imports {outside}"
+
+
+def code_imports(path: Path) -> set[str]:
+    """What ``path`` imports, plus what the Python code in its string literals imports (``python -c CODE``)."""
+    names = imports(path)
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and "import" in node.value:
+            try:
+                names |= imports_of(ast.parse(node.value))
+            except SyntaxError:  # prose, not code
+                pass
+    return names
+
+
+@pytest.mark.parametrize("folder", ["tests", "bench", "scripts"])
+def test_stages_are_imported_by_their_package_name(folder: str) -> None:
+    """From the repo root the stage folders also import as top-level `training`, `serving`... : a second module
+    object for the same file (its own classes, its own UserError). Tests, benches and scripts use `corinfomax.*`."""
+    stages = set(FOLDERS) - {"corinfomax"}
+    for path in modules(folder):
+        wrong = sorted(name for name in code_imports(path) if name.split(".")[0] in stages)
+        assert not wrong, f"{path} imports {wrong}: import corinfomax.{wrong[0]} instead"
 
 
 def test_bench_does_not_import_the_tests() -> None:
