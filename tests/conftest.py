@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,31 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10 = Path(os.environ.get("CORINFOMAX_CIFAR10", REPO.parent / "shared" / "datasets" / "cifar10"))
 IMAGEWOOF = Path(os.environ.get("CORINFOMAX_IMAGEWOOF", REPO.parent / "shared" / "datasets" / "imagewoof"))
+# Fixtures that export a model: a test using one (even through another fixture) belongs to the slow lane.
+EXPORTING_FIXTURES = {"tiny_bundle"}
+SLOW_RULE = "mark it @pytest.mark.slow (pyproject.toml's `slow` marker says what the quick lane leaves out)"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`make test-fast` must not export models: refuse a quick-lane test that uses an exporting fixture."""
+    for item in items:
+        exporting = EXPORTING_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if exporting and item.get_closest_marker("slow") is None:
+            raise pytest.UsageError(f"{item.nodeid} uses {', '.join(sorted(exporting))}, which exports a model: "
+                                    + SLOW_RULE)
+
+
+@pytest.fixture(autouse=True)
+def _quick_lane_starts_no_subprocess(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quick-lane test that starts a subprocess (a command, a server, a DDP job) fails, naming the command.
+    Data-loader workers are forked by multiprocessing, not started through subprocess, so they pass."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+
+    def refuse(self: subprocess.Popen, args: object, *rest: object, **kwargs: object) -> None:
+        pytest.fail(f"{request.node.nodeid} starts a subprocess ({args!r}): {SLOW_RULE}", pytrace=False)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 @pytest.fixture(scope="session")
