@@ -1,10 +1,14 @@
-"""Shared fixtures: the shared CIFAR-10 folders, a tiny random-init checkpoint and its exported bundle."""
+"""Shared fixtures: the shared CIFAR-10 folders, a tiny random-init checkpoint and its exported bundle; and the
+guard that keeps the quick lane (`-m "not slow"`) free of subprocesses and model exports."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,17 +29,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                                     + SLOW_RULE)
 
 
+def runs_python(args: Any, executable: Any = None) -> bool:
+    """Whether a subprocess command runs this environment's Python: the interpreter, or one of its console
+    scripts (corinfomax, bentoml, torchrun...). Libraries' probes of system tools (matplotlib's fc-list) do not."""
+    if executable is None:
+        executable = args.split()[0] if isinstance(args, str) else args if isinstance(args, os.PathLike) else args[0]
+    program = Path(shutil.which(str(executable)) or str(executable))
+    return program == Path(sys.executable) or program.parent == Path(sys.executable).parent
+
+
 @pytest.fixture(autouse=True)
 def _quick_lane_starts_no_subprocess(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A quick-lane test that starts a subprocess (a command, a server, a DDP job) fails, naming the command.
-    Data-loader workers are forked by multiprocessing, not started through subprocess, so they pass."""
+    """A quick-lane test that starts a Python subprocess (a command, a server, a DDP job) fails, naming the
+    command. Data-loader workers are forked by multiprocessing, not started through subprocess, so they pass."""
     if request.node.get_closest_marker("slow") is not None:
         return
+    start = subprocess.Popen.__init__
 
-    def refuse(self: subprocess.Popen, args: object, *rest: object, **kwargs: object) -> None:
-        pytest.fail(f"{request.node.nodeid} starts a subprocess ({args!r}): {SLOW_RULE}", pytrace=False)
+    def guarded(self: subprocess.Popen, args: Any, *rest: Any, **kwargs: Any) -> None:
+        if runs_python(args, kwargs.get("executable")):
+            pytest.fail(f"{request.node.nodeid} starts a subprocess ({args!r}): {SLOW_RULE}", pytrace=False)
+        start(self, args, *rest, **kwargs)
 
-    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
 
 
 @pytest.fixture(scope="session")
