@@ -47,5 +47,10 @@ bento: $(VENV)/.serve-installed
 	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w dist .
 	$(BIN)/bentoml build
 
+# The demo collection the service indexes on its first start (demo/images, committed): a few CIFAR-10 test JPEGs
+# per class from ../shared/datasets. Needs only the standard library.
+demo-sample:
+	$(PYTHON) scripts/make_demo_sample.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache dist build

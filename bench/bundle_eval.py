@@ -7,9 +7,9 @@ against raw pixels through the same rule, plus the bundle's shipped probe if it 
     python bench/bundle_eval.py --bundle models/default --train-data ../shared/datasets/cifar10/train \
         --test-data ../shared/datasets/cifar10/test [--work /tmp/bundle-eval]
 
-kNN: k=200, T=0.1, cosine (`training.evaluate.knn_top1`, the same read-out as `corinfomax eval`); linear:
-the fast L-BFGS probe on standardised features (`training.evaluate.linear_probe`). Extraction resumes from
---work, so a second run only recomputes the read-outs.
+kNN: k=200, T=0.1, cosine (`corinfomax.training.evaluate.knn_top1`, the same read-out as `corinfomax eval`);
+linear: the fast L-BFGS probe on standardised features (`corinfomax.training.evaluate.linear_probe`). Extraction
+resumes from --work, so a second run only recomputes the read-outs.
 """
 
 from __future__ import annotations

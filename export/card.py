@@ -13,11 +13,17 @@ import onnx
 from corinfomax.core.bundle import MODEL_FILE, InputSpec, ModelCard, card_text
 from corinfomax.core.bundle import write_card as write_card_json
 from corinfomax.core.images import ResizeRule
+from corinfomax.training.config import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, PRESETS
 
 METADATA_KEY = "corinfomax.card"
 # Beyond 64 px (ImageNet-style models) resize to size/0.875 then centre-crop, the usual evaluation rule.
 SMALL_IMAGE_MAX = 64
 CROP_RATIO = 0.875
+# A --data folder with one of these names is a split of a dataset (cifar10/train): the parent names the dataset.
+SPLIT_FOLDERS = {"train", "training", "val", "valid", "validation", "test", "images"}
+# The per-channel statistics the presets normalise with, by the dataset they were measured on.
+STATISTICS = {(CIFAR10_MEAN, CIFAR10_STD): "CIFAR-10", (IMAGENET_MEAN, IMAGENET_STD): "ImageNet",
+              (PRESETS["cifar100"]["mean"], PRESETS["cifar100"]["std"]): "CIFAR-100"}
 TRAINING_KEYS = ("preset", "projector", "epochs", "batch_size", "optimizer", "lr", "weight_decay",
                  "alpha", "la_R", "la_mu", "R_init", "eps")
 
@@ -37,10 +43,43 @@ def input_spec(config: dict[str, Any]) -> InputSpec:
     return InputSpec(ResizeRule((size, size), shorter), mean, std)  # type: ignore[arg-type]
 
 
+def _plain(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def dataset_name(config: dict[str, Any]) -> str | None:
+    """The data a checkpoint was trained on, by name. Presets carry a dataset name (the cpu preset's is cifar10)
+    that holds only when --data is that dataset; so a name other than the preset's (a --dataset-name given) is
+    kept, the preset's is kept when a folder of the --data path has that name, and otherwise the --data folder
+    names the data (its parent for a split folder such as train/). None when the config records no data."""
+    given = str(config.get("dataset_name") or "")
+    preset_name = str(PRESETS.get(str(config.get("preset")), {}).get("dataset_name", ""))
+    if given and given != preset_name:
+        return given
+    parts = [part for part in Path(str(config.get("data") or "")).parts if part not in ("/", ".", "..")]
+    if not parts:
+        return None
+    if given and _plain(given) in {_plain(part) for part in parts}:
+        return given
+    named = parts[:-1] if parts[-1].lower() in SPLIT_FOLDERS and len(parts) > 1 else parts
+    return named[-1]
+
+
+def normalisation(config: dict[str, Any]) -> str:
+    """Where the card's mean and std come from: a preset's statistics (not measured on this data), or the run's."""
+    stats = tuple(tuple(float(v) for v in config[key]) for key in ("mean", "std"))
+    preset = str(config.get("preset"))
+    if preset in PRESETS and stats == (tuple(PRESETS[preset]["mean"]), tuple(PRESETS[preset]["std"])):
+        source = STATISTICS.get(stats)
+        named = f"{source} mean and std" if source else "mean and std"
+        return f"the {preset} preset's {named}, not computed from the training data"
+    return "the mean and std given for this run (--mean, --std)"
+
+
 def intended_use(config: dict[str, Any]) -> str:
     """What the model is for, from what it was trained on; small-image models say what they lose on photos."""
     size = int(config["image_size"])
-    dataset = config.get("dataset_name") or "the training images"
+    dataset = dataset_name(config) or "the training images"
     text = (f"Image embeddings for search, deduplication and classification of images like its training data "
             f"({dataset}), seen at {size}x{size} px.")
     if size <= SMALL_IMAGE_MAX:
@@ -60,8 +99,9 @@ def build_card(state: dict[str, Any], *, name: str, version: str, precision: str
         intended_use=intended_use(config),
         training={
             "method": "CorInfoMax (Ozsoy et al., NeurIPS 2022, arXiv:2209.07999)",
-            "dataset": config.get("dataset_name") or Path(str(config.get("data", ""))).name or None,
+            "dataset": dataset_name(config),
             "data": config.get("data") or None,
+            "normalisation": normalisation(config),
             "epochs_trained": state.get("epoch"),
             **{key: config[key] for key in TRAINING_KEYS if key in config},
         },

@@ -8,6 +8,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -48,6 +49,7 @@ def test_lock_pins_every_serving_requirement_within_pyproject_ranges() -> None:
     assert not {"torch", "torchvision"} & set(pins), "the serving install needs no PyTorch"
 
 
+@pytest.mark.slow  # runs scripts/lock_serve.py in a subprocess
 def test_lock_script_pins_the_installed_closure(tmp_path: Path) -> None:
     out = tmp_path / "lock.txt"
     subprocess.run([sys.executable, str(REPO / "scripts" / "lock_serve.py"), "--out", str(out)], check=True,

@@ -152,8 +152,9 @@ def test_weights_of_another_architecture_are_a_user_error(tiny_checkpoint: Path,
     assert not out.exists()
 
 
+@pytest.mark.slow  # a subprocess
 def test_eval_command_line_builds_without_pytorch() -> None:
-    code = ("import argparse, sys; from training.eval_cli import add_eval_arguments; "
+    code = ("import argparse, sys; from corinfomax.training.eval_cli import add_eval_arguments; "
             "add_eval_arguments(argparse.ArgumentParser()); assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
@@ -171,6 +172,7 @@ def test_bad_options_and_mismatched_folders(tiny_checkpoint: Path, cifar10: Path
         evaluate_checkpoint(tiny_checkpoint, cifar10 / "train", two_classes, limit_per_class=2)
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_exits_2_without_traceback_on_a_missing_checkpoint(cifar10: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval.json"
     done = subprocess.run(

@@ -55,7 +55,7 @@ def test_bundle_card_metadata_and_parity(bundles: dict[str, Path], tiny_checkpoi
     assert card["input"]["size"] == [32, 32]
     assert card["input"]["resize"] == {"shorter_side": 32, "interpolation": "bicubic"}
     assert card["checkpoint_sha256"][:12] == card["version"] and card["name"] == tiny_checkpoint.parent.name
-    assert card["training"]["dataset"] == "cifar10" and card["exported_at"].endswith("+00:00")
+    assert card["training"]["dataset"] is None and card["exported_at"].endswith("+00:00")  # it records no --data
     assert "reduced to 32x32" in card["intended_use"] and "--preset photo" in card["intended_use"]
     model = onnx.load(str(bundle / "model.onnx"))
     assert json.loads({p.key: p.value for p in model.metadata_props}[METADATA_KEY]) == card
@@ -106,6 +106,26 @@ def test_parity_failure_writes_nothing(tiny_checkpoint: Path, cifar10: Path, tmp
     with pytest.raises(parity.ParityError, match="min_cosine .* No bundle was written"):
         export_bundle(tiny_checkpoint, tmp_path / "b", verify_data=cifar10 / "test", verify_images=20)
     assert _left_over(tmp_path) == []
+
+
+def test_card_of_a_cpu_preset_model_trained_on_photos_names_them(tiny_checkpoint: Path, imagewoof: Path,
+                                                                  tmp_path: Path) -> None:
+    """The cpu preset says cifar10 and normalises with CIFAR-10's statistics; trained on a folder of photos, the
+    card names that folder and says whose statistics the model uses."""
+    photos = tmp_path / "holiday"
+    photos.mkdir()
+    for image in sorted((imagewoof / "val" / "beagle").iterdir())[:4]:
+        (photos / image.name).symlink_to(image)
+    state = load_checkpoint(tiny_checkpoint)
+    assert state["config"]["preset"] == "cpu" and state["config"]["dataset_name"] == "cifar10"
+    trained_on_photos = {**state, "config": {**state["config"], "data": str(photos)}}
+    checkpoint = _save(tmp_path / "run" / "checkpoint.pt", trained_on_photos)
+    card = read_card(export_bundle(checkpoint, tmp_path / "bundle", verify=False)).to_json()
+    assert card["training"]["dataset"] == "holiday" and card["training"]["data"] == str(photos)
+    assert "(holiday)" in card["intended_use"] and "cifar" not in card["intended_use"].lower()
+    assert card["training"]["normalisation"] == "the cpu preset's CIFAR-10 mean and std, not computed from the " \
+        "training data"
+    assert card["input"]["mean"] == list(state["config"]["mean"])  # what the graph applies, as trained
 
 
 def _save(path: Path, state: dict) -> Path:

@@ -23,6 +23,7 @@ from corinfomax.serving.embedder import Embedder
 from corinfomax.serving.extract.extract import InputError, extract, list_inputs
 from corinfomax.serving.extract.features import FeaturesError, failures, load_features, read_manifest
 
+pytestmark = pytest.mark.slow  # every test extracts with an exported bundle (tiny_bundle); one runs the CLI twice
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("cat", "dog", "ship")
 

@@ -32,8 +32,12 @@ def modules(folder: str) -> list[Path]:
 
 def imports(path: Path) -> set[str]:
     """Every module name ``path`` imports, at module level or inside functions."""
+    return imports_of(ast.parse(path.read_text(), str(path)))
+
+
+def imports_of(tree: ast.AST) -> set[str]:
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -80,11 +84,92 @@ def test_imports_follow_the_layers(folder: str) -> None:
             assert name != "corinfomax.cli" or path.parent == REPO / "corinfomax", f"{path} imports the CLI"
 
 
+def module_name(folder: str, path: Path) -> str:
+    """The installed name of a project file: training/eval_cli.py -> corinfomax.training.eval_cli."""
+    parts = path.relative_to(REPO / folder).with_suffix("").parts
+    return ".".join((FOLDERS[folder],) + (parts[:-1] if parts[-1] == "__init__" else parts))
+
+
+def import_graph(folder: str) -> dict[str, set[str]]:
+    """Each module of ``folder`` -> the modules of that folder it imports, anywhere in the file (``from pkg import
+    mod`` counts as importing ``pkg.mod``). Between folders the layers allow no loop (test above)."""
+    paths = {module_name(folder, path): path for path in modules(folder)
+             if folder != "corinfomax" or path.parent == REPO / "corinfomax"}
+    graph = {}
+    for name, path in paths.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                edges |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                edges |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        graph[name] = edges & paths.keys()
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (depth-first search for a back edge), or None."""
+    done: set[str] = set()
+
+    def visit(module: str, stack: list[str]) -> list[str] | None:
+        stack.append(module)
+        for target in sorted(graph[module]):
+            if target in stack:
+                return stack[stack.index(target):] + [target]
+            if target not in done and (cycle := visit(target, stack)):
+                return cycle
+        stack.pop()
+        done.add(module)
+        return None
+
+    for module in sorted(graph):
+        if module not in done and (cycle := visit(module, [])):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_one() -> None:
+    graph = {"p.a": {"p.b"}, "p.b": {"p.c"}, "p.c": {"p.a"}, "p.d": {"p.a"}}
+    assert find_cycle(graph) == ["p.a", "p.b", "p.c", "p.a"]
+    assert find_cycle({"p.a": {"p.b"}, "p.b": set(), "p.c": {"p.a", "p.b"}}) is None
+
+
+# Every folder is meant to be here; serving joins once its index factory and extraction input types stop
+# looping (backend <-> store/milvus, extract <-> ray_engine).
+@pytest.mark.parametrize("folder", ["corinfomax", "core", "training", "export"])
+def test_no_import_cycles(folder: str) -> None:
+    """No file-level import loop, not even through an import inside a function."""
+    cycle = find_cycle(import_graph(folder))
+    assert cycle is None, "import loop: " + " -> ".join(cycle or [])
+
+
 def test_core_needs_only_numpy_and_pillow() -> None:
     stdlib = sys.stdlib_module_names
     for path in modules("core"):
         outside = {name.split(".")[0] for name in imports(path)} - stdlib - CORE_THIRD_PARTY - {"corinfomax"}
         assert not outside, f"{path} imports {outside}"
+
+
+def code_imports(path: Path) -> set[str]:
+    """What ``path`` imports, plus what the Python code in its string literals imports (``python -c CODE``)."""
+    names = imports(path)
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and "import" in node.value:
+            try:
+                names |= imports_of(ast.parse(node.value))
+            except SyntaxError:  # prose, not code
+                pass
+    return names
+
+
+@pytest.mark.parametrize("folder", ["tests", "bench", "scripts"])
+def test_stages_are_imported_by_their_package_name(folder: str) -> None:
+    """From the repo root the stage folders also import as top-level `training`, `serving`... : a second module
+    object for the same file (its own classes, its own UserError). Tests, benches and scripts use `corinfomax.*`."""
+    stages = set(FOLDERS) - {"corinfomax"}
+    for path in modules(folder):
+        wrong = sorted(name for name in code_imports(path) if name.split(".")[0] in stages)
+        assert not wrong, f"{path} imports {wrong}: import corinfomax.{wrong[0]} instead"
 
 
 def test_bench_does_not_import_the_tests() -> None:

@@ -14,6 +14,7 @@ from trainkit import small_folder, tiny_config
 
 from corinfomax.cli import main
 from corinfomax.training.evaluate import one_cpu_thread
+from corinfomax.training.report import spectrum_plot
 from corinfomax.training.trainer import train
 
 
@@ -53,6 +54,7 @@ def test_report_is_one_self_contained_page(run: Path, capsys: pytest.CaptureFixt
     (run / "eval.json").write_text(json.dumps(evaluation))
     assert main(["report", str(run)]) == 0
     page = Path(json.loads(capsys.readouterr().out)["report"]).read_text()
+    assert "<h1>Training report: run</h1>" in page  # a folder named `run` reads once, not "Training run run"
     pngs = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(pngs) == 3 and all(Image.open(io.BytesIO(base64.b64decode(p))).size[0] > 500 for p in pngs)
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing to fetch: opens offline, anywhere
@@ -67,3 +69,26 @@ def test_report_of_a_folder_without_metrics_is_a_one_line_error(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path)]) == 2
     assert "has no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_a_long_run_colours_its_spectra_by_epoch_with_a_colour_bar() -> None:
+    """40 epochs of spectra: a colour bar over the epoch number, no legend covering the curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [{"epoch": e, "eigenvalues": [e * 0.5**i for i in range(32)]} for e in range(1, 41)]
+    figure, ax = plt.subplots()
+    try:
+        bar = spectrum_plot(ax, epochs)
+        assert ax.get_legend() is None and len(ax.get_lines()) == 40
+        assert bar.ax.get_ylabel() == "epoch" and (bar.norm.vmin, bar.norm.vmax) == (1, 40)
+        lines = ax.get_lines()
+        assert lines[0].get_color() == bar.mappable.to_rgba(1) and lines[-1].get_color() == bar.mappable.to_rgba(40)
+        assert all(float(t).is_integer() for t in bar.get_ticks())
+        figure.canvas.draw()
+        assert spectrum_plot(plt.subplots()[1], [{"epoch": 1, "eigenvalues": [1.0, 0.5]}]) is not None  # one epoch
+        assert spectrum_plot(plt.subplots()[1], [{"epoch": 1}]) is None
+    finally:
+        plt.close("all")

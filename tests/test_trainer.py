@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -90,7 +90,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(data: Path, tmp_
     assert steps == [1, 2, 3, 4, 5, 6]  # nothing logged twice
 
 
-def test_changed_config_is_refused_unless_allowed(data: Path, tmp_path: Path) -> None:
+def test_changed_config_is_refused_unless_allowed(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     train(tiny_config(data, run, epochs=1), progress=False)
     before = (run / "checkpoint.pt").read_bytes()
@@ -103,9 +104,11 @@ def test_changed_config_is_refused_unless_allowed(data: Path, tmp_path: Path) ->
     starts = [r for r in records(run) if r.get("event") == "data"]  # the change is on record, for provenance
     assert [r["step"] > 0 for r in starts] == [False, True] and "config_changes" not in starts[0]
     assert starts[1]["config_changes"] == {"epochs": [1, 2]}
-    made = subprocess.run([sys.executable, str(REPO / "scripts" / "provenance.py"), str(run)], check=True,
-                          capture_output=True, text=True)
-    commands = [c for c in json.loads(made.stdout)["commands"] if c.startswith("corinfomax train")]
+    # `python scripts/provenance.py RUN`, run in this process (the quick lane starts no subprocess).
+    monkeypatch.setattr(sys, "argv", ["provenance.py", str(run)])
+    capsys.readouterr()
+    runpy.run_path(str(REPO / "scripts" / "provenance.py"), run_name="__main__")
+    commands = [c for c in json.loads(capsys.readouterr().out)["commands"] if c.startswith("corinfomax train")]
     assert len(commands) == 2 and "--epochs 1 " in commands[0] and "--allow-config-change" not in commands[0]
     assert "--epochs 2 " in commands[1] and commands[1].endswith("--allow-config-change")
 

@@ -1,7 +1,8 @@
 """The command line of `corinfomax eval` (the work is in training/evaluate.py).
 
-Only the standard library at module level: `corinfomax` builds its whole parser, serving commands
-included, in environments without PyTorch; `training.evaluate` is imported when the command runs.
+No PyTorch at module level: `corinfomax` builds its whole parser, serving commands included, in environments
+without PyTorch, so the defaults come from training/eval_protocol.py and training/evaluate.py is imported when
+the command runs.
 """
 
 from __future__ import annotations
@@ -11,11 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-LINEAR_MODES = ("fast", "paper", "none")
-# Temperature of the eval kNN vote: 0.1, the value every accuracy in docs/RESULTS.md and in the default model's
-# card was measured with; changing it would make new reports incomparable. (The service's /classify votes at
-# 0.07 for its confidences, serving/api/service.py; the two never meet.)
-KNN_TEMPERATURE = 0.1
+from corinfomax.training.eval_protocol import KNN_K, KNN_TEMPERATURE, LINEAR_MODES
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
@@ -49,7 +46,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="report JSON to write (default: eval.json beside the checkpoint)")
     parser.add_argument("--linear", choices=LINEAR_MODES, default="fast",
                         help="linear probe: fast (L-BFGS, seconds), paper (SGD 100 epochs), none")
-    parser.add_argument("--k", type=int, default=200, help="neighbours in the weighted kNN")
+    parser.add_argument("--k", type=int, default=KNN_K, help="neighbours in the weighted kNN")
     parser.add_argument("--temperature", type=float, default=KNN_TEMPERATURE, help="kNN vote temperature")
     parser.add_argument("--limit-per-class", type=int, help="use only the first N images of each class")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false",

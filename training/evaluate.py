@@ -11,8 +11,9 @@ Two standard read-outs on frozen features (arXiv:2209.07999, section 4):
 Two baselines are evaluated alongside: the same architecture randomly initialised, and the raw pixels
 themselves (the resized, normalised image flattened: on CIFAR-10 they beat a random network, 44% vs 33% kNN).
 The gap to the better of the two is what training bought. The report is one JSON file (see
-docs/FORMATS.md, section 6); the command line lives in training/eval_cli.py so that building the
-`corinfomax` parser never imports PyTorch.
+docs/FORMATS.md, section 6); its constants are in training/eval_protocol.py, shared with the command line
+(training/eval_cli.py), which imports this module only when the command runs so that building the `corinfomax`
+parser never imports PyTorch.
 """
 
 from __future__ import annotations
@@ -35,15 +36,17 @@ from corinfomax.training.checkpoint import CHECKPOINT_FILE, file_sha256, load_ch
 from corinfomax.training.config import TrainConfig
 from corinfomax.training.data import load_labelled_images, normalize
 from corinfomax.training.distributed import pick_device
-from corinfomax.training.eval_cli import KNN_TEMPERATURE, LINEAR_MODES
+from corinfomax.training.eval_protocol import (
+    FAST_PROBE,
+    KNN_K,
+    KNN_TEMPERATURE,
+    LINEAR_MODES,
+    PAPER_PROBE,
+    REPORT_FORMAT,
+)
 from corinfomax.training.models import CorInfoMaxModel
 
 log = logging.getLogger(__name__)
-
-REPORT_FORMAT = "corinfomax-eval/1"
-PAPER_PROBE: dict[str, Any] = dict(lr=0.2, momentum=0.9, weight_decay=0.0, epochs=100, batch_size=256,
-                                   schedule="cosine")
-FAST_PROBE: dict[str, Any] = dict(optimizer="lbfgs", max_iter=200, weight_decay=1e-4)
 
 
 class EvalError(UserError):
@@ -88,7 +91,7 @@ def knn_top1(
     test_feats: Tensor,
     test_labels: Tensor,
     num_classes: int,
-    k: int = 200,
+    k: int = KNN_K,
     temperature: float = KNN_TEMPERATURE,
     chunk_size: int = 512,
 ) -> float:
@@ -214,7 +217,7 @@ def evaluate_checkpoint(
     train_dir: str | Path,
     test_dir: str | Path,
     *,
-    k: int = 200,
+    k: int = KNN_K,
     temperature: float = KNN_TEMPERATURE,
     linear: str = "fast",
     limit_per_class: int | None = None,

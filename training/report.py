@@ -85,21 +85,14 @@ def figures(steps: list[dict[str, Any]], epochs: list[dict[str, Any]]) -> dict[s
             ax.grid(alpha=0.3)
         out["Learning rate and throughput"] = _png(fig)
     if epochs:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), layout="constrained")  # room for the colour bar
         for key, label in (("online_probe_acc", "online linear probe (train)"), ("knn_top1", "kNN top-1 (val)")):
             xs, ys = _series(epochs, "epoch", key)
             if xs:
                 axes[0].plot(xs, ys, marker="o", label=label)
         axes[0].set(title="accuracy", xlabel="epoch", ylim=(0, 1))
         axes[0].legend(loc="best")
-        spectra = [(r["epoch"], r["eigenvalues"]) for r in epochs if r.get("eigenvalues")]
-        colours = plt.get_cmap("viridis")
-        for i, (epoch, eigenvalues) in enumerate(spectra):
-            axes[1].semilogy(range(1, len(eigenvalues) + 1), [max(v, 1e-12) for v in eigenvalues],
-                             color=colours(i / max(1, len(spectra) - 1)), label=f"epoch {epoch}")
-        axes[1].set(title="covariance eigenvalues, largest first", xlabel="rank")
-        if spectra:
-            axes[1].legend(fontsize=7, ncol=2)
+        spectrum_plot(axes[1], epochs)
         axes[2].plot(*_series(epochs, "epoch", "effective_rank"), marker="o")
         axes[2].set(title="effective rank of the covariance", xlabel="epoch")
         for ax in axes:
@@ -107,6 +100,28 @@ def figures(steps: list[dict[str, Any]], epochs: list[dict[str, Any]]) -> dict[s
         out["Accuracy and the embedding spectrum"] = _png(fig)
     plt.close("all")
     return out
+
+
+def spectrum_plot(ax: Any, epochs: list[dict[str, Any]]) -> Any:
+    """Each epoch's covariance eigenvalues on ``ax``, coloured by epoch, with a colour bar for the epoch number (a
+    legend of every epoch would cover the curves of a long run); returns the colour bar, or None without spectra."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set(title="covariance eigenvalues, largest first", xlabel="rank")
+    spectra = [(r["epoch"], r["eigenvalues"]) for r in epochs if r.get("eigenvalues")]
+    if not spectra:
+        return None
+    first, last = spectra[0][0], spectra[-1][0]
+    colours = ScalarMappable(Normalize(first, max(last, first + 1)), "viridis")
+    for epoch, eigenvalues in spectra:
+        ax.semilogy(range(1, len(eigenvalues) + 1), [max(v, 1e-12) for v in eigenvalues],
+                    color=colours.to_rgba(epoch), lw=1)
+    bar = ax.figure.colorbar(colours, ax=ax, label="epoch", pad=0.02)
+    bar.locator = MaxNLocator(integer=True)  # epochs are whole numbers
+    bar.update_ticks()
+    return bar
 
 
 def evaluation_table(evaluation: dict[str, Any]) -> str:
@@ -137,7 +152,7 @@ def render(run: Path) -> str:
         last = epochs[-1]
         facts.update(epochs_done=last["epoch"], steps=last["step"], minutes=round(last["elapsed_s"] / 60, 1))
     name = html.escape(run.resolve().name)
-    parts = [f"<h1>Training run {name}</h1>",
+    parts = [f"<h1>Training report: {name}</h1>",
              "<dl>" + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in facts.items())
              + "</dl>"]
     if (run / "eval.json").is_file():
