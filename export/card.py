@@ -25,7 +25,8 @@ SPLIT_FOLDERS = {"train", "training", "val", "valid", "validation", "test", "ima
 STATISTICS = {(CIFAR10_MEAN, CIFAR10_STD): "CIFAR-10", (IMAGENET_MEAN, IMAGENET_STD): "ImageNet",
               (PRESETS["cifar100"]["mean"], PRESETS["cifar100"]["std"]): "CIFAR-100"}
 TRAINING_KEYS = ("preset", "projector", "epochs", "batch_size", "optimizer", "lr", "weight_decay",
-                 "alpha", "la_R", "la_mu", "R_init", "eps")
+                 "alpha", "la_R", "la_mu", "R_init", "eps", "global_views", "local_views", "local_size", "crop_scale",
+                 "local_scale")
 
 
 def default_name(checkpoint: Path) -> str:
