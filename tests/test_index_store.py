@@ -19,7 +19,9 @@ from corinfomax.serving.index import kinds
 from corinfomax.serving.index.backend import IndexMismatch, VectorIndex, open_index
 from corinfomax.serving.index.kinds import choose_kind
 from corinfomax.serving.index.milvus import MilvusStore
-from corinfomax.serving.index.store import DB_FILE, FAISS_FILE, FAISS_META, IndexStore
+from corinfomax.serving.index.store import IndexStore
+from corinfomax.serving.index.store_faiss import FAISS_FILE, FAISS_META
+from corinfomax.serving.index.store_sqlite import DB_FILE
 
 DIM = 16
 
