@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -148,3 +149,9 @@ class Settings:
             return self.probe
         default = bundle / PROBE_FILE
         return default if default.is_file() else None
+
+
+@functools.cache
+def settings() -> Settings:
+    """The service's settings, read from the environment once per process (its modules share this one copy)."""
+    return Settings.from_env()
