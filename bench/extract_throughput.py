@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from corinfomax.serving.embedder import Embedder
-from corinfomax.serving.extract.extract import decode, extract, list_inputs
+from corinfomax.serving.extract.extract import extract
+from corinfomax.serving.extract.inputs import decode, list_inputs
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10" / "test"
 

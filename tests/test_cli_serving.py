@@ -12,8 +12,8 @@ import pytest
 from test_extract import REPO, make_image_folder
 
 from corinfomax.serving.extract.features import load_features
-from corinfomax.serving.index.backend import open_index
 from corinfomax.serving.index.build import parse_size
+from corinfomax.serving.index.factory import open_index
 from corinfomax.serving.index.store import IndexStore
 from corinfomax.serving.probe import LinearProbe
 

@@ -16,7 +16,8 @@ from PIL import Image
 from corinfomax.core.errors import BadInput, ImageError, ImageTooLarge, NotFound
 from corinfomax.core.thumbnails import MAX_BYTES, make_thumbnail
 from corinfomax.serving.index import kinds
-from corinfomax.serving.index.backend import IndexMismatch, VectorIndex, open_index
+from corinfomax.serving.index.backend import IndexMismatch, VectorIndex
+from corinfomax.serving.index.factory import open_index
 from corinfomax.serving.index.kinds import choose_kind
 from corinfomax.serving.index.milvus import MilvusStore
 from corinfomax.serving.index.store import IndexStore

@@ -41,6 +41,71 @@ def imports(path: Path) -> set[str]:
     return names
 
 
+def module_files() -> dict[str, Path]:
+    """Every module of the package by its dotted name (a package by its ``__init__.py``)."""
+    files = {}
+    for folder, package in FOLDERS.items():
+        for path in modules(folder):
+            parts = path.relative_to(REPO / folder).with_suffix("").parts
+            files[".".join([package, *parts[:-1]] + ([] if parts[-1] == "__init__" else [parts[-1]]))] = path
+    return files
+
+
+def import_graph(files: dict[str, Path]) -> dict[Path, set[Path]]:
+    """Which of ``files`` each file imports, at module level or inside functions; ``from package import module``
+    and relative imports resolved to the module's file, and importing a module counts as importing the
+    ``__init__.py`` of each package above it (Python runs those first)."""
+    graph: dict[Path, set[Path]] = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]) if node.level else ""
+                module = ".".join(part for part in (base, node.module or "") if part)
+                targets |= {module, *(f"{module}.{alias.name}" for alias in node.names)}
+        graph[path] = {files[parent] for target in targets for parent in _with_parents(target) if parent in files}
+        graph[path].discard(path)
+    return graph
+
+
+def _with_parents(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def import_cycles(graph: dict[Path, set[Path]]) -> list[list[Path]]:
+    """The import loops of ``graph``: each group of files that reach one another (Tarjan's strongly connected
+    components of more than one file), in a stable order."""
+    index: dict[Path, int] = {}
+    low: dict[Path, int] = {}
+    stack: list[Path] = []
+    cycles = []
+
+    def visit(node: Path) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in sorted(graph.get(node, ())):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            group = []
+            while not group or group[-1] != node:
+                group.append(stack.pop())
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(cycles)
+
+
 def test_every_package_folder_is_listed_in_pyproject() -> None:
     tool = PYPROJECT["tool"]["setuptools"]
     assert tool["package-dir"] == {package: folder for folder, package in FOLDERS.items()}
@@ -78,6 +143,30 @@ def test_imports_follow_the_layers(folder: str) -> None:
                 continue
             assert any(name == a or name.startswith(a + ".") for a in ALLOWED[folder] | {own}), f"{path} imports {name}"
             assert name != "corinfomax.cli" or path.parent == REPO / "corinfomax", f"{path} imports the CLI"
+
+
+def test_no_import_cycles_between_files() -> None:
+    """No file imports, directly or through others, a file that imports it back (not even inside one stage)."""
+    cycles = [[str(path.relative_to(REPO)) for path in cycle] for cycle in import_cycles(import_graph(module_files()))]
+    # The one loop left when this test came: removed on branch i22-training (the lead deletes this exception when
+    # merging it).
+    known = [["training/eval_cli.py", "training/evaluate.py"]]
+    assert [cycle for cycle in cycles if cycle not in known] == [], "import loops: " + "; ".join(
+        " <-> ".join(cycle) for cycle in cycles)
+    if cycles:
+        pytest.xfail(f"known import loop {cycles}: removed on branch i22-training")
+
+
+def test_the_cycle_check_finds_a_loop_through_a_package_import(tmp_path: Path) -> None:
+    """``from package import module`` and a function-level import are edges too."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "a.py").write_text("from pkg import b\n")
+    (tmp_path / "pkg" / "b.py").write_text("def f() -> None:\n    from . import c\n")
+    (tmp_path / "pkg" / "c.py").write_text("import pkg.a\n")
+    files = {name: tmp_path / "pkg" / f"{name.rpartition('.')[2]}.py" for name in ("pkg.a", "pkg.b", "pkg.c")}
+    files["pkg"] = tmp_path / "pkg" / "__init__.py"
+    assert import_cycles(import_graph(files)) == [[files["pkg.a"], files["pkg.b"], files["pkg.c"]]]
 
 
 def test_core_needs_only_numpy_and_pillow() -> None:

@@ -60,7 +60,7 @@ def _index_location(raw: str | None) -> str:
     """CORINFOMAX_INDEX, else ``data/index`` under the working directory, except inside a Bento.
 
     A folder is the embedded index, a ``.db`` file a Milvus Lite one, ``milvus://host:port/collection`` a
-    Milvus server (``serving.index.backend.open_index``); a URL is kept as given.
+    Milvus server (``serving.index.factory.open_index``); a URL is kept as given.
 
     An index in a Bento's ``src/`` folder would grow the stored Bento and vanish with it, so a Bento keeps it
     under BentoML's home (``$BENTOML_HOME/data/index``: ~/bentoml/data/index locally, /home/bentoml/data/index

@@ -24,7 +24,8 @@ from corinfomax.serving.api.config import settings
 from corinfomax.serving.api.envelope import envelope
 from corinfomax.serving.api.metrics import INDEX_ITEMS
 from corinfomax.serving.embedder import Embedder
-from corinfomax.serving.index.backend import Hit, VectorIndex, is_milvus, open_index
+from corinfomax.serving.index.backend import Hit, VectorIndex
+from corinfomax.serving.index.factory import is_milvus, open_index
 
 log = logging.getLogger("corinfomax.service")
 SETTINGS = settings()
@@ -38,7 +39,7 @@ def index_workers(location: str | Path, api_workers: int) -> int:
 
 @bentoml.service(workers=index_workers(SETTINGS.index, SETTINGS.workers), traffic={"timeout": 600})
 class IndexOwner:
-    """Opens the index (``serving.index.backend.open_index``); all workers of the entry service call it."""
+    """Opens the index (``serving.index.factory.open_index``); all workers of the entry service call it."""
 
     def __init__(self) -> None:
         import faiss
