@@ -1,6 +1,5 @@
-"""HTTP guards in front of every API (ASGI middleware): optional API key, a request-size limit, errors
-always as ``{"error": message}``, metric series for the service's own routes only, and request timeouts
-that free their timer when the request ends."""
+"""HTTP guards in front of every API (ASGI middleware): optional API key, a request-size limit and a deadline for
+the body, and errors always as ``{"error": message}``."""
 
 from __future__ import annotations
 
@@ -164,69 +163,3 @@ def error_message(body: bytes, status: int) -> str:
     if isinstance(data, dict) and isinstance(data.get("detail"), str):
         return data["detail"]
     return json.dumps(data)[:2000]
-
-
-def count_known_routes_only(routes: frozenset[str]) -> None:
-    """Keep BentoML's per-endpoint HTTP metrics to ``routes``: one series per path ever requested would
-    let anyone grow ``/metrics`` and the server's memory without bound with random paths.
-
-    BentoML labels its request metrics with the raw path in a middleware outside the service's own
-    ones, so the filter has to sit in that middleware's call (patched once per process).
-    """
-    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware as Metrics
-
-    counted: Any = Metrics.__call__
-    if getattr(counted, "routes", None) is not None:
-        return
-
-    async def call(self: Any, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in routes:
-            await self.app(scope, receive, send)
-        else:
-            await counted(self, scope, receive, send)
-
-    call.routes = routes  # type: ignore[attr-defined]
-    Metrics.__call__ = call  # type: ignore[method-assign,assignment]
-
-
-def free_timeout_timers() -> None:
-    """Make BentoML's request timeout (``traffic.timeout``) cancel its timer when the request ends.
-
-    BentoML schedules one timer per request with ``loop.call_later`` and never cancels it, and the timer
-    holds a copy of the request's context (its OpenTelemetry span, BentoML's request context): each request
-    stayed in memory for the whole timeout after it had been answered. Measured under bench/hostile_load.py
-    (tracemalloc snapshots diffed inside each worker): ~2.6 KB of Python objects per request, so ~5 KB of
-    RSS per request growing for 600 s in ``IndexOwner`` (its timeout) and 60 s in each API worker.
-    The replacement keeps the behaviour: 504 when no answer has started within the timeout.
-    """
-    from bentoml._internal.server.http.traffic import TimeoutMiddleware
-
-    if getattr(TimeoutMiddleware.__call__, "frees_timer", False):
-        return
-
-    async def call(self: Any, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        answering = asyncio.Event()
-
-        async def marking_send(message: dict[str, Any]) -> None:
-            answering.set()
-            await send(message)
-
-        app = asyncio.ensure_future(self.app(scope, receive, marking_send))
-        started = asyncio.ensure_future(answering.wait())
-        try:  # asyncio.wait cancels its own timer when it returns
-            done, _ = await asyncio.wait({app, started}, timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            app.cancel()
-            raise
-        finally:
-            started.cancel()
-        if not done and app.cancel():
-            await send_error(send, 504, f"not able to process the request in {self.timeout} seconds")
-            return
-        await app
-
-    call.frees_timer = True  # type: ignore[attr-defined]
-    TimeoutMiddleware.__call__ = call  # type: ignore[method-assign,assignment]

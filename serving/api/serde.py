@@ -5,16 +5,18 @@ place of a file (a multipart text field ``images=http://...``, or a raw JSON bod
 no size limit, no timeout and no private-address guard, and answer 500 when that fails. Here files
 arrive only as uploaded parts; URLs go through ``serving.api.fetch`` with the service's limits. Form
 parsing also gets explicit part and field limits, and parse failures (no boundary, too many fields,
-nesting too deep for the JSON decoder) become 400s instead of 500s. Inputs are validated strictly
-(``validate_strictly``).
+nesting too deep for the JSON decoder) become 400s instead of 500s. ``bentoml_patches`` puts these parsers in
+BentoML's place and makes the validation of the parsed inputs strict. They subclass BentoML's own parsers and
+rely on ``JSONSerde.deserialize_model``, ``Payload``, and ``MultipartSerde.parse_request`` passing each file
+field through ``ensure_file`` (tests/test_bentoml_patches.py checks them).
 """
 
 from __future__ import annotations
 
 from http import HTTPStatus
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from _bentoml_impl.serde import ALL_SERDE, JSONSerde, MultipartSerde, Payload
+from _bentoml_impl.serde import JSONSerde, MultipartSerde, Payload
 from bentoml.exceptions import BentoMLException
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -69,24 +71,3 @@ class GuardedMultipartSerde(MultipartSerde):
             return await super().parse_request(request, cls)  # reuses the form parsed above
         except RecursionError as err:
             raise RequestError("form field: JSON nested too deeply") from err
-
-
-def install() -> None:
-    """Use the guarded parsers for every media type BentoML would parse as JSON or as a form."""
-    serdes: Any = ALL_SERDE  # typed as a read-only Mapping, but it is the dict BentoML looks parsers up in
-    serdes["application/json"] = GuardedJSONSerde
-    serdes["multipart/form-data"] = GuardedMultipartSerde
-    serdes["application/x-www-form-urlencoded"] = GuardedMultipartSerde
-
-
-def validate_strictly(service: Any) -> None:
-    """Validate ``service``'s API inputs without pydantic's lax conversions.
-
-    Lax mode reads ``true`` as the id 1, ``"10"`` as the number 10 and ``"0.5"`` as a vector component, so a
-    client's type mistake would act on the wrong item instead of being named. A form's text fields are
-    parsed as JSON first (BentoML), so ``-F k=10`` is still the number 10 there.
-    """
-    for api in service.apis.values():
-        model = api.input_spec
-        model.model_config["strict"] = True
-        model.model_rebuild(force=True)

@@ -9,7 +9,7 @@ Two services, one job each (start with ``bentoml serve corinfomax.serving.api.se
 Why the model is not a separate batchable service: the extra hop (uint8 arrays serialised both ways)
 and BentoML's dispatcher cost more than the model itself for small images (docs/RESULTS.md "Serving").
 Configuration comes from the environment (``config.Settings``). The bottom of this module assembles the
-HTTP app: the search page, the request parsers, the guards.
+HTTP app: the search page, BentoML's patched parts (``bentoml_patches``), the guards.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import math
-import sys
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -27,12 +25,12 @@ import bentoml
 import numpy as np
 
 from corinfomax.core.errors import BadInput
-from corinfomax.serving.api import limits, serde, web
+from corinfomax.serving.api import bentoml_patches, limits, web
 from corinfomax.serving.api.batcher import MicroBatcher
 from corinfomax.serving.api.classify import knn_vote, probe_predictions
 from corinfomax.serving.api.config import settings
 from corinfomax.serving.api.envelope import call, http_errors, unwrap
-from corinfomax.serving.api.http import GuardMiddleware, JsonErrors, count_known_routes_only, free_timeout_timers
+from corinfomax.serving.api.http import GuardMiddleware, JsonErrors
 from corinfomax.serving.api.index_owner import IndexOwner
 from corinfomax.serving.api.inputs import ImageInputs
 from corinfomax.serving.api.metrics import observe_batch
@@ -44,19 +42,6 @@ log = logging.getLogger("corinfomax.service")
 # lines (which model, which index folder) never reach the log.
 log.setLevel(logging.INFO)
 SETTINGS = settings()
-
-
-def keep_one_session(proxy: Any) -> None:
-    """Stop BentoML's internal client from replacing its HTTP session every 100 requests or 300 s.
-
-    On replacement it closes the old session at once, cutting off the requests still in flight on it:
-    under concurrent load, writes that IndexOwner had applied answered "connection closed" (issue 13).
-    One session per worker for its whole life has no such moment.
-    """
-    sessions = proxy.to_async._session_manager
-    if not hasattr(sessions, "max_requests") or not hasattr(sessions, "max_age"):
-        raise RuntimeError("BentoML's internal client changed: review keep_one_session in serving/api/service.py")
-    sessions.max_requests, sessions.max_age = sys.maxsize, math.inf
 
 
 @bentoml.service(workers=SETTINGS.workers, traffic={"timeout": 60},
@@ -73,7 +58,7 @@ class CorInfoMax:
         self.embedder = Embedder(self.bundle, threads=SETTINGS.threads, max_pixels=SETTINGS.max_pixels)
         self.card, self.dim = self.embedder.card, self.embedder.dim
         self.inputs = ImageInputs(self.embedder, SETTINGS)
-        keep_one_session(self.index)
+        bentoml_patches.keep_one_session(self.index)
         self.batcher = MicroBatcher(self.embedder.embed_arrays, SETTINGS.batch_size, SETTINGS.batch_wait_ms,
                                     on_batch=observe_batch)
         probe_path = SETTINGS.probe_path(self.bundle)
@@ -228,10 +213,7 @@ class CorInfoMax:
 
 
 web.mount(CorInfoMax)
-serde.install()
-serde.validate_strictly(CorInfoMax)
-free_timeout_timers()
-count_known_routes_only(frozenset(f"/{name}" for name in [*CorInfoMax.apis, *IndexOwner.apis]))
+bentoml_patches.apply(CorInfoMax, routes=frozenset(f"/{name}" for name in [*CorInfoMax.apis, *IndexOwner.apis]))
 CorInfoMax.add_asgi_middleware(JsonErrors)  # outermost of the two: it also reshapes the guard's answers
 CorInfoMax.add_asgi_middleware(GuardMiddleware, api_key=SETTINGS.api_key, max_bytes=SETTINGS.max_request_bytes,
                                body_seconds=SETTINGS.body_seconds)
