@@ -1,6 +1,6 @@
 """Mixed load on a real `bentoml serve`: 16 clients doing embed/search/classify/add/delete/get for 60 s.
 
-    python bench/hostile_load.py --clients 16 --seconds 60
+    python -m bench.hostile_load --clients 16 --seconds 60
 
 Checks what a careful client relies on, and prints the numbers of docs/RESULTS.md "Mixed load":
 - every valid request answers 200 (errors are counted and the first few printed);
@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 import psutil
 
-from corinfomax.serving.api.launcher import Server
+from bench.launcher import Server
 
 REPO = Path(__file__).resolve().parents[1]
 # Share of each operation in the mix (reads dominate, as in a search service).

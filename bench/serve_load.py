@@ -1,6 +1,6 @@
 """Closed-loop HTTP load on `bentoml serve` against raw in-process onnxruntime, in one run.
 
-    python bench/serve_load.py --bundle models/default --images ../shared/datasets/cifar10/test \
+    python -m bench.serve_load --bundle models/default --images ../shared/datasets/cifar10/test \
         --clients 8 --seconds 20 --workers 1
 
 Fairness of the comparison:
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.launcher import Server
 from corinfomax.serving.api.config import model_threads
-from corinfomax.serving.api.launcher import Server
 from corinfomax.serving.embedder import Embedder
 
 REPO = Path(__file__).resolve().parents[1]

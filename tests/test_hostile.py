@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 from servekit import start_service
 
-from corinfomax.serving.api.launcher import Server
+from bench.launcher import Server
 from corinfomax.serving.api.limits import MAX_HITS
 from corinfomax.serving.index.backend import MAX_ANSWER_BYTES, MAX_METADATA_BYTES
 

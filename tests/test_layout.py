@@ -176,6 +176,13 @@ def test_core_needs_only_numpy_and_pillow() -> None:
         assert not outside, f"{path} imports {outside}"
 
 
+def test_the_package_imports_no_bench_tests_or_scripts() -> None:
+    """They sit beside the package (bench/launcher.py starts servers for the tests, benches and scripts)."""
+    for folder in FOLDERS:
+        for path in modules(folder):
+            assert not {name.split(".")[0] for name in imports(path)} & {"bench", "tests", "scripts"}, path
+
+
 def test_bench_does_not_import_the_tests() -> None:
     for path in modules("bench"):
         assert not any(name == "tests" or name.startswith("tests.") for name in imports(path)), path

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from servekit import start_service
 
-from corinfomax.serving.api.launcher import Server
+from bench.launcher import Server
 
 pytestmark = pytest.mark.slow  # subprocesses, servers, DDP jobs or model exports
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from servekit import start_service
 
-from corinfomax.serving.api.launcher import Server
+from bench.launcher import Server
 
 pytestmark = pytest.mark.slow  # starts a server (and a browser)
 
