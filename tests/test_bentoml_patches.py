@@ -108,6 +108,10 @@ def test_guarded_parsers_on_bentoml_parsers_internals(tiny: Any) -> None:
     assert len(parsed.images) == 1 and parsed.k == 3
     with pytest.raises(RequestError, match="a file field got text"):
         asyncio.run(parse(GuardedMultipartSerde(), *_form([("images", None, b"http://example.com/a.jpg")])))
+    with pytest.raises(pydantic.ValidationError, match="image"):  # a file part under a name the API lacks
+        asyncio.run(parse(GuardedMultipartSerde(), *_form([("image", "a.jpg", b"\xff\xd8")])))
+    with pytest.raises(RequestError, match="not UTF-8"):  # a file part where the API takes text
+        asyncio.run(parse(GuardedMultipartSerde(), *_form([("k", "a.jpg", b"\xff\xd8")])))
     assert asyncio.run(parse(GuardedJSONSerde(), b'{"ids": [1], "k": 2}', "application/json")).ids == [1]
 
 
@@ -119,6 +123,9 @@ def test_validate_strictly(tiny: Any) -> None:
     for lax in ({"k": "10"}, {"k": 10.0}, {"ids": [True]}):
         with pytest.raises(pydantic.ValidationError):
             spec.model_validate(lax)
+    with pytest.raises(pydantic.ValidationError) as refused:
+        spec.model_validate({"k": 3, "fitler": 1})
+    assert [(e["type"], e["loc"]) for e in refused.value.errors()] == [("extra_forbidden", ("fitler",))]
 
 
 def test_keep_one_session() -> None:

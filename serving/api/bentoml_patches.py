@@ -42,16 +42,20 @@ def use_guarded_parsers() -> None:
 
 
 def validate_strictly(service: Any) -> None:
-    """Validate ``service``'s API inputs without pydantic's lax conversions.
+    """Validate ``service``'s API inputs without pydantic's lax conversions, and refuse unknown fields.
 
     Lax mode reads ``true`` as the id 1, ``"10"`` as the number 10 and ``"0.5"`` as a vector component, so a
     client's type mistake would act on the wrong item instead of being named. A form's text fields are
-    parsed as JSON first (BentoML), so ``-F k=10`` is still the number 10 there.
+    parsed as JSON first (BentoML), so ``-F k=10`` is still the number 10 there. BentoML's models ignore
+    fields the API does not take, so a misspelt option (``"fitler"``, ``-F image=@cat.jpg``) silently did
+    nothing; every field of a JSON body or a form (BentoML puts each form part in the model's input) must
+    now be a parameter of the API.
     Relies on: ``service.apis[name].input_spec``, the pydantic model BentoML builds from each API's signature.
     """
     for api in service.apis.values():
         model = api.input_spec
         model.model_config["strict"] = True
+        model.model_config["extra"] = "forbid"
         model.model_rebuild(force=True)
 
 

@@ -19,6 +19,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics")
 # The search page's static files hold no data (the page sends the key with its own API calls).
 OPEN_PREFIX = "/ui"
+MAX_DETAILS = 3  # validation problems named in one error message (then "and N more")
 
 
 async def send_error(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -155,11 +156,13 @@ def error_message(body: bytes, status: int) -> str:
         data = data[0]
     if isinstance(data, dict) and isinstance(data.get("error"), str):
         detail = data.get("detail")
-        details: list[Any] = detail if isinstance(detail, list) else []
+        details = [d for d in detail if isinstance(d, dict)] if isinstance(detail, list) else []
         # Pydantic's validation details: where (the field) and what, so the message names the problem.
-        where = ["{}: {}".format(".".join(map(str, d.get("loc", ()))), d.get("msg", ""))
-                 for d in details[:3] if isinstance(d, dict)]
-        return "; ".join([data["error"], *where])
+        where = ["{}: {}".format(".".join(map(str, d.get("loc", ()))),
+                                 "unknown field" if d.get("type") == "extra_forbidden" else d.get("msg", ""))
+                 for d in details[:MAX_DETAILS]]
+        more = [f"and {len(details) - MAX_DETAILS} more"] if len(details) > MAX_DETAILS else []
+        return "; ".join([data["error"], *where, *more])
     if isinstance(data, dict) and isinstance(data.get("detail"), str):
         return data["detail"]
     return json.dumps(data)[:2000]

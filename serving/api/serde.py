@@ -18,6 +18,7 @@ from typing import TypeVar
 
 from _bentoml_impl.serde import JSONSerde, MultipartSerde, Payload
 from bentoml.exceptions import BentoMLException
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
@@ -58,7 +59,7 @@ class GuardedMultipartSerde(MultipartSerde):
 
     async def parse_request(self, request: Request, cls: type[T]) -> T:
         try:
-            await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
+            form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
         except MultiPartException as err:  # too many parts, a malformed part
             raise RequestError(f"malformed form: {err.message}") from err
         except HTTPException as err:  # Starlette's wrapping of the same inside an app
@@ -67,7 +68,21 @@ class GuardedMultipartSerde(MultipartSerde):
             raise RequestError("multipart body without a boundary in its Content-Type") from err
         except (ValueError, AssertionError) as err:  # the parser's own checks on a broken body
             raise RequestError(f"malformed form: {err}") from err
+        # Before BentoML reads them: it would decode a file part under an unknown name as text (a 500 for an image).
+        unknown = [name for name in form if name not in cls.model_fields]  # type: ignore[attr-defined]
+        if unknown:
+            raise unknown_fields(cls, unknown)
         try:
             return await super().parse_request(request, cls)  # reuses the form parsed above
         except RecursionError as err:
             raise RequestError("form field: JSON nested too deeply") from err
+        except UnicodeDecodeError as err:  # a file part where the API takes text, e.g. -F metadata=@cat.jpg
+            raise RequestError("a form field that takes text got a file that is not UTF-8 text; images go in "
+                               "the file field 'images'") from err
+
+
+def unknown_fields(model: type, names: list[str]) -> ValidationError:
+    """The error pydantic raises for fields ``model`` does not take, so a form's unknown parts are answered like
+    a JSON body's unknown fields."""
+    return ValidationError.from_exception_data(
+        model.__name__, [{"type": "extra_forbidden", "loc": (name,), "input": None} for name in names])
