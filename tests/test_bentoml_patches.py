@@ -207,3 +207,25 @@ def test_free_timeout_timers(original_timeout: None) -> None:
     assert asyncio.run(scenario()) == [None, None, None]
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [200, 200, 200, 504]
     assert "able to process the request in 0.05 seconds" in json.loads(sent[-1]["body"])["error"]
+
+
+def test_log_tracebacks_for_5xx_only(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from _bentoml_impl.server import app
+    from bentoml.exceptions import BentoMLException, NotFound
+
+    assert "log_exception" in code_names(app.ServiceAppFactory.api_endpoint_wrapper)
+    assert list(inspect.signature(app.log_exception).parameters) == ["request", "exc_info"]
+    monkeypatch.setattr(app, "log_exception", app.log_exception)  # restored after the test
+    bentoml_patches.log_tracebacks_for_5xx_only()
+    request = _request(b"", "application/json")
+    errors: list[Exception] = [RequestError("bad form"), NotFound("no such thing"), BentoMLException("broken")]
+    try:
+        pydantic.TypeAdapter(int).validate_python("x")
+    except pydantic.ValidationError as err:
+        errors.append(err)
+    for error in errors:
+        try:
+            raise error
+        except Exception:
+            app.log_exception(request)
+    assert [record.exc_info[1] for record in caplog.records if record.exc_info] == [errors[2]]  # the 500 only

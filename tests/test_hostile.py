@@ -300,6 +300,30 @@ def test_unknown_fields_are_refused_naming_them(client: httpx.Client, jpeg: byte
     assert client.post("/stats", json={}).status_code == 200
 
 
+def test_each_bad_request_is_one_log_line_without_a_traceback(client: httpx.Client, server: Server, jpeg: bytes,
+                                                              bait: str) -> None:
+    """An operator reads one line per client error, naming route, status and reason; tracebacks are for 5xx.
+    (The server runs without the access log, which would add its own line per request.)"""
+    cases = [(method, path, kwargs, status) for _, method, path, kwargs, status in _hostile(jpeg, bait)]
+    cases += [("POST", path, {"json": body}, 400) for path, body, _ in _type_mistakes()]
+    cases += [("POST", path, kwargs, 400) for path, kwargs, _ in _unknown_fields(jpeg)]
+    start = server.log.stat().st_size
+    for method, path, kwargs, _status in cases:
+        client.request(method, path, **kwargs)
+    deadline = time.monotonic() + 10
+    while True:  # each line is written before its answer is sent; the file is shared by every worker
+        text = server.log.read_bytes()[start:].decode("utf-8", "replace")
+        logged = re.findall(r"\] (?:GET|POST|PUT|DELETE) \S* (\d{3}): \S", text)
+        if len(logged) >= len(cases) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert "Traceback" not in text
+    assert sorted(map(int, logged)) == sorted(status for *_, status in cases)
+    noisy = [line for line in text.splitlines() if "[WARNING]" in line or "[ERROR]" in line]
+    assert not noisy, "\n".join(noisy[:5])
+    assert re.search(r"\] POST /search 400: 1 validation error for Input; fitler: unknown field", text)
+
+
 def test_form_fields_are_read_as_json_values(client: httpx.Client, jpeg: bytes) -> None:
     """A form's text is parsed as JSON: -F k=5 is the number 5, -F k='"5"' the string "5" (refused)."""
     image = {"images": ("a.jpg", jpeg, "image/jpeg")}

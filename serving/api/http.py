@@ -1,11 +1,12 @@
 """HTTP guards in front of every API (ASGI middleware): optional API key, a request-size limit and a deadline for
-the body, and errors always as ``{"error": message}``."""
+the body, and errors always as ``{"error": message}``, each 4xx logged as one line naming route and reason."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
+import logging
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable
 
@@ -20,6 +21,22 @@ OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics")
 # The search page's static files hold no data (the page sends the key with its own API calls).
 OPEN_PREFIX = "/ui"
 MAX_DETAILS = 3  # validation problems named in one error message (then "and N more")
+MAX_LOGGED_CHARS = 500  # of a 4xx's reason in its log line
+
+log = logging.getLogger("corinfomax.http")
+# BentoML's server logging shows only its own loggers at INFO: a client's error is INFO, not a warning.
+log.setLevel(logging.INFO)
+
+
+class _ParseWarnings(logging.Filter):
+    """python-multipart logs a warning just before it raises each parse error, which the service answers with a
+    400 logged with the same reason: drop those (its warnings about spooling parts to disk are kept)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.funcName != "_internal_write"
+
+
+logging.getLogger("python_multipart.multipart").addFilter(_ParseWarnings())
 
 
 async def send_error(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -113,10 +130,13 @@ class GuardMiddleware:
 
 
 class JsonErrors:
-    """Give every error answer (status >= 400) the documented shape ``{"error": message}``.
+    """Give every error answer (status >= 400) the documented shape ``{"error": message}``, and log each 4xx
+    as one line: ``POST /search 400: <the message the client got>``.
 
     Starlette answers unknown routes (404) and wrong methods (405) in plain text, and BentoML wraps the
     message of its own 4xx exceptions in a one-element array; both are rewritten here, keeping the status.
+    Every answer passes here, so this is the one place a client's error is logged (BentoML's traceback for
+    it is off: ``bentoml_patches.log_tracebacks_for_5xx_only``); a 5xx keeps its traceback.
     """
 
     def __init__(self, app: Any) -> None:
@@ -141,9 +161,18 @@ class JsonErrors:
             if not message.get("more_body", False):
                 headers = [(k, v) for k, v in start.get("headers", [])
                            if k.lower() not in (b"content-type", b"content-length")]
-                await send_error(send, start["status"], error_message(bytes(body), start["status"]), headers)
+                reason = error_message(bytes(body), start["status"])
+                if start["status"] < 500:
+                    log.info("%s %s %d: %s", scope.get("method", ""), printable(scope.get("path", "")),
+                             start["status"], printable(reason[:MAX_LOGGED_CHARS]))
+                await send_error(send, start["status"], reason, headers)
 
         await self.app(scope, receive, shaping_send)
+
+
+def printable(text: str) -> str:
+    """``text`` on one line: a client's path or field name must not start a fake line in the log."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def error_message(body: bytes, status: int) -> str:
