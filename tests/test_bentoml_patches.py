@@ -229,3 +229,13 @@ def test_log_tracebacks_for_5xx_only(monkeypatch: pytest.MonkeyPatch, caplog: py
         except Exception:
             app.log_exception(request)
     assert [record.exc_info[1] for record in caplog.records if record.exc_info] == [errors[2]]  # the 500 only
+
+
+def test_bentoml_serves_its_docs_page_at_the_root() -> None:
+    """``web.FrontDoor`` moves BentoML's docs page from ``/`` to ``/docs``: BentoML must still serve it at ``/``
+    (``index_page``) beside its spec at ``docs.json``, as a page that loads both by relative paths."""
+    from _bentoml_impl.server.app import ServiceAppFactory
+
+    assert {"index_page", "openapi_spec_view"} <= code_names(ServiceAppFactory.__call__)
+    page = (Path(inspect.getfile(ServiceAppFactory)).parent / "main-openapi.html").read_text()
+    assert "./static_content/swagger-initializer.js" in page

@@ -214,6 +214,7 @@ class CorInfoMax:
 
 web.mount(CorInfoMax)
 bentoml_patches.apply(CorInfoMax, routes=frozenset(f"/{name}" for name in [*CorInfoMax.apis, *IndexOwner.apis]))
-CorInfoMax.add_asgi_middleware(JsonErrors)  # outermost of the two: it also reshapes the guard's answers
+CorInfoMax.add_asgi_middleware(web.FrontDoor)  # outermost: the redirect from / needs no key
+CorInfoMax.add_asgi_middleware(JsonErrors)  # outside the guard: it also reshapes the guard's answers
 CorInfoMax.add_asgi_middleware(GuardMiddleware, api_key=SETTINGS.api_key, max_bytes=SETTINGS.max_request_bytes,
                                body_seconds=SETTINGS.body_seconds)
