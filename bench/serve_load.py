@@ -143,6 +143,7 @@ def main() -> None:
         server = Server(env, Path(tmp) / "server.log").start()
         try:
             load_in_child(server.url, jpegs[:16], args.clients, 3)  # warm-up: sessions, connections
+            assert server.proc is not None  # started
             cpu_before = tree_cpu_seconds(server.proc.pid)
             busy = load_in_child(server.url, jpegs, args.clients, args.seconds)
             server_cpu = tree_cpu_seconds(server.proc.pid) - cpu_before

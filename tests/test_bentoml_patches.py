@@ -144,7 +144,7 @@ def test_count_known_routes_only(monkeypatch: pytest.MonkeyPatch) -> None:
     from _bentoml_impl.server.app import ServiceAppFactory
     from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware as Metrics
 
-    assert "RunnerTrafficMetricsMiddleware" in code_names(ServiceAppFactory.middlewares.fget)
+    assert "RunnerTrafficMetricsMiddleware" in code_names(inspect.getattr_static(ServiceAppFactory, "middlewares").fget)
     assert list(inspect.signature(Metrics.__call__).parameters) == ["self", "scope", "receive", "send"]
     monkeypatch.setattr(Metrics, "__call__", Metrics.__call__)  # restored after the test
     bentoml_patches.count_known_routes_only(frozenset({"/search"}))
@@ -173,7 +173,7 @@ def test_free_timeout_timers(original_timeout: None) -> None:
     from bentoml._internal.server.base_app import BaseAppFactory
     from bentoml._internal.server.http.traffic import TimeoutMiddleware
 
-    assert "TimeoutMiddleware" in code_names(BaseAppFactory.middlewares.fget)
+    assert "TimeoutMiddleware" in code_names(inspect.getattr_static(BaseAppFactory, "middlewares").fget)
     assert list(inspect.signature(TimeoutMiddleware.__init__).parameters) == ["self", "app", "timeout"]
     bentoml_patches.free_timeout_timers()
     current: contextvars.ContextVar[object] = contextvars.ContextVar("current")

@@ -94,7 +94,7 @@ def import_cycles(graph: dict[Path, set[Path]]) -> list[list[Path]]:
             elif other in stack:
                 low[node] = min(low[node], index[other])
         if low[node] == index[node]:
-            group = []
+            group: list[Path] = []
             while not group or group[-1] != node:
                 group.append(stack.pop())
             if len(group) > 1:

@@ -109,7 +109,7 @@ def test_autocast_bf16_close_to_fp32() -> None:
     assert torch.isfinite(bf16.loss) and bf16.loss.dtype == torch.float32
     assert bf16.loss.item() == pytest.approx(fp32.loss.item(), rel=2e-2, abs=2e-2)
     bf16.loss.backward()
-    assert torch.isfinite(head.weight.grad).all()
+    assert head.weight.grad is not None and torch.isfinite(head.weight.grad).all()
 
 
 @pytest.mark.parametrize(
