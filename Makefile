@@ -35,7 +35,7 @@ test-fast: $(VENV)/.dev-installed
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
-	$(BIN)/mypy corinfomax
+	$(BIN)/mypy corinfomax tests bench scripts
 
 # The Bento's pinned serving install, from the versions installed here (no index needed); commit the result.
 lock: $(VENV)/.serve-installed

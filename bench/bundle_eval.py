@@ -18,6 +18,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,7 +78,7 @@ def main() -> None:
     work = args.work / f"{card.name}-{card.version}-{card.precision}"
     train, train_labels = embeddings(args.bundle, args.train_data, work / "train")
     test, test_labels = embeddings(args.bundle, args.test_data, work / "test")
-    results = {"bundle": str(args.bundle), "name": card.name, "version": card.version,
+    results: dict[str, Any] = {"bundle": str(args.bundle), "name": card.name, "version": card.version,
                "precision": card.precision, "train_images": len(train), "test_images": len(test),
                "bundle_embeddings": read_outs(train, train_labels, test, test_labels)}
     if (args.bundle / PROBE_FILE).exists():

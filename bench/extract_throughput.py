@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from corinfomax.serving.embedder import Embedder
-from corinfomax.serving.extract.extract import decode, extract, list_inputs
+from corinfomax.serving.extract.extract import extract
+from corinfomax.serving.extract.inputs import decode, list_inputs
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10" / "test"
 
@@ -54,7 +55,8 @@ def main() -> int:
         items = list_inputs([str(args.images)])
         embedder = Embedder(bundle, threads=args.threads)
         started = time.perf_counter()
-        pixels = np.stack([decode(item, embedder.resize)[0] for item in items])
+        decoded = [decode(item, embedder.resize)[0] for item in items]
+        pixels = np.stack([array for array in decoded if array is not None])
         decode_rate = len(items) / (time.perf_counter() - started)
         embedder.embed_arrays(pixels[: args.batch_size], args.batch_size)  # warm-up
 

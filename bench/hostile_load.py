@@ -1,6 +1,6 @@
 """Mixed load on a real `bentoml serve`: 16 clients doing embed/search/classify/add/delete/get for 60 s.
 
-    python bench/hostile_load.py --clients 16 --seconds 60
+    python -m bench.hostile_load --clients 16 --seconds 60
 
 Checks what a careful client relies on, and prints the numbers of docs/RESULTS.md "Mixed load":
 - every valid request answers 200 (errors are counted and the first few printed);
@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 import psutil
 
-from corinfomax.serving.api.launcher import Server
+from bench.launcher import Server
 
 REPO = Path(__file__).resolve().parents[1]
 # Share of each operation in the mix (reads dominate, as in a search service).
@@ -135,7 +135,7 @@ async def fill_bounded_caches(url: str, jpegs: list[bytes], workers: int) -> Non
 
     Each API worker's onnxruntime arena is sized by the largest batch it has run (at most ``max_images`` rows:
     bigger merged batches are cut there): a few requests of that many images per worker, concurrently,
-    since the workers share the port. ``IndexOwner``'s SQLite page cache (2 MiB, serving/index/store.py) fills
+    since the workers share the port. ``IndexOwner``'s SQLite page cache (2 MiB, serving/index/store_sqlite.py) fills
     as rows are read: one search whose answer is every stored item reads them all.
     """
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:
@@ -202,7 +202,7 @@ def main() -> None:
                 problems = verify(http, workers, count_before)
                 count_after = http.post("/stats", json={}).json()["count"]
             db_bytes = sum(f.stat().st_size for f in Path(tmp, "index").iterdir())
-            # Dropped internal connections the service retried (serving/api/service.py `call` logs each one).
+            # Dropped internal connections the service retried (serving/api/envelope.py `call` logs each one).
             retries = (Path(tmp) / "server.log").read_text(errors="replace").count("retrying ")
         finally:
             server.stop()

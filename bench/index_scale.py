@@ -30,7 +30,8 @@ import faiss
 import numpy as np
 import psutil
 
-from corinfomax.serving.index.backend import VectorIndex, open_index
+from corinfomax.serving.index.backend import VectorIndex
+from corinfomax.serving.index.factory import open_index
 from corinfomax.serving.index.store import IndexStore
 
 BULK_BATCH = 10_000

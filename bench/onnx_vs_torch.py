@@ -13,6 +13,7 @@ images to nearly the same direction and its int8 kNN check is then dominated by 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -89,9 +90,9 @@ def main() -> None:
         for batch in args.batches:
             pixels = np.ascontiguousarray(np.resize(sample, (batch, *sample.shape[1:])))
             tensor = torch.from_numpy(pixels)
-            engines: dict[str, Callable[[], object]] = {"torch": lambda t=tensor: graph(t)}
+            engines: dict[str, Callable[[], object]] = {"torch": functools.partial(graph, tensor)}
             for precision, embedder in embedders.items():
-                engines[f"ort_{precision}"] = lambda e=embedder, p=pixels: e.session.run(["embedding"], {"pixels": p})
+                engines[f"ort_{precision}"] = functools.partial(embedder.session.run, ["embedding"], {"pixels": pixels})
             best: dict[str, float] = {}
             with torch.inference_mode():
                 for _ in range(args.rounds):

@@ -1,6 +1,6 @@
 """Closed-loop HTTP load on `bentoml serve` against raw in-process onnxruntime, in one run.
 
-    python bench/serve_load.py --bundle models/default --images ../shared/datasets/cifar10/test \
+    python -m bench.serve_load --bundle models/default --images ../shared/datasets/cifar10/test \
         --clients 8 --seconds 20 --workers 1
 
 Fairness of the comparison:
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.launcher import Server
 from corinfomax.serving.api.config import model_threads
-from corinfomax.serving.api.launcher import Server
 from corinfomax.serving.embedder import Embedder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,6 +143,7 @@ def main() -> None:
         server = Server(env, Path(tmp) / "server.log").start()
         try:
             load_in_child(server.url, jpegs[:16], args.clients, 3)  # warm-up: sessions, connections
+            assert server.proc is not None  # started
             cpu_before = tree_cpu_seconds(server.proc.pid)
             busy = load_in_child(server.url, jpegs, args.clients, args.seconds)
             server_cpu = tree_cpu_seconds(server.proc.pid) - cpu_before

@@ -10,6 +10,7 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import Any
 
 from corinfomax.training.config import PRESETS, TrainConfig
 
@@ -70,7 +71,7 @@ def main(run: Path) -> None:
     config = json.loads((run / "config.json").read_text())
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = invocations(config, records)
-    last = next((r for r in reversed(records) if "elapsed_s" in r), {})
+    last: dict[str, Any] = next((r for r in reversed(records) if "elapsed_s" in r), {})
     print(json.dumps({
         "commands": [
             *(train_command(c, run) + (" --allow-config-change" if i else "") for i, (c, _) in enumerate(steps)),

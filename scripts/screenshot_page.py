@@ -1,7 +1,7 @@
 """Remake the README's picture of the search page: the default model over the demo collection, searched with a
 demo cat, in headless Chromium (Debian's package, driven by Playwright: `pip install .[dev]`).
 
-    python scripts/screenshot_page.py                  # writes docs/img/search-page.png
+    python -m scripts.screenshot_page                  # from the repo root; writes docs/img/search-page.png
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-from corinfomax.serving.api.launcher import Server
+from bench.launcher import Server
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "screenshot-key"  # the picture shows the key field filled (as dots), like a real session

@@ -17,6 +17,13 @@ DEFAULT_PORT = 3000
 
 def register(subparsers: Any) -> None:
     """Add this stage's subcommands to the `corinfomax` parser."""
+    _register_extract(subparsers)
+    _register_index(subparsers)
+    _register_probe(subparsers)
+    _register_serve(subparsers)
+
+
+def _register_extract(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "extract", help="embed image files into a features folder (resumable)",
         description="Embed images into OUT: .npy shards + Parquet metadata + manifest.json. Rerun the same "
@@ -37,6 +44,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_extract)
 
+
+def _register_index(subparsers: Any) -> None:
     index = subparsers.add_parser("index", help="build the search index from features, or move it")
     index_sub = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
     p = index_sub.add_parser("build", help="build an index the service loads from a features folder",
@@ -65,6 +74,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_index_migrate)
 
+
+def _register_probe(subparsers: Any) -> None:
     probe = subparsers.add_parser("probe", help="fit a linear probe on labelled features")
     probe_sub = probe.add_subparsers(dest="probe_command", required=True, metavar="ACTION")
     p = probe_sub.add_parser("fit", help="fit a logistic-regression probe and write probe.npz",
@@ -83,6 +94,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     p.set_defaults(handler=_probe_fit)
 
+
+def _register_serve(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "serve", help="start the HTTP service (bentoml serve) on a model bundle and an index",
         description="Start `bentoml serve corinfomax.serving.api.service:CorInfoMax`. Options override the "

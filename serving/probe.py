@@ -260,7 +260,7 @@ def fit_probe_on_features(
 def fit_probe_on_index(location: str, out: str | Path, **fit_options: Any) -> dict[str, Any]:
     """`corinfomax probe fit --index`: fit on the labelled items of an index (any backend) and write the probe
     to ``out`` (a file, or a model bundle folder)."""
-    from corinfomax.serving.index.backend import open_index
+    from corinfomax.serving.index.factory import open_index
 
     with open_index(location) as index:
         labelled = index.labelled()

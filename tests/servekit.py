@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from corinfomax.serving.api.launcher import Server
+from bench.launcher import Server
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -43,5 +43,6 @@ def test_card_of_photos_trained_with_the_cpu_preset() -> None:
     card = build_card({"config": config("cpu", data="/home/me/photos"), "epoch": 3}, name="m", version="v",
                       precision="fp32", embedding_dim=256, checkpoint_sha256="0" * 64, opset=18)
     assert card.training["dataset"] == "photos" and card.training["data"] == "/home/me/photos"
+    assert card.intended_use is not None
     assert "(photos)" in card.intended_use and "cifar" not in card.intended_use.lower()
     assert "not computed from the training data" in card.training["normalisation"]

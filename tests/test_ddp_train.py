@@ -10,6 +10,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ RECIPE = dict(epochs=1, lr=0.01, channels_last=False)
 # the CPU's kernels (AMX vs AVX-512 vs AVX2 block sizes): 5.7e-6 on one Xeon against a 1e-6 bound tuned on an
 # EPYC. In float64 the same reordering costs ~1e-16 relative per operation, so any bound far above that and far
 # below a real DDP error (a wrong gradient average or BN statistic moves weights by > 1e-4) is CPU-independent.
-TOLERANCE = dict(rtol=1e-9, atol=1e-11)
+TOLERANCE: dict[str, Any] = dict(rtol=1e-9, atol=1e-11)
 
 
 @contextmanager

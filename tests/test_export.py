@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 CARD_KEYS = {"format", "name", "version", "embedding_dim", "precision", "backbone", "input", "training",
              "evaluation", "parity", "checkpoint_sha256", "exported_at"}
 # Small samples keep each export to a few seconds on 2 cores.
-SMALL = dict(verify_images=200, calibration_images=64, knn_images=500)
+SMALL: dict[str, Any] = dict(verify_images=200, calibration_images=64, knn_images=500)
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,9 @@ from PIL import Image
 
 from corinfomax.core.errors import BundleError
 from corinfomax.serving.embedder import Embedder
-from corinfomax.serving.extract.extract import InputError, extract, list_inputs
+from corinfomax.serving.extract.extract import extract
 from corinfomax.serving.extract.features import FeaturesError, failures, load_features, read_manifest
+from corinfomax.serving.extract.inputs import InputError, list_inputs
 
 pytestmark = pytest.mark.slow  # every test extracts with an exported bundle (tiny_bundle); one runs the CLI twice
 REPO = Path(__file__).resolve().parents[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,7 +22,7 @@ ray = pytest.importorskip("ray")
 def test_ray_engine_matches_local_engine(tiny_bundle: Path, cifar10: Path, tmp_path: Path) -> None:
     images = make_image_folder(cifar10, tmp_path / "images", per_class=70)
     (images / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    options = {"shard_rows": 64, "batch_size": 32, "show_progress": False}
+    options: dict[str, Any] = {"shard_rows": 64, "batch_size": 32, "show_progress": False}
     local, distributed = tmp_path / "local", tmp_path / "ray"
     extract([str(images)], tiny_bundle, local, **options)
 

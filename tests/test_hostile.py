@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 from servekit import start_service
 
-from corinfomax.serving.api.launcher import Server
+from bench.launcher import Server
 from corinfomax.serving.api.limits import MAX_HITS
 from corinfomax.serving.index.backend import MAX_ANSWER_BYTES, MAX_METADATA_BYTES
 
@@ -150,6 +150,8 @@ def _hostile(jpeg: bytes, bait: str) -> list[tuple[str, str, str, dict[str, Any]
         ("number 1e999", "POST", "/search", _json('{"vectors": [[1e999]], "k": 1}'), 400),
         ("JSON nested 100,000 deep", "POST", "/add", _json('{"vectors": [[0.1]], "metadata": [' + _nested(100_000)
                                                            + "]}"), 400),
+        ("image in a text field", "POST", "/add", {"files": [("images", ("a.jpg", jpeg, "image/jpeg")),
+                                                             ("metadata", ("m.jpg", jpeg, "image/jpeg"))]}, 400),
         ("form metadata nested 100,000 deep", "POST", "/add",
          {"files": [("images", ("a.jpg", jpeg, "image/jpeg"))], "data": {"metadata": "[" + _nested(100_000) + "]"}},
          400),
@@ -255,6 +257,71 @@ def test_values_of_the_wrong_type_are_refused_naming_the_field(client: httpx.Cli
         if resp.status_code != 400 or not re.search(rf"; {field}[.:]", error):  # pydantic's location, e.g. "ids.0:"
             failures.append(f"{path} {json.dumps(body)[:80]}: {resp.status_code} {resp.text[:200]}")
     assert not failures, "\n".join(failures)
+
+
+def _unknown_fields(jpeg: bytes) -> list[tuple[str, dict[str, Any], set[str]]]:
+    """(path, httpx arguments, the unknown fields the 400 must name): misspelt or invented options, each
+    beside valid ones, in JSON bodies, multipart forms (text and file parts) and urlencoded forms."""
+    vec = [0.1] * DIM
+    b64 = base64.b64encode(jpeg).decode()
+    image = [("images", ("a.jpg", jpeg, "image/jpeg"))]
+    return [
+        ("/search", {"json": {"ids": [1], "k": 3, "fitler": 1}}, {"fitler"}),
+        ("/search", {"json": {"vectors": [vec], "top_k": 5}}, {"top_k"}),
+        ("/embed", {"json": {"images_b64": [b64], "size": 64}}, {"size"}),
+        ("/classify", {"json": {"images_b64": [b64], "method": "knn", "neighbors": 5}}, {"neighbors"}),
+        ("/add", {"json": {"vectors": [vec], "label": ["cat"], "meta": [{}]}}, {"label", "meta"}),
+        ("/delete", {"json": {"ids": [1], "key": "k1"}}, {"key"}),
+        ("/get", {"json": {"id": 1, "ids": [1]}}, {"ids"}),
+        ("/stats", {"json": {"verbose": True}}, {"verbose"}),
+        ("/info", {"json": {"x": 1}}, {"x"}),
+        ("/search", {"files": image, "data": {"k": "3", "fitler": "1"}}, {"fitler"}),
+        ("/embed", {"files": [("image", ("a.jpg", jpeg, "image/jpeg"))]}, {"image"}),  # the file part misnamed
+        ("/classify", {"files": image, "data": {"neighbors": "5", "method": "knn"}}, {"neighbors"}),
+        ("/add", {"files": image, "data": {"label": '["cat"]'}}, {"label"}),
+        ("/search", {"content": b"ids=[1]&k=1&fitler=1",
+                     "headers": {"content-type": "application/x-www-form-urlencoded"}}, {"fitler"}),
+    ]
+
+
+def test_unknown_fields_are_refused_naming_them(client: httpx.Client, jpeg: bytes) -> None:
+    """A request with a field the endpoint does not take did something other than the client meant (the option
+    silently ignored): a 400 naming each unknown field, for JSON, multipart and urlencoded bodies."""
+    failures = []
+    for path, kwargs, fields in _unknown_fields(jpeg):
+        resp = client.post(path, **kwargs)
+        error = resp.json().get("error", "") if resp.headers.get("content-type") == "application/json" else ""
+        named = set(re.findall(r"; (\w+): unknown field", error))
+        if resp.status_code != 400 or named != fields:
+            failures.append(f"{path} {str(kwargs)[:80]}: {resp.status_code} {resp.text[:200]}")
+    assert not failures, "\n".join(failures)
+    image = {"images": ("a.jpg", jpeg, "image/jpeg")}  # the same requests without the stray fields still work
+    assert client.post("/search", files=image, data={"k": "3"}).status_code == 200
+    assert client.post("/stats", json={}).status_code == 200
+
+
+def test_each_bad_request_is_one_log_line_without_a_traceback(client: httpx.Client, server: Server, jpeg: bytes,
+                                                              bait: str) -> None:
+    """An operator reads one line per client error, naming route, status and reason; tracebacks are for 5xx.
+    (The server runs without the access log, which would add its own line per request.)"""
+    cases = [(method, path, kwargs, status) for _, method, path, kwargs, status in _hostile(jpeg, bait)]
+    cases += [("POST", path, {"json": body}, 400) for path, body, _ in _type_mistakes()]
+    cases += [("POST", path, kwargs, 400) for path, kwargs, _ in _unknown_fields(jpeg)]
+    start = server.log.stat().st_size
+    for method, path, kwargs, _status in cases:
+        client.request(method, path, **kwargs)
+    deadline = time.monotonic() + 10
+    while True:  # each line is written before its answer is sent; the file is shared by every worker
+        text = server.log.read_bytes()[start:].decode("utf-8", "replace")
+        logged = re.findall(r"\] (?:GET|POST|PUT|DELETE) \S* (\d{3}): \S", text)
+        if len(logged) >= len(cases) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert "Traceback" not in text
+    assert sorted(map(int, logged)) == sorted(status for *_, status in cases)
+    noisy = [line for line in text.splitlines() if "[WARNING]" in line or "[ERROR]" in line]
+    assert not noisy, "\n".join(noisy[:5])
+    assert re.search(r"\] POST /search 400: 1 validation error for Input; fitler: unknown field", text)
 
 
 def test_form_fields_are_read_as_json_values(client: httpx.Client, jpeg: bytes) -> None:

@@ -16,10 +16,13 @@ from PIL import Image
 from corinfomax.core.errors import BadInput, ImageError, ImageTooLarge, NotFound
 from corinfomax.core.thumbnails import MAX_BYTES, make_thumbnail
 from corinfomax.serving.index import kinds
-from corinfomax.serving.index.backend import IndexMismatch, VectorIndex, open_index
+from corinfomax.serving.index.backend import IndexMismatch, VectorIndex
+from corinfomax.serving.index.factory import open_index
 from corinfomax.serving.index.kinds import choose_kind
 from corinfomax.serving.index.milvus import MilvusStore
-from corinfomax.serving.index.store import DB_FILE, FAISS_FILE, FAISS_META, IndexStore
+from corinfomax.serving.index.store import IndexStore
+from corinfomax.serving.index.store_faiss import FAISS_FILE, FAISS_META
+from corinfomax.serving.index.store_sqlite import DB_FILE
 
 DIM = 16
 
@@ -92,19 +95,19 @@ def test_bad_parameters_are_refused(store: VectorIndex) -> None:
     store.add(unit(3))
     for k in (0, -1, 10**6, 2.5, True):
         with pytest.raises(BadInput, match="k must"):
-            store.search(unit(1), k=k)
+            store.search(unit(1), k=k)  # type: ignore[arg-type]  # a float k is one of the refusals tested
     with pytest.raises(BadInput, match="metadata"):
-        store.add(unit(1), metadata=["not a dict"])
+        store.add(unit(1), metadata=["not a dict"])  # type: ignore[list-item]  # refusing it is the point
     with pytest.raises(BadInput, match="metadata"):
         store.add(unit(1), metadata=[{"x": float("nan")}])
     with pytest.raises(BadInput, match="labels"):
-        store.add(unit(1), labels=[3])
+        store.add(unit(1), labels=[3])  # type: ignore[list-item]  # refusing it is the point
     with pytest.raises(BadInput, match="2 vectors"):
         store.add(unit(2), metadata=[{}])
     with pytest.raises(BadInput, match="ids"):
         store.delete([])
     with pytest.raises(BadInput, match="integers"):
-        store.delete(["1"])
+        store.delete(["1"])  # type: ignore[list-item]  # refusing it is the point
     assert store.count() == 3
 
 

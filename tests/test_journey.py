@@ -16,7 +16,7 @@ import httpx
 import pytest
 from trainkit import small_folder
 
-from corinfomax.serving.api.launcher import Server
+from bench.launcher import Server
 
 pytestmark = pytest.mark.slow  # subprocesses, servers, DDP jobs or model exports
 

@@ -45,6 +45,71 @@ def imports_of(tree: ast.AST) -> set[str]:
     return names
 
 
+def module_files() -> dict[str, Path]:
+    """Every module of the package by its dotted name (a package by its ``__init__.py``)."""
+    files = {}
+    for folder, package in FOLDERS.items():
+        for path in modules(folder):
+            parts = path.relative_to(REPO / folder).with_suffix("").parts
+            files[".".join([package, *parts[:-1]] + ([] if parts[-1] == "__init__" else [parts[-1]]))] = path
+    return files
+
+
+def import_graph(files: dict[str, Path]) -> dict[Path, set[Path]]:
+    """Which of ``files`` each file imports, at module level or inside functions; ``from package import module``
+    and relative imports resolved to the module's file, and importing a module counts as importing the
+    ``__init__.py`` of each package above it (Python runs those first)."""
+    graph: dict[Path, set[Path]] = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]) if node.level else ""
+                module = ".".join(part for part in (base, node.module or "") if part)
+                targets |= {module, *(f"{module}.{alias.name}" for alias in node.names)}
+        graph[path] = {files[parent] for target in targets for parent in _with_parents(target) if parent in files}
+        graph[path].discard(path)
+    return graph
+
+
+def _with_parents(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def import_cycles(graph: dict[Path, set[Path]]) -> list[list[Path]]:
+    """The import loops of ``graph``: each group of files that reach one another (Tarjan's strongly connected
+    components of more than one file), in a stable order."""
+    index: dict[Path, int] = {}
+    low: dict[Path, int] = {}
+    stack: list[Path] = []
+    cycles = []
+
+    def visit(node: Path) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in sorted(graph.get(node, ())):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            group: list[Path] = []
+            while not group or group[-1] != node:
+                group.append(stack.pop())
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(cycles)
+
+
 def test_every_package_folder_is_listed_in_pyproject() -> None:
     tool = PYPROJECT["tool"]["setuptools"]
     assert tool["package-dir"] == {package: folder for folder, package in FOLDERS.items()}
@@ -84,63 +149,22 @@ def test_imports_follow_the_layers(folder: str) -> None:
             assert name != "corinfomax.cli" or path.parent == REPO / "corinfomax", f"{path} imports the CLI"
 
 
-def module_name(folder: str, path: Path) -> str:
-    """The installed name of a project file: training/eval_cli.py -> corinfomax.training.eval_cli."""
-    parts = path.relative_to(REPO / folder).with_suffix("").parts
-    return ".".join((FOLDERS[folder],) + (parts[:-1] if parts[-1] == "__init__" else parts))
+def test_no_import_cycles_between_files() -> None:
+    """No file imports, directly or through others, a file that imports it back (not even inside one stage)."""
+    cycles = [[str(path.relative_to(REPO)) for path in cycle] for cycle in import_cycles(import_graph(module_files()))]
+    assert cycles == [], "import loops: " + "; ".join(" <-> ".join(cycle) for cycle in cycles)
 
 
-def import_graph(folder: str) -> dict[str, set[str]]:
-    """Each module of ``folder`` -> the modules of that folder it imports, anywhere in the file (``from pkg import
-    mod`` counts as importing ``pkg.mod``). Between folders the layers allow no loop (test above)."""
-    paths = {module_name(folder, path): path for path in modules(folder)
-             if folder != "corinfomax" or path.parent == REPO / "corinfomax"}
-    graph = {}
-    for name, path in paths.items():
-        edges = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                edges |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                edges |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
-        graph[name] = edges & paths.keys()
-    return graph
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import cycle of ``graph`` (depth-first search for a back edge), or None."""
-    done: set[str] = set()
-
-    def visit(module: str, stack: list[str]) -> list[str] | None:
-        stack.append(module)
-        for target in sorted(graph[module]):
-            if target in stack:
-                return stack[stack.index(target):] + [target]
-            if target not in done and (cycle := visit(target, stack)):
-                return cycle
-        stack.pop()
-        done.add(module)
-        return None
-
-    for module in sorted(graph):
-        if module not in done and (cycle := visit(module, [])):
-            return cycle
-    return None
-
-
-def test_find_cycle_finds_one() -> None:
-    graph = {"p.a": {"p.b"}, "p.b": {"p.c"}, "p.c": {"p.a"}, "p.d": {"p.a"}}
-    assert find_cycle(graph) == ["p.a", "p.b", "p.c", "p.a"]
-    assert find_cycle({"p.a": {"p.b"}, "p.b": set(), "p.c": {"p.a", "p.b"}}) is None
-
-
-# Every folder is meant to be here; serving joins once its index factory and extraction input types stop
-# looping (backend <-> store/milvus, extract <-> ray_engine).
-@pytest.mark.parametrize("folder", ["corinfomax", "core", "training", "export"])
-def test_no_import_cycles(folder: str) -> None:
-    """No file-level import loop, not even through an import inside a function."""
-    cycle = find_cycle(import_graph(folder))
-    assert cycle is None, "import loop: " + " -> ".join(cycle or [])
+def test_the_cycle_check_finds_a_loop_through_a_package_import(tmp_path: Path) -> None:
+    """``from package import module`` and a function-level import are edges too."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "a.py").write_text("from pkg import b\n")
+    (tmp_path / "pkg" / "b.py").write_text("def f() -> None:\n    from . import c\n")
+    (tmp_path / "pkg" / "c.py").write_text("import pkg.a\n")
+    files = {name: tmp_path / "pkg" / f"{name.rpartition('.')[2]}.py" for name in ("pkg.a", "pkg.b", "pkg.c")}
+    files["pkg"] = tmp_path / "pkg" / "__init__.py"
+    assert import_cycles(import_graph(files)) == [[files["pkg.a"], files["pkg.b"], files["pkg.c"]]]
 
 
 def test_core_needs_only_numpy_and_pillow() -> None:
@@ -170,6 +194,13 @@ def test_stages_are_imported_by_their_package_name(folder: str) -> None:
     for path in modules(folder):
         wrong = sorted(name for name in code_imports(path) if name.split(".")[0] in stages)
         assert not wrong, f"{path} imports {wrong}: import corinfomax.{wrong[0]} instead"
+
+
+def test_the_package_imports_no_bench_tests_or_scripts() -> None:
+    """They sit beside the package (bench/launcher.py starts servers for the tests, benches and scripts)."""
+    for folder in FOLDERS:
+        for path in modules(folder):
+            assert not {name.split(".")[0] for name in imports(path)} & {"bench", "tests", "scripts"}, path
 
 
 def test_bench_does_not_import_the_tests() -> None:

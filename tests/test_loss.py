@@ -3,6 +3,8 @@ extension (the pairs and scale written down in training/loss.py)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch
 from corinfomax.training.loss import CorInfoMaxLoss
 
 D = 8
-HYPER = dict(alpha=250.0, la_R=0.01, la_mu=0.01, eps=1e-8, R_init=1.0)
+HYPER: dict[str, Any] = dict(alpha=250.0, la_R=0.01, la_mu=0.01, eps=1e-8, R_init=1.0)
 
 
 class NumpyCorInfoMax:
@@ -152,7 +154,7 @@ def test_autocast_bf16_close_to_fp32() -> None:
     assert torch.isfinite(bf16.loss) and bf16.loss.dtype == torch.float32
     assert bf16.loss.item() == pytest.approx(fp32.loss.item(), rel=2e-2, abs=2e-2)
     bf16.loss.backward()
-    assert torch.isfinite(head.weight.grad).all()
+    assert head.weight.grad is not None and torch.isfinite(head.weight.grad).all()
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,7 @@ def run_steps(rank: int, world: int) -> dict[str, list[torch.Tensor]]:
         head.zero_grad()
         result = loss_fn(head(x1[part]), head(x2[part]))
         result.loss.backward()
+        assert head.weight.grad is not None
         grad = head.weight.grad.clone()
         if world > 1:
             dist.all_reduce(grad)

@@ -32,10 +32,11 @@ def test_resnet_feature_dims(name: str, dim: int, cifar_stem: bool) -> None:
 
 def test_cifar_stem_is_3x3_stride_1_without_maxpool() -> None:
     backbone, _ = build_backbone("resnet18", cifar_stem=True)
+    assert isinstance(backbone.conv1, nn.Conv2d) and isinstance(backbone.maxpool, nn.Identity)
     assert backbone.conv1.kernel_size == (3, 3) and backbone.conv1.stride == (1, 1)
-    assert isinstance(backbone.maxpool, nn.Identity)
     plain, _ = build_backbone("resnet18", cifar_stem=False)
-    assert plain.conv1.kernel_size == (7, 7) and isinstance(plain.maxpool, nn.MaxPool2d)
+    assert isinstance(plain.conv1, nn.Conv2d) and isinstance(plain.maxpool, nn.MaxPool2d)
+    assert plain.conv1.kernel_size == (7, 7)
 
 
 @pytest.mark.parametrize(

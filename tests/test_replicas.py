@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from servekit import start_service
 
-from corinfomax.serving.api.launcher import Server, free_port
+from bench.launcher import Server, free_port
 
 pytestmark = pytest.mark.slow  # subprocesses, servers, DDP jobs or model exports
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from servekit import start_service
 
-from corinfomax.serving.api.launcher import Server
+from bench.launcher import Server
 
 pytestmark = pytest.mark.slow  # starts a server (and a browser)
 
@@ -55,6 +55,21 @@ def test_demo_index_has_thumbnails_served_with_cache_headers(server: Server, cli
     assert client.get("/thumbnails/99999").json() == {"error": "no item with id 99999"}
 
 
+def test_root_sends_people_to_the_search_page_and_the_api_docs_live_at_docs(server: Server,
+                                                                         client: httpx.Client) -> None:
+    landing = httpx.get(f"{server.url}/")  # no key: the redirect reveals nothing
+    assert landing.status_code == 307 and landing.headers["location"] == "/ui/"
+    page = httpx.get(f"{server.url}/", follow_redirects=True)
+    assert page.status_code == 200 and page.url.path == "/ui/" and 'id="results"' in page.text
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger-ui" in docs.text and "./static_content/" in docs.text
+    assert client.get("/static_content/swagger-initializer.js").status_code == 200  # what the docs page loads
+    spec = client.get("/docs.json").json()
+    assert {"/search", "/classify", "/add"} <= set(spec["paths"])
+    assert httpx.get(f"{server.url}/docs").status_code == 401  # behind the key, as the docs page was at /
+    assert client.post("/", json={}).status_code == 405  # only GET and HEAD are redirected
+
+
 def test_added_images_get_thumbnails_and_vectors_do_not(client: httpx.Client, cifar10: Path) -> None:
     path = cifar10 / "test" / "ship" / "0007.jpg"
     (image_id,) = client.post("/add", files=[("images", (path.name, path.read_bytes(), "image/jpeg"))]).json()["ids"]
@@ -79,7 +94,8 @@ def test_search_page_in_headless_chromium(server: Server, tmp_path: Path) -> Non
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 820})
-            page.goto(f"{server.url}/ui/")
+            page.goto(f"{server.url}/")  # the service's address leads to the page
+            assert page.url == f"{server.url}/ui/"
             page.fill("#key", API_KEY)
             page.dispatch_event("#key", "change")
             page.wait_for_function("document.querySelectorAll('#card dd').length > 0 && "

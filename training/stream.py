@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -89,7 +89,7 @@ class ViewDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor | int, ...]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Any, ...]:  # (views..., label tensor, unreadable int)
         index, seed = item
         image, used, unreadable = self._load(index)
         return *self.transform(image, seed), self.images.labels[used], unreadable

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ def _index_location(raw: str | None) -> str:
     """CORINFOMAX_INDEX, else ``data/index`` under the working directory, except inside a Bento.
 
     A folder is the embedded index, a ``.db`` file a Milvus Lite one, ``milvus://host:port/collection`` a
-    Milvus server (``serving.index.backend.open_index``); a URL is kept as given.
+    Milvus server (``serving.index.factory.open_index``); a URL is kept as given.
 
     An index in a Bento's ``src/`` folder would grow the stored Bento and vanish with it, so a Bento keeps it
     under BentoML's home (``$BENTOML_HOME/data/index``: ~/bentoml/data/index locally, /home/bentoml/data/index
@@ -148,3 +149,9 @@ class Settings:
             return self.probe
         default = bundle / PROBE_FILE
         return default if default.is_file() else None
+
+
+@functools.cache
+def settings() -> Settings:
+    """The service's settings, read from the environment once per process (its modules share this one copy)."""
+    return Settings.from_env()

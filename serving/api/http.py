@@ -1,12 +1,12 @@
-"""HTTP guards in front of every API (ASGI middleware): optional API key, a request-size limit, errors
-always as ``{"error": message}``, metric series for the service's own routes only, and request timeouts
-that free their timer when the request ends."""
+"""HTTP guards in front of every API (ASGI middleware): optional API key, a request-size limit and a deadline for
+the body, and errors always as ``{"error": message}``, each 4xx logged as one line naming route and reason."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
+import logging
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable
 
@@ -20,6 +20,23 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics")
 # The search page's static files hold no data (the page sends the key with its own API calls).
 OPEN_PREFIX = "/ui"
+MAX_DETAILS = 3  # validation problems named in one error message (then "and N more")
+MAX_LOGGED_CHARS = 500  # of a 4xx's reason in its log line
+
+log = logging.getLogger("corinfomax.http")
+# BentoML's server logging shows only its own loggers at INFO: a client's error is INFO, not a warning.
+log.setLevel(logging.INFO)
+
+
+class _ParseWarnings(logging.Filter):
+    """python-multipart logs a warning just before it raises each parse error, which the service answers with a
+    400 logged with the same reason: drop those (its warnings about spooling parts to disk are kept)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.funcName != "_internal_write"
+
+
+logging.getLogger("python_multipart.multipart").addFilter(_ParseWarnings())
 
 
 async def send_error(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -113,10 +130,13 @@ class GuardMiddleware:
 
 
 class JsonErrors:
-    """Give every error answer (status >= 400) the documented shape ``{"error": message}``.
+    """Give every error answer (status >= 400) the documented shape ``{"error": message}``, and log each 4xx
+    as one line: ``POST /search 400: <the message the client got>``.
 
     Starlette answers unknown routes (404) and wrong methods (405) in plain text, and BentoML wraps the
     message of its own 4xx exceptions in a one-element array; both are rewritten here, keeping the status.
+    Every answer passes here, so this is the one place a client's error is logged (BentoML's traceback for
+    it is off: ``bentoml_patches.log_tracebacks_for_5xx_only``); a 5xx keeps its traceback.
     """
 
     def __init__(self, app: Any) -> None:
@@ -141,9 +161,18 @@ class JsonErrors:
             if not message.get("more_body", False):
                 headers = [(k, v) for k, v in start.get("headers", [])
                            if k.lower() not in (b"content-type", b"content-length")]
-                await send_error(send, start["status"], error_message(bytes(body), start["status"]), headers)
+                reason = error_message(bytes(body), start["status"])
+                if start["status"] < 500:
+                    log.info("%s %s %d: %s", scope.get("method", ""), printable(scope.get("path", "")),
+                             start["status"], printable(reason[:MAX_LOGGED_CHARS]))
+                await send_error(send, start["status"], reason, headers)
 
         await self.app(scope, receive, shaping_send)
+
+
+def printable(text: str) -> str:
+    """``text`` on one line: a client's path or field name must not start a fake line in the log."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def error_message(body: bytes, status: int) -> str:
@@ -156,77 +185,13 @@ def error_message(body: bytes, status: int) -> str:
         data = data[0]
     if isinstance(data, dict) and isinstance(data.get("error"), str):
         detail = data.get("detail")
-        details: list[Any] = detail if isinstance(detail, list) else []
+        details = [d for d in detail if isinstance(d, dict)] if isinstance(detail, list) else []
         # Pydantic's validation details: where (the field) and what, so the message names the problem.
-        where = ["{}: {}".format(".".join(map(str, d.get("loc", ()))), d.get("msg", ""))
-                 for d in details[:3] if isinstance(d, dict)]
-        return "; ".join([data["error"], *where])
+        where = ["{}: {}".format(".".join(map(str, d.get("loc", ()))),
+                                 "unknown field" if d.get("type") == "extra_forbidden" else d.get("msg", ""))
+                 for d in details[:MAX_DETAILS]]
+        more = [f"and {len(details) - MAX_DETAILS} more"] if len(details) > MAX_DETAILS else []
+        return "; ".join([data["error"], *where, *more])
     if isinstance(data, dict) and isinstance(data.get("detail"), str):
         return data["detail"]
     return json.dumps(data)[:2000]
-
-
-def count_known_routes_only(routes: frozenset[str]) -> None:
-    """Keep BentoML's per-endpoint HTTP metrics to ``routes``: one series per path ever requested would
-    let anyone grow ``/metrics`` and the server's memory without bound with random paths.
-
-    BentoML labels its request metrics with the raw path in a middleware outside the service's own
-    ones, so the filter has to sit in that middleware's call (patched once per process).
-    """
-    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware as Metrics
-
-    counted: Any = Metrics.__call__
-    if getattr(counted, "routes", None) is not None:
-        return
-
-    async def call(self: Any, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in routes:
-            await self.app(scope, receive, send)
-        else:
-            await counted(self, scope, receive, send)
-
-    call.routes = routes  # type: ignore[attr-defined]
-    Metrics.__call__ = call  # type: ignore[method-assign,assignment]
-
-
-def free_timeout_timers() -> None:
-    """Make BentoML's request timeout (``traffic.timeout``) cancel its timer when the request ends.
-
-    BentoML schedules one timer per request with ``loop.call_later`` and never cancels it, and the timer
-    holds a copy of the request's context (its OpenTelemetry span, BentoML's request context): each request
-    stayed in memory for the whole timeout after it had been answered. Measured under bench/hostile_load.py
-    (tracemalloc snapshots diffed inside each worker): ~2.6 KB of Python objects per request, so ~5 KB of
-    RSS per request growing for 600 s in ``IndexOwner`` (its timeout) and 60 s in each API worker.
-    The replacement keeps the behaviour: 504 when no answer has started within the timeout.
-    """
-    from bentoml._internal.server.http.traffic import TimeoutMiddleware
-
-    if getattr(TimeoutMiddleware.__call__, "frees_timer", False):
-        return
-
-    async def call(self: Any, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        answering = asyncio.Event()
-
-        async def marking_send(message: dict[str, Any]) -> None:
-            answering.set()
-            await send(message)
-
-        app = asyncio.ensure_future(self.app(scope, receive, marking_send))
-        started = asyncio.ensure_future(answering.wait())
-        try:  # asyncio.wait cancels its own timer when it returns
-            done, _ = await asyncio.wait({app, started}, timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            app.cancel()
-            raise
-        finally:
-            started.cancel()
-        if not done and app.cancel():
-            await send_error(send, 504, f"not able to process the request in {self.timeout} seconds")
-            return
-        await app
-
-    call.frees_timer = True  # type: ignore[attr-defined]
-    TimeoutMiddleware.__call__ = call  # type: ignore[method-assign,assignment]

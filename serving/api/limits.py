@@ -1,7 +1,7 @@
 """What one request may make the service do, checked before the work, and what /info may show.
 
 Limits on images (count, bytes, pixels) live in ``Settings``; the index's own limits (k, metadata size,
-answer size) in ``serving.index.store``. This module adds the per-request products of the two.
+answer size) in ``serving.index.backend``. This module adds the per-request products of the two.
 """
 
 from __future__ import annotations

@@ -5,17 +5,20 @@ place of a file (a multipart text field ``images=http://...``, or a raw JSON bod
 no size limit, no timeout and no private-address guard, and answer 500 when that fails. Here files
 arrive only as uploaded parts; URLs go through ``serving.api.fetch`` with the service's limits. Form
 parsing also gets explicit part and field limits, and parse failures (no boundary, too many fields,
-nesting too deep for the JSON decoder) become 400s instead of 500s. Inputs are validated strictly
-(``validate_strictly``).
+nesting too deep for the JSON decoder) become 400s instead of 500s. ``bentoml_patches`` puts these parsers in
+BentoML's place and makes the validation of the parsed inputs strict. They subclass BentoML's own parsers and
+rely on ``JSONSerde.deserialize_model``, ``Payload``, and ``MultipartSerde.parse_request`` passing each file
+field through ``ensure_file`` (tests/test_bentoml_patches.py checks them).
 """
 
 from __future__ import annotations
 
 from http import HTTPStatus
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from _bentoml_impl.serde import ALL_SERDE, JSONSerde, MultipartSerde, Payload
+from _bentoml_impl.serde import JSONSerde, MultipartSerde, Payload
 from bentoml.exceptions import BentoMLException
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
@@ -56,7 +59,7 @@ class GuardedMultipartSerde(MultipartSerde):
 
     async def parse_request(self, request: Request, cls: type[T]) -> T:
         try:
-            await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
+            form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
         except MultiPartException as err:  # too many parts, a malformed part
             raise RequestError(f"malformed form: {err.message}") from err
         except HTTPException as err:  # Starlette's wrapping of the same inside an app
@@ -65,28 +68,21 @@ class GuardedMultipartSerde(MultipartSerde):
             raise RequestError("multipart body without a boundary in its Content-Type") from err
         except (ValueError, AssertionError) as err:  # the parser's own checks on a broken body
             raise RequestError(f"malformed form: {err}") from err
+        # Before BentoML reads them: it would decode a file part under an unknown name as text (a 500 for an image).
+        unknown = [name for name in form if name not in cls.model_fields]  # type: ignore[attr-defined]
+        if unknown:
+            raise unknown_fields(cls, unknown)
         try:
             return await super().parse_request(request, cls)  # reuses the form parsed above
         except RecursionError as err:
             raise RequestError("form field: JSON nested too deeply") from err
+        except UnicodeDecodeError as err:  # a file part where the API takes text, e.g. -F metadata=@cat.jpg
+            raise RequestError("a form field that takes text got a file that is not UTF-8 text; images go in "
+                               "the file field 'images'") from err
 
 
-def install() -> None:
-    """Use the guarded parsers for every media type BentoML would parse as JSON or as a form."""
-    serdes: Any = ALL_SERDE  # typed as a read-only Mapping, but it is the dict BentoML looks parsers up in
-    serdes["application/json"] = GuardedJSONSerde
-    serdes["multipart/form-data"] = GuardedMultipartSerde
-    serdes["application/x-www-form-urlencoded"] = GuardedMultipartSerde
-
-
-def validate_strictly(service: Any) -> None:
-    """Validate ``service``'s API inputs without pydantic's lax conversions.
-
-    Lax mode reads ``true`` as the id 1, ``"10"`` as the number 10 and ``"0.5"`` as a vector component, so a
-    client's type mistake would act on the wrong item instead of being named. A form's text fields are
-    parsed as JSON first (BentoML), so ``-F k=10`` is still the number 10 there.
-    """
-    for api in service.apis.values():
-        model = api.input_spec
-        model.model_config["strict"] = True
-        model.model_rebuild(force=True)
+def unknown_fields(model: type, names: list[str]) -> ValidationError:
+    """The error pydantic raises for fields ``model`` does not take, so a form's unknown parts are answered like
+    a JSON body's unknown fields."""
+    return ValidationError.from_exception_data(
+        model.__name__, [{"type": "extra_forbidden", "loc": (name,), "input": None} for name in names])

@@ -3,7 +3,9 @@
 - ``/ui/``: static HTML/CSS/JS shipped in the package (``static/``), no build step; it calls the JSON API
   (``/search``, ``/classify``, ``/info``, ``/stats``) with the API key the user types in, if any;
 - ``GET /thumbnails/{id}``: an item's stored WebP thumbnail with ``ETag``/``Cache-Control`` (behind the
-  API key like every data path; the page fetches it with the key and shows it as a blob).
+  API key like every data path; the page fetches it with the key and shows it as a blob);
+- ``GET /``: a redirect to the page (``FrontDoor``); BentoML's API docs page, which it serves at ``/``, is at
+  ``/docs`` instead, its OpenAPI spec still at ``/docs.json``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import bentoml
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 
@@ -23,6 +25,8 @@ from corinfomax.core.errors import BadInput
 from corinfomax.core.thumbnails import MEDIA_TYPE
 
 STATIC = Path(__file__).with_name("static")
+PAGE = "/ui/"
+DOCS = "/docs"  # no trailing slash: the docs page loads ./docs.json and ./static_content/ beside it
 # A thumbnail of an id never changes (ids are never reused), but the key may be revoked: private, one day.
 CACHE_CONTROL = "private, max-age=86400"
 MAX_ID = 2**63 - 1  # SQLite's INTEGER
@@ -53,3 +57,24 @@ def mount(service: Any) -> None:
     service.mount_asgi_app(StaticFiles(directory=STATIC, html=True), path="/ui")
     service.mount_asgi_app(Starlette(routes=[Route("/{item_id:int}", thumbnail),
                                              Route("/{rest:path}", bad_id)]), path="/thumbnails")
+
+
+class FrontDoor:
+    """ASGI middleware: ``GET /`` redirects to the search page (people open the address, not the API), and
+    ``GET /docs`` shows BentoML's API docs page, which BentoML serves at ``/``.
+
+    It sits outside the API-key guard for the redirect only (it reveals nothing); ``/docs`` reaches the guard
+    as ``/``, so it needs the key exactly as the docs page did there. Other methods on ``/`` are untouched.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
+            if scope["path"] == "/":
+                await RedirectResponse(PAGE)(scope, receive, send)
+                return
+            if scope["path"] == DOCS:
+                scope = {**scope, "path": "/", "raw_path": b"/"}
+        await self.app(scope, receive, send)

@@ -54,6 +54,11 @@ class Record:
     error: str | None = None
 
 
+# One shard's results as an engine yields them and ``FeaturesWriter.write_shard`` takes them: (shard index,
+# embeddings of the good files, one record per file).
+ShardResult = tuple[int, np.ndarray, list[Record]]
+
+
 @dataclass
 class Features:
     """All successfully embedded rows of a features folder, in shard order."""

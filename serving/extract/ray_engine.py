@@ -18,8 +18,8 @@ import numpy as np
 
 from corinfomax.core.errors import UserError
 from corinfomax.core.images import ResizeRule
-from corinfomax.serving.extract.extract import InputFile, ShardResult, decode, shard_slices
-from corinfomax.serving.extract.features import Record
+from corinfomax.serving.extract.features import Record, ShardResult
+from corinfomax.serving.extract.inputs import InputFile, decode, shard_slices
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
-"""What every index backend promises (``VectorIndex``), the checks they share, and the one place that picks a
-backend from ``CORINFOMAX_INDEX``.
+"""What every index backend promises (``VectorIndex``) and the checks they share (``factory.open_index`` picks
+the backend from ``CORINFOMAX_INDEX``).
 
 Two backends satisfy the protocol: ``store.IndexStore`` (SQLite + FAISS in a folder, embedded, the default)
 and ``milvus.MilvusStore`` (a Milvus collection: a local ``.db`` file opened by Milvus Lite, or a Milvus
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -113,24 +112,6 @@ class VectorIndex(Protocol):
     def __enter__(self) -> "VectorIndex": ...
 
     def __exit__(self, *exc: object) -> None: ...
-
-
-def is_milvus(location: str | Path) -> bool:
-    """Whether ``CORINFOMAX_INDEX``-style ``location`` names a Milvus collection rather than an index folder."""
-    text = str(location)
-    return text.startswith("milvus://") or text.endswith(".db")
-
-
-def open_index(location: str | Path, dim: int | None = None, model_sha256: str | None = None) -> VectorIndex:
-    """Open (or create, given ``dim``) the index at ``location``: a folder (SQLite + FAISS), a ``.db`` file
-    (Milvus Lite) or ``milvus://host:port/collection`` (a Milvus server; token from CORINFOMAX_MILVUS_TOKEN)."""
-    if is_milvus(location):
-        from corinfomax.serving.index.milvus import MilvusStore
-
-        return MilvusStore(str(location), dim=dim, model_sha256=model_sha256)
-    from corinfomax.serving.index.store import IndexStore
-
-    return IndexStore(location, dim=dim, model_sha256=model_sha256)
 
 
 # -- the checks every backend runs before touching storage ------------------------------------------

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from corinfomax.core.errors import UserError
 from corinfomax.serving.extract.features import iter_shards, read_manifest
-from corinfomax.serving.index.backend import is_milvus, open_index
+from corinfomax.serving.index.factory import is_milvus, open_index
 from corinfomax.serving.index.store import IndexStore
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """Which FAISS index a collection gets (by size and memory budget) and how widely it must search to reach the
-recall target: the choices the index store (`serving.index.store`) delegates here."""
+recall target: the choices the embedded index's FAISS cache (`serving.index.store_faiss`) delegates here."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from corinfomax.core.errors import UserError
 from corinfomax.core.files import atomic_write_text
-from corinfomax.serving.index.backend import open_index
+from corinfomax.serving.index.factory import open_index
 from corinfomax.serving.index.store import IndexStore
 
 log = logging.getLogger(__name__)

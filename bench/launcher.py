@@ -1,5 +1,7 @@
 """`bentoml serve` of this service as a child process: start it, wait until it is ready, stop it with its
-workers. The tests and bench/serve_load.py launch the service the same way."""
+workers. The tests, the benches and scripts/screenshot_page.py launch the service this way (import it as
+``bench.launcher``: the tests have the repo root on their path, benches and scripts run with ``python -m``
+from it). Not part of the package: the service itself never starts servers."""
 
 from __future__ import annotations
 

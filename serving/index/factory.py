@@ -1,0 +1,28 @@
+"""Which backend an index location names, and opening it: the one place that picks a backend from
+``CORINFOMAX_INDEX`` (above both backends, so neither needs to import it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from corinfomax.serving.index.backend import VectorIndex
+
+
+def is_milvus(location: str | Path) -> bool:
+    """Whether ``CORINFOMAX_INDEX``-style ``location`` names a Milvus collection rather than an index folder."""
+    text = str(location)
+    return text.startswith("milvus://") or text.endswith(".db")
+
+
+def open_index(location: str | Path, dim: int | None = None, model_sha256: str | None = None) -> VectorIndex:
+    """Open (or create, given ``dim``) the index at ``location``: a folder (SQLite + FAISS), a ``.db`` file
+    (Milvus Lite) or ``milvus://host:port/collection`` (a Milvus server; token from CORINFOMAX_MILVUS_TOKEN).
+
+    Each backend's client library (FAISS, pymilvus) is imported only when that backend is opened."""
+    if is_milvus(location):
+        from corinfomax.serving.index.milvus import MilvusStore
+
+        return MilvusStore(str(location), dim=dim, model_sha256=model_sha256)
+    from corinfomax.serving.index.store import IndexStore
+
+    return IndexStore(location, dim=dim, model_sha256=model_sha256)
