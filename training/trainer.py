@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -26,13 +25,13 @@ from corinfomax.core.errors import UserError
 from corinfomax.core.files import atomic_write_text
 from corinfomax.training.augment import BatchViews, Crops, PilTwoView, view_specs
 from corinfomax.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_weights, save_checkpoint
-from corinfomax.training.config import ConfigError, TrainConfig
+from corinfomax.training.config import ConfigError, TrainConfig, validate
 from corinfomax.training.data import CACHE_MAX_SIDE, DecodedImages, decode_folder
 from corinfomax.training.distributed import Dist, convert_global_batchnorm, pick_device, setup_distributed
 from corinfomax.training.guard import StepGuard
 from corinfomax.training.loss import CorInfoMaxLoss
 from corinfomax.training.models import CorInfoMaxModel
-from corinfomax.training.optim import LARS, lr_at
+from corinfomax.training.optim import lr_at, make_optimizer
 from corinfomax.training.stream import ImageFiles, ViewDataset, list_image_files
 
 log = logging.getLogger(__name__)
@@ -64,34 +63,6 @@ class TrainingDiverged(UserError):
 
 class ResumeConflict(UserError):
     """The run folder holds a checkpoint trained with a different config."""
-
-
-def validate(config: TrainConfig) -> None:
-    """Refuse a config that cannot train, before anything is read or written."""
-    if config.augment not in ("tensor", "pil"):
-        raise ConfigError(f"unknown augmentation pipeline {config.augment!r}; use 'tensor' or 'pil'")
-    if config.optimizer not in ("sgd", "lars"):
-        raise ConfigError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'lars'")
-    if config.image_size < 8:
-        raise ConfigError(f"image_size {config.image_size} is too small; use at least 8")
-    if config.checkpoint_every < 0:
-        raise ConfigError(f"--checkpoint-every must be 0 (epoch ends only) or more, got {config.checkpoint_every}")
-    for name in ("epochs", "batch_size", "max_bad_steps", "log_every"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
-    if config.global_views < 1 or config.local_views < 0 or config.global_views + config.local_views < 2:
-        raise ConfigError(f"need at least two views per image, got --global-views {config.global_views} and "
-                          f"--local-views {config.local_views}")
-    if config.augment == "pil" and (config.global_views, config.local_views) != (2, 0):
-        raise ConfigError("the PIL reference pipeline makes the paper's two views only; use --augment tensor for "
-                          "more views")
-    if config.local_views and not 8 <= (config.local_size or config.image_size // 2) <= config.image_size:
-        raise ConfigError(f"--local-size must be between 8 and the image size {config.image_size}, got "
-                          f"{config.local_size or config.image_size // 2}")
-    if config.lr <= 0 or not math.isfinite(config.lr):
-        raise ConfigError(f"--lr must be a positive number, got {config.lr}")
-    if config.workers < 0:
-        raise ConfigError(f"--workers must be 0 or more, got {config.workers}")
 
 
 # --------------------------------------------------------------------------- batches
@@ -308,7 +279,7 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
                              global_views=config.global_views).to(device)
     num_classes = len(data.classes)
     probe = nn.Linear(model.feature_dim, num_classes).to(device) if (config.online_probe and num_classes) else None
-    optimizer = _optimizer(config, model)
+    optimizer = make_optimizer(config, model)
     probe_opt = torch.optim.Adam(probe.parameters(), lr=1e-3) if probe is not None else None
 
     start_epoch, step, start_batch = 0, 0, 0
@@ -596,15 +567,6 @@ def _save(run: Run, state: LoopState, metrics: dict[str, Any] | None = None, mid
         "optimizer": run.optimizer.state_dict(), "step": state.step, "rng": _rng_state(), **probe, **position,
         "metrics": metrics or {},
     })
-
-
-def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
-    if config.optimizer == "lars":
-        return LARS(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    raise ConfigError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'lars'")
 
 
 def _budget_window(steps_per_epoch: int) -> tuple[int, int]:
