@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator, cast
+from typing import Any, Iterator, cast
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ from corinfomax.training.data import CACHE_MAX_SIDE, DecodedImages, decode_folde
 from corinfomax.training.distributed import Dist, convert_global_batchnorm, pick_device, setup_distributed
 from corinfomax.training.guard import StepGuard
 from corinfomax.training.loss import CorInfoMaxLoss
+from corinfomax.training.metrics_log import MetricsLog, log_record
 from corinfomax.training.models import CorInfoMaxModel
 from corinfomax.training.optim import lr_at, make_optimizer
 from corinfomax.training.stream import ImageFiles, ViewDataset, list_image_files
@@ -380,7 +381,7 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
         if not fresh:
             _trim_metrics(out / "metrics.jsonl", state.step)
         run.metrics = MetricsLog(out / "metrics.jsonl", fresh, out / "tensorboard" if config.tensorboard else None)
-        _log(run.metrics, {"event": "data", "step": state.step, "images": len(run.data),
+        log_record(run.metrics, {"event": "data", "step": state.step, "images": len(run.data),
                            "skipped": run.data.skipped, "classes": len(run.data.classes), "world_size": ddp.world,
                            "device": str(run.device), **({"config_changes": run.changes} if run.changes else {})})
     first_epoch = state.epoch
@@ -403,7 +404,7 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
                     state.window_start, state.window_images = time.monotonic(), 0
                     loss, attraction, big_bang = terms.tolist()
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
-                    _log(run.metrics, {"step": state.step, "epoch": epoch + (i + 1) / steps_per_epoch, "lr": lr,
+                    log_record(run.metrics, {"step": state.step, "epoch": epoch + (i + 1) / steps_per_epoch, "lr": lr,
                                        "loss": loss, "attraction": attraction, "big_bang": big_bang,
                                        "images_per_s": rate}, group="step")
                 state.batch = i + 1
@@ -454,7 +455,7 @@ def _budget_stop(run: Run, state: LoopState, steps_per_epoch: int) -> None:
     log.warning("time budget of %g min spent: stopped at step %d (%s) with a resumable checkpoint in %s; run the "
                 "same command to continue (each run gets the budget again)", run.config.time_budget_min,
                 state.step, where, run.out)
-    _log(run.metrics, {"event": "budget_stop", "step": state.step, "epoch": state.epoch,
+    log_record(run.metrics, {"event": "budget_stop", "step": state.step, "epoch": state.epoch,
                        "epoch_batch": state.batch, "budget_min": run.config.time_budget_min})
 
 
@@ -520,7 +521,7 @@ def _skip_step(run: Run, state: LoopState) -> None:
     state.bad_steps += 1
     log.warning("non-finite loss or model state at step %d (%d in a row): step skipped and rolled back",
                 state.step, state.bad_steps)
-    _log(run.metrics, {"event": "skipped_step", "step": state.step, "epoch": state.epoch,
+    log_record(run.metrics, {"event": "skipped_step", "step": state.step, "epoch": state.epoch,
                        "consecutive": state.bad_steps})
     if state.bad_steps >= run.config.max_bad_steps:
         advice = (f"The last good checkpoint ({run.checkpoint}) is intact; lower --lr or raise --eps and resume "
@@ -547,7 +548,7 @@ def _end_epoch(run: Run, state: LoopState) -> None:
     last = epoch + 1 == config.epochs
     if config.val_data and ddp.main and (last or (config.knn_every and (epoch + 1) % config.knn_every == 0)):
         summary["knn_top1"], summary["knn_bank"] = _knn(run.model, config, run.device, len(run.data.classes))
-    _log(run.metrics, summary, group="epoch")
+    log_record(run.metrics, summary, group="epoch")
     log.info("epoch %d/%d: %s", epoch + 1, config.epochs,
              ", ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)))
     _save(run, state, metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))})
@@ -615,38 +616,3 @@ def _knn(model: CorInfoMaxModel, config: TrainConfig, device: torch.device, clas
     test_f = extract_features(model.backbone, test.images, config.mean, config.std, 512, device)
     model.train()
     return knn_top1(bank_f, bank.labels, test_f, test.labels, num_classes=classes), len(bank)
-
-
-class MetricsLog:
-    """metrics.jsonl, the run's record (docs/FORMATS.md), and optionally the same numbers for TensorBoard."""
-
-    def __init__(self, path: Path, fresh: bool, tensorboard: Path | None) -> None:
-        self.file: IO[str] = open(path, "w" if fresh else "a")
-        self.writer = None
-        if tensorboard is not None:
-            from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package (train extra)
-
-            self.writer = SummaryWriter(str(tensorboard))
-
-    def write(self, record: dict[str, Any], group: str | None) -> None:
-        """Append one record; a ``group`` ("step" or "epoch") also sends its numbers to TensorBoard."""
-        self.file.write(json.dumps({"time": time.time(), **record}) + "\n")
-        self.file.flush()
-        if self.writer is not None and group is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(f"{group}/{key}", value, step)
-            if "eigenvalues" in record:
-                self.writer.add_histogram("epoch/eigenvalues", torch.tensor(record["eigenvalues"]), step)
-            self.writer.flush()
-
-    def close(self) -> None:
-        self.file.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _log(metrics: MetricsLog | None, record: dict[str, Any], group: str | None = None) -> None:
-    if metrics is not None:
-        metrics.write(record, group)
