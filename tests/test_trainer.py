@@ -11,7 +11,7 @@ import pytest
 import torch
 from trainkit import small_folder, tiny_config
 
-from corinfomax.training import trainer
+from corinfomax.training import batches, trainer
 from corinfomax.training.checkpoint import CheckpointError, load_checkpoint, non_finite, save_checkpoint
 from corinfomax.training.evaluate import one_cpu_thread as one_thread
 from corinfomax.training.guard import StepGuard
@@ -63,18 +63,18 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(data: Path, tmp_
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     reference = load_checkpoint(train(tiny_config(data, tmp_path / "straight", **views), progress=False))
 
-    original = trainer.BatchSource.epoch
+    original = batches.BatchSource.epoch
 
     def interrupted(self, epoch: int, *args):
         if epoch == 1:
             raise KeyboardInterrupt
         return original(self, epoch, *args)
 
-    monkeypatch.setattr(trainer.BatchSource, "epoch", interrupted)
+    monkeypatch.setattr(batches.BatchSource, "epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(data, tmp_path / "resumed", **views), progress=False)
     assert load_checkpoint(tmp_path / "resumed")["epoch"] == 1
-    monkeypatch.setattr(trainer.BatchSource, "epoch", original)
+    monkeypatch.setattr(batches.BatchSource, "epoch", original)
     resumed = load_checkpoint(train(tiny_config(data, tmp_path / "resumed", **views), progress=False))
 
     assert resumed["epoch"] == reference["epoch"] == 2
@@ -297,8 +297,8 @@ def test_knn_during_training_uses_a_bounded_bank_of_each_class(data: Path, cifar
 
 def test_a_folder_too_large_for_the_cache_streams_from_the_files(data: Path, tmp_path: Path, caplog,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trainer, "CACHE_MAX_BYTES", 100 * 3 * 16**2 - 1)  # one byte short of these 100 images
-    with caplog.at_level("INFO", logger=trainer.log.name):
+    monkeypatch.setattr(batches, "CACHE_MAX_BYTES", 100 * 3 * 16**2 - 1)  # one byte short of these 100 images
+    with caplog.at_level("INFO", logger=batches.log.name):
         train(tiny_config(data, tmp_path / "run", epochs=1), progress=False)
     assert "a uint8 cache would need 0.0 GiB > 0 GiB: streaming 100 files" in caplog.text
     assert load_checkpoint(tmp_path / "run")["step"] == 3 and not (tmp_path / "cache").exists()
