@@ -11,7 +11,6 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,14 +25,14 @@ from corinfomax.core.files import atomic_write_text
 from corinfomax.training.batches import BatchSource, load_training_images
 from corinfomax.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_weights, save_checkpoint
 from corinfomax.training.config import ConfigError, TrainConfig, validate
-from corinfomax.training.data import DecodedImages, decode_folder
+from corinfomax.training.data import decode_folder
 from corinfomax.training.distributed import Dist, convert_global_batchnorm, pick_device, setup_distributed
 from corinfomax.training.guard import StepGuard
 from corinfomax.training.loss import CorInfoMaxLoss
 from corinfomax.training.metrics_log import MetricsLog, log_record
 from corinfomax.training.models import CorInfoMaxModel
 from corinfomax.training.optim import lr_at, make_optimizer
-from corinfomax.training.stream import ImageFiles
+from corinfomax.training.run import LoopState, Run
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +190,10 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
     try:
         guard = StepGuard([m for m in (model, loss_fn, probe) if m is not None],
                           [o for o in (optimizer, probe_opt) if o is not None])
-        run = Run(config, ddp, device, out, source, data, train_model, model, loss_fn, optimizer, train_probe,
-                  probe, probe_opt, guard, changes)
-        state = LoopState(start_epoch, step, batch=start_batch)
+        run = Run(config=config, ddp=ddp, device=device, out=out, source=source, data=data, train_model=train_model,
+                  model=model, loss_fn=loss_fn, optimizer=optimizer, train_probe=train_probe, probe=probe,
+                  probe_opt=probe_opt, guard=guard, changes=changes)
+        state = LoopState(epoch=start_epoch, step=step, batch=start_batch)
         if resume_state is not None and start_batch:  # mid-epoch: the epoch's sums so far
             state.sums, state.good_steps = resume_state["epoch_sums"], int(resume_state["epoch_good_steps"])
         return _run(run, state, fresh=resume_state is None, progress=progress)
@@ -201,55 +201,6 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
         if created and not ckpt_path.exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
-
-
-@dataclass
-class Run:
-    """What one training run works with; fixed once the loop starts."""
-
-    config: TrainConfig
-    ddp: Dist
-    device: torch.device
-    out: Path
-    source: BatchSource
-    data: DecodedImages | ImageFiles
-    train_model: nn.Module  # `model` wrapped for DDP and/or compiled
-    model: CorInfoMaxModel
-    loss_fn: CorInfoMaxLoss
-    optimizer: torch.optim.Optimizer
-    train_probe: nn.Module | None
-    probe: nn.Module | None
-    probe_opt: torch.optim.Optimizer | None
-    guard: StepGuard
-    changes: dict[str, list[Any]]  # recipe fields a resume changed, {field: [before, now]}: provenance reads them
-    metrics: MetricsLog | None = None  # metrics.jsonl (and TensorBoard), open on rank 0
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.out / CHECKPOINT_FILE
-
-
-@dataclass
-class LoopState:
-    """Where the loop is, and what the current epoch has summed so far."""
-
-    epoch: int
-    step: int
-    batch: int = 0  # batches of the current epoch done (non-zero at the start of a run resumed mid-epoch)
-    started: float = field(default_factory=time.monotonic)
-    bad_steps: int = 0  # consecutive steps skipped by the NaN guard
-    # Epoch sums: loss, attraction, big_bang, online-probe correct, online-probe seen.
-    sums: Tensor = field(default_factory=lambda: torch.zeros(5, dtype=torch.float64))
-    good_steps: int = 0
-    window_start: float = field(default_factory=time.monotonic)
-    window_images: int = 0
-
-    def start_epoch(self, epoch: int) -> None:
-        """Begin ``epoch``, unless it is the one a mid-epoch resume continues (its sums are restored)."""
-        if self.batch and epoch == self.epoch:
-            return
-        self.epoch, self.batch, self.sums, self.good_steps = epoch, 0, torch.zeros(5, dtype=torch.float64), 0
-        self.window_start, self.window_images = time.monotonic(), 0
 
 
 def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
