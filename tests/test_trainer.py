@@ -11,7 +11,7 @@ import pytest
 import torch
 from trainkit import small_folder, tiny_config
 
-from corinfomax.training import batches, trainer
+from corinfomax.training import batches, budget, trainer
 from corinfomax.training.checkpoint import CheckpointError, load_checkpoint, non_finite, save_checkpoint
 from corinfomax.training.evaluate import one_cpu_thread as one_thread
 from corinfomax.training.guard import StepGuard
@@ -240,11 +240,11 @@ def test_checkpoint_writer_refuses_non_finite_tensors(tmp_path: Path) -> None:
 def test_time_budget_is_fitted_after_the_warm_up_steps(data: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # Warm-up steps (cuDNN autotuning, compilation) are not timed; short epochs are fitted too.
-    assert trainer._budget_window(100) == (10, 30)
-    assert trainer._budget_window(12) == (6, 12)
-    assert trainer._budget_window(1) == (0, 1)
+    assert budget.budget_window(100) == (10, 30)
+    assert budget.budget_window(12) == (6, 12)
+    assert budget.budget_window(1) == (0, 1)
     run = tmp_path / "run"
-    monkeypatch.setattr(trainer, "_budget_spent", lambda run, state: False)  # the fit alone, not the hard stop
+    monkeypatch.setattr(trainer, "budget_spent", lambda run, state: False)  # the fit alone, not the hard stop
     train(tiny_config(data, run, epochs=50, batch_size=8, time_budget_min=1e-4), progress=False)
     assert json.loads((run / "config.json").read_text())["epochs"] == 1  # 6 ms cannot hold two epochs
     assert load_checkpoint(run)["epoch"] == 1
@@ -256,7 +256,7 @@ def test_a_spent_time_budget_stops_mid_epoch_and_the_same_command_resumes(data: 
     resumed run (here without a budget) ends where an uninterrupted run ends."""
     reference = load_checkpoint(train(tiny_config(data, tmp_path / "straight"), progress=False))
     run = tmp_path / "run"
-    with caplog.at_level("WARNING", logger="corinfomax.training.trainer"):
+    with caplog.at_level("WARNING", logger=budget.log.name):
         train(tiny_config(data, run, time_budget_min=1e-6), progress=False)  # 60 us: spent by the first step
     saved = load_checkpoint(run)
     assert (saved["epoch"], saved["epoch_batch"], saved["step"]) == (0, 1, 1)
@@ -330,10 +330,10 @@ def test_time_budget_says_when_it_shortens_epochs(tmp_path: Path, caplog: pytest
     from corinfomax.training.distributed import Dist
 
     config = tiny_config(tmp_path, tmp_path / "run", epochs=30, time_budget_min=1.0)
-    with caplog.at_level("INFO", logger=trainer.log.name):
+    with caplog.at_level("INFO", logger=budget.log.name):
         # 0.1 s/step, 100 steps per epoch -> 10 s per epoch -> 5 epochs in 90% of 1 minute
-        assert trainer._fit_budget(config, 100, 0.1, Dist(), torch.device("cpu")) == 5  # 90% of 60 s, 10 s/epoch
-        assert trainer._fit_budget(config, 1, 0.1, Dist(), torch.device("cpu")) == 30
+        assert budget.fit_budget(config, 100, 0.1, Dist(), torch.device("cpu")) == 5  # 90% of 60 s, 10 s/epoch
+        assert budget.fit_budget(config, 1, 0.1, Dist(), torch.device("cpu")) == 30
     shortened, kept = caplog.records[-2:]
     assert shortened.levelname == "WARNING" and "shortened from --epochs 30 to 5" in shortened.getMessage()
     assert "--time-budget-min 0" in shortened.getMessage()

@@ -23,10 +23,11 @@ from tqdm import tqdm
 from corinfomax.core.errors import UserError
 from corinfomax.core.files import atomic_write_text
 from corinfomax.training.batches import BatchSource, load_training_images
+from corinfomax.training.budget import budget_spent, budget_stop, budget_window, fit_budget
 from corinfomax.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_weights, save_checkpoint
 from corinfomax.training.config import ConfigError, TrainConfig, validate
 from corinfomax.training.data import decode_folder
-from corinfomax.training.distributed import Dist, convert_global_batchnorm, pick_device, setup_distributed
+from corinfomax.training.distributed import convert_global_batchnorm, pick_device, setup_distributed
 from corinfomax.training.guard import StepGuard
 from corinfomax.training.loss import CorInfoMaxLoss
 from corinfomax.training.metrics_log import MetricsLog, log_record
@@ -40,10 +41,6 @@ log = logging.getLogger(__name__)
 RUNTIME_FIELDS = {"out", "workers", "device", "log_every", "time_budget_min", "compile", "knn_every", "val_data",
                   "data", "checkpoint_every", "tensorboard"}
 
-
-# --time-budget-min fits the epochs to the speed of steps [10, 30) of the first epoch. The first steps are slow
-# (cuDNN autotuning, torch.compile, loader start-up): on an H100, timing steps 1-12 overestimated the step 3x.
-BUDGET_SKIP_STEPS, BUDGET_TIMED_STEPS = 10, 20
 
 # The kNN read-out during training (--val-data) compares with at most this many training images, equally many
 # per class: decoding the whole folder would cost ImageNet-100's 126,689 photos 19 GB at 224 px.
@@ -217,8 +214,8 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
                            "skipped": run.data.skipped, "classes": len(run.data.classes), "world_size": ddp.world,
                            "device": str(run.device), **({"config_changes": run.changes} if run.changes else {})})
     first_epoch = state.epoch
-    fit_budget = fresh and config.time_budget_min > 0  # a fresh run fits its schedule in epoch 0
-    timed = _budget_window(steps_per_epoch)
+    fitting = fresh and config.time_budget_min > 0  # a fresh run fits its schedule in epoch 0
+    timed = budget_window(steps_per_epoch)
     timer = time.monotonic()
     try:
         epoch = first_epoch
@@ -242,53 +239,30 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
                 state.batch = i + 1
                 if config.checkpoint_every and state.step % config.checkpoint_every == 0 and i + 1 < steps_per_epoch:
                     _save(run, state, mid_epoch=True)
-                if fit_budget and epoch == 0 and i == timed[0] - 1:
+                if fitting and epoch == 0 and i == timed[0] - 1:
                     timer = time.monotonic()
-                if fit_budget and epoch == 0 and i == timed[1] - 1:
+                if fitting and epoch == 0 and i == timed[1] - 1:
                     seconds_per_step = (time.monotonic() - timer) / (timed[1] - timed[0])
-                    config.epochs = _fit_budget(config, steps_per_epoch, seconds_per_step, ddp, run.device)
+                    config.epochs = fit_budget(config, steps_per_epoch, seconds_per_step, ddp, run.device)
                     bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
                     if ddp.main:
                         _write_json(out / "config.json", config.to_dict())
-                if _budget_spent(run, state):
+                if budget_spent(run, state):
                     break
             bar.close()
             if state.batch < steps_per_epoch:  # the time budget ran out within the epoch
                 _save(run, state, mid_epoch=True)
-                _budget_stop(run, state, steps_per_epoch)
+                budget_stop(run, state, steps_per_epoch)
                 break
             _end_epoch(run, state)
             epoch += 1
-            if epoch < config.epochs and _budget_spent(run, state):
-                _budget_stop(run, state, steps_per_epoch)
+            if epoch < config.epochs and budget_spent(run, state):
+                budget_stop(run, state, steps_per_epoch)
                 break
     finally:
         if run.metrics is not None:
             run.metrics.close()
     return run.checkpoint
-
-
-def _budget_spent(run: Run, state: LoopState) -> bool:
-    """Whether this invocation has trained for ``--time-budget-min`` minutes (all ranks agree)."""
-    budget = run.config.time_budget_min
-    spent = budget > 0 and time.monotonic() - state.started >= budget * 60
-    if run.ddp.world > 1 and budget > 0:  # rank 0's clock decides, so every rank stops at the same step
-        flag = torch.tensor([int(spent)], device=run.device)
-        dist.broadcast(flag, 0)
-        spent = bool(flag.item())
-    return spent
-
-
-def _budget_stop(run: Run, state: LoopState, steps_per_epoch: int) -> None:
-    """Say that the time budget stopped the run, where, and how to go on (its checkpoint is written)."""
-    epochs = run.config.epochs
-    where = (f"epoch {state.epoch + 1} of {epochs}, batch {state.batch} of {steps_per_epoch}"
-             if state.batch < steps_per_epoch else f"the end of epoch {state.epoch + 1} of {epochs}")
-    log.warning("time budget of %g min spent: stopped at step %d (%s) with a resumable checkpoint in %s; run the "
-                "same command to continue (each run gets the budget again)", run.config.time_budget_min,
-                state.step, where, run.out)
-    log_record(run.metrics, {"event": "budget_stop", "step": state.step, "epoch": state.epoch,
-                       "epoch_batch": state.batch, "budget_min": run.config.time_budget_min})
 
 
 def _step(run: Run, state: LoopState, lr: float, views: list[Tensor], labels: Tensor) -> Tensor | None:
@@ -400,37 +374,6 @@ def _save(run: Run, state: LoopState, metrics: dict[str, Any] | None = None, mid
         "optimizer": run.optimizer.state_dict(), "step": state.step, "rng": _rng_state(), **probe, **position,
         "metrics": metrics or {},
     })
-
-
-def _budget_window(steps_per_epoch: int) -> tuple[int, int]:
-    """The first epoch's steps [start, end) timed to fit --time-budget-min: after the warm-up steps."""
-    start = min(BUDGET_SKIP_STEPS, steps_per_epoch // 2)
-    return start, min(steps_per_epoch, start + BUDGET_TIMED_STEPS)
-
-
-# Share of the time budget the schedule is fitted to. The rest absorbs what epoch 0's timed steps do not see
-# (end-of-epoch checkpoints and kNN read-outs, speed drift), so that the hard stop at the full budget does not
-# cut off the schedule's last, low-learning-rate steps, which are where the features settle.
-BUDGET_FIT_SHARE = 0.9
-
-
-def _fit_budget(config: TrainConfig, steps_per_epoch: int, seconds_per_step: float, ddp: Dist,
-                device: torch.device) -> int:
-    """Epochs that fit `BUDGET_FIT_SHARE` of the time budget at the measured speed (all ranks agree)."""
-    seconds = BUDGET_FIT_SHARE * config.time_budget_min * 60
-    epochs = max(1, min(config.epochs, int(seconds / (seconds_per_step * steps_per_epoch))))
-    if ddp.world > 1:
-        t = torch.tensor([epochs], device=device)
-        dist.broadcast(t, 0)
-        epochs = int(t.item())
-    if epochs < config.epochs:  # the user asked for more: say so, and how to keep them
-        log.warning("time budget %.0f min at %.3f s/step: schedule shortened from --epochs %d to %d "
-                    "(--time-budget-min 0 keeps --epochs)", config.time_budget_min, seconds_per_step,
-                    config.epochs, epochs)
-    else:
-        log.info("time budget %.0f min at %.3f s/step: all %d epoch(s) fit", config.time_budget_min,
-                 seconds_per_step, epochs)
-    return epochs
 
 
 def _knn(model: CorInfoMaxModel, config: TrainConfig, device: torch.device, classes: int) -> tuple[float, int]:
