@@ -11,12 +11,13 @@ import pytest
 import torch
 from trainkit import small_folder, tiny_config
 
-from corinfomax.training import batches, budget, trainer
+from corinfomax.training import batches, budget, run_folder, trainer
 from corinfomax.training.checkpoint import CheckpointError, load_checkpoint, non_finite, save_checkpoint
 from corinfomax.training.evaluate import one_cpu_thread as one_thread
 from corinfomax.training.guard import StepGuard
 from corinfomax.training.loss import CorInfoMaxLoss, CorInfoMaxOutput
-from corinfomax.training.trainer import ResumeConflict, TrainingDiverged, train
+from corinfomax.training.run_folder import ResumeConflict
+from corinfomax.training.trainer import TrainingDiverged, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -315,13 +316,13 @@ def test_a_budget_fitted_run_resumes_with_the_same_command(data: Path, tmp_path:
     """A time budget rewrites the saved epochs (e.g. 100 -> 4); the same command asks for 100 again and must
     resume, not conflict. Without a budget, other epochs are a real change."""
     saved = tiny_config(data, tmp_path / "run", time_budget_min=15.0, epochs=4).to_dict()
-    assert trainer._check_resume(tiny_config(data, tmp_path / "run", time_budget_min=15.0, epochs=100), saved,
+    assert run_folder.check_resume(tiny_config(data, tmp_path / "run", time_budget_min=15.0, epochs=100), saved,
                                  False) == {}
     # Asking on purpose for other epochs (a longer schedule on top of a budget-fitted run) is a recorded change.
-    assert trainer._check_resume(tiny_config(data, tmp_path / "run", time_budget_min=15.0, epochs=100), saved,
+    assert run_folder.check_resume(tiny_config(data, tmp_path / "run", time_budget_min=15.0, epochs=100), saved,
                                  True) == {"epochs": [4, 100]}
     with pytest.raises(ResumeConflict, match="epochs: 4 -> 100"):
-        trainer._check_resume(tiny_config(data, tmp_path / "run", epochs=100), {**saved, "time_budget_min": 0.0},
+        run_folder.check_resume(tiny_config(data, tmp_path / "run", epochs=100), {**saved, "time_budget_min": 0.0},
                               False)
 
 

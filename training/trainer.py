@@ -7,7 +7,6 @@ $(which corinfomax) train ...`` (the WORLD_SIZE / RANK / LOCAL_RANK environment 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -21,10 +20,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from corinfomax.core.errors import UserError
-from corinfomax.core.files import atomic_write_text
 from corinfomax.training.batches import BatchSource, load_training_images
 from corinfomax.training.budget import budget_spent, budget_stop, budget_window, fit_budget
-from corinfomax.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_weights, save_checkpoint
+from corinfomax.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_weights
 from corinfomax.training.config import ConfigError, TrainConfig, validate
 from corinfomax.training.data import decode_folder
 from corinfomax.training.distributed import convert_global_batchnorm, pick_device, setup_distributed
@@ -34,77 +32,23 @@ from corinfomax.training.metrics_log import MetricsLog, log_record
 from corinfomax.training.models import CorInfoMaxModel
 from corinfomax.training.optim import lr_at, make_optimizer
 from corinfomax.training.run import LoopState, Run
+from corinfomax.training.run_folder import (
+    RESUME_HINT,
+    check_resume,
+    restore_rng,
+    trim_metrics,
+    write_checkpoint,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
-
-# Fields that may change between a run and its resumption without changing what is trained.
-RUNTIME_FIELDS = {"out", "workers", "device", "log_every", "time_budget_min", "compile", "knn_every", "val_data",
-                  "data", "checkpoint_every", "tensorboard"}
-
 
 # The kNN read-out during training (--val-data) compares with at most this many training images, equally many
 # per class: decoding the whole folder would cost ImageNet-100's 126,689 photos 19 GB at 224 px.
 KNN_BANK_IMAGES = 10_000
 
-# What to do when the run folder's checkpoint does not fit the model this config builds.
-RESUME_HINT = "it cannot be resumed with this config. Use another --out for the new architecture."
-
-
 class TrainingDiverged(UserError):
     """Too many consecutive steps with a non-finite loss or model state."""
-
-
-class ResumeConflict(UserError):
-    """The run folder holds a checkpoint trained with a different config."""
-
-
-# --------------------------------------------------------------------------- run folder
-def _check_resume(config: TrainConfig, saved: dict[str, Any], allow_change: bool) -> dict[str, list[Any]]:
-    """The recipe fields this invocation changes, as {field: [saved, new]}; refused unless ``allow_change``."""
-    # A field the saved config lacks (added since that run) had its default value then.
-    defaults = TrainConfig().to_dict()
-    changed = {k for k, v in config.to_dict().items()
-               if k not in RUNTIME_FIELDS and _plain(saved.get(k, defaults[k])) != _plain(v)}
-    # A run with a time budget saved the epochs fitted to it; the same command asks for the preset's epochs again.
-    refused = changed - ({"epochs"} if saved.get("time_budget_min") else set())
-    if refused and not allow_change:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in sorted(refused))
-        raise ResumeConflict(
-            f"{config.out} holds a run with a different config ({details}). Use another --out, or pass "
-            "--allow-config-change to resume with the new values."
-        )
-    if not allow_change:
-        return {}  # the caller keeps the saved epochs
-    return {k: [saved.get(k), _plain(getattr(config, k))] for k in sorted(changed)}
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
-
-
-def _rng_state() -> dict[str, Any]:
-    # Data order, batched augmentation and PIL augmentation use generators seeded from (seed, epoch, index);
-    # torch's global generators are saved for anything else a model may draw (e.g. dropout).
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state.get("cuda"):
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """Drop the records logged after the checkpoint we resume from, so the file has no repeated steps."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    atomic_write_text(path, "".join(kept))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -124,7 +68,7 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
     resume_state = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
     changes: dict[str, list[Any]] = {}
     if resume_state is not None:
-        changes = _check_resume(config, resume_state["config"], allow_config_change)
+        changes = check_resume(config, resume_state["config"], allow_config_change)
         if not allow_config_change:
             config.epochs = int(resume_state["config"]["epochs"])  # a budget-fitted schedule stays fixed
 
@@ -170,7 +114,7 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
             probe_opt.load_state_dict(resume_state["probe_optimizer"])  # type: ignore[union-attr]
         start_epoch, step = int(resume_state["epoch"]), int(resume_state["step"])
         start_batch = int(resume_state.get("epoch_batch", 0))
-        _restore_rng(resume_state["rng"])
+        restore_rng(resume_state["rng"])
         log.info("resuming %s at epoch %d batch %d (step %d)", out, start_epoch, start_batch, step)
 
     train_model: nn.Module = model
@@ -206,9 +150,9 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
     steps_per_epoch = run.source.steps_per_epoch()
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "config.json", config.to_dict())
+        write_json(out / "config.json", config.to_dict())
         if not fresh:
-            _trim_metrics(out / "metrics.jsonl", state.step)
+            trim_metrics(out / "metrics.jsonl", state.step)
         run.metrics = MetricsLog(out / "metrics.jsonl", fresh, out / "tensorboard" if config.tensorboard else None)
         log_record(run.metrics, {"event": "data", "step": state.step, "images": len(run.data),
                            "skipped": run.data.skipped, "classes": len(run.data.classes), "world_size": ddp.world,
@@ -238,7 +182,7 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
                                        "images_per_s": rate}, group="step")
                 state.batch = i + 1
                 if config.checkpoint_every and state.step % config.checkpoint_every == 0 and i + 1 < steps_per_epoch:
-                    _save(run, state, mid_epoch=True)
+                    write_checkpoint(run, state, mid_epoch=True)
                 if fitting and epoch == 0 and i == timed[0] - 1:
                     timer = time.monotonic()
                 if fitting and epoch == 0 and i == timed[1] - 1:
@@ -246,12 +190,12 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
                     config.epochs = fit_budget(config, steps_per_epoch, seconds_per_step, ddp, run.device)
                     bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
                     if ddp.main:
-                        _write_json(out / "config.json", config.to_dict())
+                        write_json(out / "config.json", config.to_dict())
                 if budget_spent(run, state):
                     break
             bar.close()
             if state.batch < steps_per_epoch:  # the time budget ran out within the epoch
-                _save(run, state, mid_epoch=True)
+                write_checkpoint(run, state, mid_epoch=True)
                 budget_stop(run, state, steps_per_epoch)
                 break
             _end_epoch(run, state)
@@ -357,23 +301,7 @@ def _end_epoch(run: Run, state: LoopState) -> None:
     log_record(run.metrics, summary, group="epoch")
     log.info("epoch %d/%d: %s", epoch + 1, config.epochs,
              ", ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)))
-    _save(run, state, metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))})
-
-
-def _save(run: Run, state: LoopState, metrics: dict[str, Any] | None = None, mid_epoch: bool = False) -> None:
-    """Write the checkpoint (rank 0): at an epoch's end, or within one (``mid_epoch``: with the batch reached and
-    the epoch's sums so far, so a resumed run continues that epoch exactly)."""
-    if not run.ddp.main:
-        return
-    probe = ({"probe": run.probe.state_dict(), "probe_optimizer": run.probe_opt.state_dict()}
-             if run.probe is not None and run.probe_opt is not None else {})
-    position = ({"epoch": state.epoch, "epoch_batch": state.batch, "epoch_sums": state.sums.clone(),
-                 "epoch_good_steps": state.good_steps} if mid_epoch else {"epoch": state.epoch + 1})
-    save_checkpoint(run.checkpoint, {
-        "config": run.config.to_dict(), "model": run.model.state_dict(), "loss": run.loss_fn.state_dict(),
-        "optimizer": run.optimizer.state_dict(), "step": state.step, "rng": _rng_state(), **probe, **position,
-        "metrics": metrics or {},
-    })
+    write_checkpoint(run, state, metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))})
 
 
 def _knn(model: CorInfoMaxModel, config: TrainConfig, device: torch.device, classes: int) -> tuple[float, int]:

@@ -1,0 +1,100 @@
+"""The run folder (``--out``): what it holds and how a run resumes from it (docs/FORMATS.md).
+
+``checkpoint.pt`` is written at epoch ends and, with ``--checkpoint-every``, within epochs (`write_checkpoint`);
+``config.json`` beside it (`write_json`); ``metrics.jsonl`` is trimmed back to the checkpoint's step when a run
+resumes (`trim_metrics`). A resumed run must train what the saved one trained: `check_resume` compares the
+configs, ignoring `RUNTIME_FIELDS`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from corinfomax.core.errors import UserError
+from corinfomax.core.files import atomic_write_text
+from corinfomax.training.checkpoint import save_checkpoint
+from corinfomax.training.config import TrainConfig
+from corinfomax.training.run import LoopState, Run
+
+# Fields that may change between a run and its resumption without changing what is trained.
+RUNTIME_FIELDS = {"out", "workers", "device", "log_every", "time_budget_min", "compile", "knn_every", "val_data",
+                  "data", "checkpoint_every", "tensorboard"}
+
+# What to do when the run folder's checkpoint does not fit the model this config builds.
+RESUME_HINT = "it cannot be resumed with this config. Use another --out for the new architecture."
+
+
+class ResumeConflict(UserError):
+    """The run folder holds a checkpoint trained with a different config."""
+
+
+def check_resume(config: TrainConfig, saved: dict[str, Any], allow_change: bool) -> dict[str, list[Any]]:
+    """The recipe fields this invocation changes, as {field: [saved, new]}; refused unless ``allow_change``."""
+    # A field the saved config lacks (added since that run) had its default value then.
+    defaults = TrainConfig().to_dict()
+    changed = {k for k, v in config.to_dict().items()
+               if k not in RUNTIME_FIELDS and _plain(saved.get(k, defaults[k])) != _plain(v)}
+    # A run with a time budget saved the epochs fitted to it; the same command asks for the preset's epochs again.
+    refused = changed - ({"epochs"} if saved.get("time_budget_min") else set())
+    if refused and not allow_change:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in sorted(refused))
+        raise ResumeConflict(
+            f"{config.out} holds a run with a different config ({details}). Use another --out, or pass "
+            "--allow-config-change to resume with the new values."
+        )
+    if not allow_change:
+        return {}  # the caller keeps the saved epochs
+    return {k: [saved.get(k), _plain(getattr(config, k))] for k in sorted(changed)}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as indented JSON, atomically (``config.json``)."""
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def rng_state() -> dict[str, Any]:
+    """Torch's global random generators (CPU and every GPU), saved in each checkpoint."""
+    # Data order, batched augmentation and PIL augmentation use generators seeded from (seed, epoch, index);
+    # torch's global generators are saved for anything else a model may draw (e.g. dropout).
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put back the generators `rng_state` saved (the GPUs' only where this machine has them)."""
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state.get("cuda"):
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """Drop the records logged after the checkpoint we resume from, so the file has no repeated steps."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    atomic_write_text(path, "".join(kept))
+
+
+def write_checkpoint(run: Run, state: LoopState, metrics: dict[str, Any] | None = None,
+                     mid_epoch: bool = False) -> None:
+    """Write the checkpoint (rank 0): at an epoch's end, or within one (``mid_epoch``: with the batch reached and
+    the epoch's sums so far, so a resumed run continues that epoch exactly)."""
+    if not run.ddp.main:
+        return
+    probe = ({"probe": run.probe.state_dict(), "probe_optimizer": run.probe_opt.state_dict()}
+             if run.probe is not None and run.probe_opt is not None else {})
+    position = ({"epoch": state.epoch, "epoch_batch": state.batch, "epoch_sums": state.sums.clone(),
+                 "epoch_good_steps": state.good_steps} if mid_epoch else {"epoch": state.epoch + 1})
+    save_checkpoint(run.checkpoint, {
+        "config": run.config.to_dict(), "model": run.model.state_dict(), "loss": run.loss_fn.state_dict(),
+        "optimizer": run.optimizer.state_dict(), "step": state.step, "rng": rng_state(), **probe, **position,
+        "metrics": metrics or {},
+    })
