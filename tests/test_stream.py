@@ -132,19 +132,19 @@ def test_a_run_killed_mid_epoch_resumes_exactly(pipeline: str, woof: Path, tmp_p
     reference = load_checkpoint(train(config(woof, tmp_path / "straight"), progress=False))
     assert reference["step"] == 4  # 2 epochs of 2 batches
 
-    original = trainer._step
+    original = trainer.train_step
 
     def interrupted(run, state, *args):
         if state.step == 3:  # the second batch of epoch 2; its first batch is checkpointed
             raise KeyboardInterrupt
         return original(run, state, *args)
 
-    monkeypatch.setattr(trainer, "_step", interrupted)
+    monkeypatch.setattr(trainer, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(config(woof, tmp_path / "resumed"), progress=False)
     saved = load_checkpoint(tmp_path / "resumed")
     assert (saved["epoch"], saved["epoch_batch"], saved["step"]) == (1, 1, 3)
-    monkeypatch.setattr(trainer, "_step", original)
+    monkeypatch.setattr(trainer, "train_step", original)
     resumed = load_checkpoint(train(config(woof, tmp_path / "resumed"), progress=False))
     assert resumed["epoch"] == reference["epoch"] == 2 and resumed["step"] == 4 and "epoch_batch" not in resumed
     for part in ("model", "loss", "probe"):

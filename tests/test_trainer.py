@@ -17,7 +17,8 @@ from corinfomax.training.evaluate import one_cpu_thread as one_thread
 from corinfomax.training.guard import StepGuard
 from corinfomax.training.loss import CorInfoMaxLoss, CorInfoMaxOutput
 from corinfomax.training.run_folder import ResumeConflict
-from corinfomax.training.trainer import TrainingDiverged, train
+from corinfomax.training.step import TrainingDiverged
+from corinfomax.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 
