@@ -11,7 +11,7 @@ import pytest
 import torch
 from trainkit import small_folder, tiny_config
 
-from corinfomax.training import batches, budget, run_folder, trainer
+from corinfomax.training import batches, budget, evaluate, run_folder, trainer
 from corinfomax.training.checkpoint import CheckpointError, load_checkpoint, non_finite, save_checkpoint
 from corinfomax.training.evaluate import one_cpu_thread as one_thread
 from corinfomax.training.guard import StepGuard
@@ -279,9 +279,9 @@ def test_knn_during_training_uses_a_bounded_bank_of_each_class(data: Path, cifar
     """--val-data: the kNN bank is the first KNN_BANK_IMAGES / classes training images of each class, and the
     log and metrics say how many."""
     val = small_folder(cifar10, tmp_path / "val", per_class=2, split="test")
-    monkeypatch.setattr(trainer, "KNN_BANK_IMAGES", 35)  # 3 of the 10 per class
+    monkeypatch.setattr(evaluate, "KNN_BANK_IMAGES", 35)  # 3 of the 10 per class
     run = tmp_path / "run"
-    with caplog.at_level("INFO", logger="corinfomax.training.trainer"):
+    with caplog.at_level("INFO", logger=evaluate.log.name):
         state = load_checkpoint(train(tiny_config(data, run, epochs=1, val_data=str(val)), progress=False))
     assert "a bank of 30 training images (up to 3 per class, 10 classes; at most 35 in all)" in caplog.text
     epoch = [r for r in records(run) if "knn_top1" in r]

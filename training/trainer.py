@@ -23,8 +23,8 @@ from corinfomax.training.batches import BatchSource, load_training_images
 from corinfomax.training.budget import budget_spent, budget_stop, budget_window, fit_budget
 from corinfomax.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_weights
 from corinfomax.training.config import ConfigError, TrainConfig, validate
-from corinfomax.training.data import decode_folder
 from corinfomax.training.distributed import convert_global_batchnorm, pick_device, setup_distributed
+from corinfomax.training.evaluate import knn_readout
 from corinfomax.training.guard import StepGuard
 from corinfomax.training.loss import CorInfoMaxLoss
 from corinfomax.training.metrics_log import MetricsLog, log_record
@@ -42,10 +42,6 @@ from corinfomax.training.run_folder import (
 from corinfomax.training.step import train_step
 
 log = logging.getLogger(__name__)
-
-# The kNN read-out during training (--val-data) compares with at most this many training images, equally many
-# per class: decoding the whole folder would cost ImageNet-100's 126,689 photos 19 GB at 224 px.
-KNN_BANK_IMAGES = 10_000
 
 # --------------------------------------------------------------------------- the loop
 def train(config: TrainConfig, allow_config_change: bool = False, progress: bool = True) -> Path:
@@ -220,25 +216,8 @@ def _end_epoch(run: Run, state: LoopState) -> None:
         summary["online_probe_acc"] = float(state.sums[3] / state.sums[4])
     last = epoch + 1 == config.epochs
     if config.val_data and ddp.main and (last or (config.knn_every and (epoch + 1) % config.knn_every == 0)):
-        summary["knn_top1"], summary["knn_bank"] = _knn(run.model, config, run.device, len(run.data.classes))
+        summary["knn_top1"], summary["knn_bank"] = knn_readout(run.model, config, run.device, len(run.data.classes))
     log_record(run.metrics, summary, group="epoch")
     log.info("epoch %d/%d: %s", epoch + 1, config.epochs,
              ", ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)))
     write_checkpoint(run, state, metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))})
-
-
-def _knn(model: CorInfoMaxModel, config: TrainConfig, device: torch.device, classes: int) -> tuple[float, int]:
-    """kNN top-1 on ``--val-data`` (all of it) against a bank of at most `KNN_BANK_IMAGES` training images at
-    the training size: the first ``KNN_BANK_IMAGES // classes`` of each class (decoded once, then cached)."""
-    from corinfomax.training.evaluate import extract_features, knn_top1
-
-    per_class = max(1, KNN_BANK_IMAGES // classes)
-    bank = decode_folder(config.data, config.image_size, limit_per_class=per_class, progress=False)
-    test = decode_folder(config.val_data, config.image_size, progress=False)
-    log.info("kNN on %s: a bank of %d training images (up to %d per class, %d classes; at most %d in all)",
-             config.val_data, len(bank), per_class, classes, KNN_BANK_IMAGES)
-    model.eval()
-    bank_f = extract_features(model.backbone, bank.images, config.mean, config.std, 512, device)
-    test_f = extract_features(model.backbone, test.images, config.mean, config.std, 512, device)
-    model.train()
-    return knn_top1(bank_f, bank.labels, test_f, test.labels, num_classes=classes), len(bank)
