@@ -1,6 +1,6 @@
 """The time budget (``--time-budget-min``): a fresh run times a window of its first epoch's steps and fits the
-number of epochs to the budget (`budget_window`, `fit_budget`); every run stops, resumable, once this
-invocation has trained for the whole budget (`budget_spent`, `budget_stop`)."""
+number of epochs to the budget (`ScheduleFit`: `budget_window`, `fit_budget`); every run stops, resumable, once
+this invocation has trained for the whole budget (`budget_spent`, `budget_stop`)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,25 @@ def fit_budget(config: TrainConfig, steps_per_epoch: int, seconds_per_step: floa
         log.info("time budget %.0f min at %.3f s/step: all %d epoch(s) fit", config.time_budget_min,
                  seconds_per_step, epochs)
     return epochs
+
+
+class ScheduleFit:
+    """A fresh run's fit of its schedule to the time budget: times epoch 0's steps in `budget_window`, then
+    `fit_budget` at the speed measured."""
+
+    def __init__(self, steps_per_epoch: int) -> None:
+        self.steps_per_epoch = steps_per_epoch
+        self.start, self.end = budget_window(steps_per_epoch)
+        self.timer = time.monotonic()  # a window that starts at step 0 starts now
+
+    def after_batch(self, run: Run, batch: int) -> int | None:
+        """Call after epoch 0's batch ``batch``: the epochs that fit once the timed window closes, else None."""
+        if batch == self.start - 1:
+            self.timer = time.monotonic()
+        if batch != self.end - 1:
+            return None
+        seconds_per_step = (time.monotonic() - self.timer) / (self.end - self.start)
+        return fit_budget(run.config, self.steps_per_epoch, seconds_per_step, run.ddp, run.device)
 
 
 def budget_spent(run: Run, state: LoopState) -> bool:

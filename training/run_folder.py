@@ -1,24 +1,31 @@
 """The run folder (``--out``): what it holds and how a run resumes from it (docs/FORMATS.md).
 
-``checkpoint.pt`` is written at epoch ends and, with ``--checkpoint-every``, within epochs (`write_checkpoint`);
-``config.json`` beside it (`write_json`); ``metrics.jsonl`` is trimmed back to the checkpoint's step when a run
-resumes (`trim_metrics`). A resumed run must train what the saved one trained: `check_resume` compares the
-configs, ignoring `RUNTIME_FIELDS`.
+A run reads the folder's checkpoint, if any (`saved_run`: the configs must agree up to `RUNTIME_FIELDS`, see
+`check_resume`), loads it into the model it built (`restore_run`) and continues where it stopped
+(`resume_position`). Rank 0 then opens the folder (`open_run_folder`: ``config.json``, ``metrics.jsonl``
+trimmed back to the checkpoint's step) and writes ``checkpoint.pt`` at epoch ends and, with
+``--checkpoint-every``, within epochs (`write_checkpoint`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from corinfomax.core.errors import UserError
 from corinfomax.core.files import atomic_write_text
-from corinfomax.training.checkpoint import save_checkpoint
+from corinfomax.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_weights, save_checkpoint
 from corinfomax.training.config import TrainConfig
+from corinfomax.training.loss import CorInfoMaxLoss
+from corinfomax.training.metrics_log import MetricsLog, log_record
 from corinfomax.training.run import LoopState, Run
+
+log = logging.getLogger(__name__)
 
 # Fields that may change between a run and its resumption without changing what is trained.
 RUNTIME_FIELDS = {"out", "workers", "device", "log_every", "time_budget_min", "compile", "knn_every", "val_data",
@@ -30,6 +37,19 @@ RESUME_HINT = "it cannot be resumed with this config. Use another --out for the 
 
 class ResumeConflict(UserError):
     """The run folder holds a checkpoint trained with a different config."""
+
+
+def saved_run(config: TrainConfig, allow_change: bool) -> tuple[dict[str, Any] | None, dict[str, list[Any]]]:
+    """The checkpoint in ``config.out`` to resume (None: a new run) and the recipe fields this invocation changes
+    (`check_resume`). Unless changes are allowed, the saved epochs stay: a budget-fitted schedule is fixed."""
+    path = Path(config.out) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None, {}
+    saved = load_checkpoint(path)
+    changes = check_resume(config, saved["config"], allow_change)
+    if not allow_change:
+        config.epochs = int(saved["config"]["epochs"])
+    return saved, changes
 
 
 def check_resume(config: TrainConfig, saved: dict[str, Any], allow_change: bool) -> dict[str, list[Any]]:
@@ -58,6 +78,48 @@ def _plain(value: Any) -> Any:
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` as indented JSON, atomically (``config.json``)."""
     atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def restore_run(saved: dict[str, Any], path: Path, *, model: nn.Module, loss_fn: CorInfoMaxLoss,
+                optimizer: torch.optim.Optimizer, probe: nn.Module | None,
+                probe_opt: torch.optim.Optimizer | None) -> None:
+    """Load the saved run (read from ``path``) into the freshly built model, loss state, optimizers and probe, and
+    put torch's random generators back where they were."""
+    load_weights(model, saved["model"], "model", path, RESUME_HINT)
+    load_weights(loss_fn, saved["loss"], "loss state", path, RESUME_HINT)
+    optimizer.load_state_dict(saved["optimizer"])
+    if probe is not None and "probe" in saved:
+        load_weights(probe, saved["probe"], "online probe", path, RESUME_HINT)
+        probe_opt.load_state_dict(saved["probe_optimizer"])  # type: ignore[union-attr]
+    restore_rng(saved["rng"])
+    log.info("resuming %s at epoch %d batch %d (step %d)", path.parent, int(saved["epoch"]),
+             int(saved.get("epoch_batch", 0)), int(saved["step"]))
+
+
+def resume_position(saved: dict[str, Any] | None) -> LoopState:
+    """Where the loop starts: at the beginning, or where the saved run stopped (within an epoch: with that
+    epoch's sums so far)."""
+    if saved is None:
+        return LoopState(epoch=0, step=0)
+    state = LoopState(epoch=int(saved["epoch"]), step=int(saved["step"]), batch=int(saved.get("epoch_batch", 0)))
+    if state.batch:
+        state.sums, state.good_steps = saved["epoch_sums"], int(saved["epoch_good_steps"])
+    return state
+
+
+def open_run_folder(run: Run, step: int, fresh: bool) -> MetricsLog:
+    """Rank 0, as the loop starts: create the folder, write ``config.json``, trim ``metrics.jsonl`` back to the
+    checkpoint's ``step`` (a resumed run), open it and record what the run trains on."""
+    out, config, data = run.out, run.config, run.data
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", config.to_dict())
+    if not fresh:
+        trim_metrics(out / "metrics.jsonl", step)
+    metrics = MetricsLog(out / "metrics.jsonl", fresh, out / "tensorboard" if config.tensorboard else None)
+    log_record(metrics, {"event": "data", "step": step, "images": len(data), "skipped": data.skipped,
+                         "classes": len(data.classes), "world_size": run.ddp.world, "device": str(run.device),
+                         **({"config_changes": run.changes} if run.changes else {})})
+    return metrics
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,5 +1,7 @@
-"""The CorInfoMax training loop, DDP through torchrun, AMP, auto-resume: `train` sets a run up, then `_run`
-reads top to bottom: per batch `_step`, per epoch `_end_epoch`, over a small `LoopState`.
+"""The CorInfoMax training loop, DDP through torchrun, AMP, auto-resume. `train` sets a run up in named steps,
+then `_loop` runs its epochs: `_epoch` takes a `train_step` (step.py) per batch, `_end_epoch` summarises and
+checkpoints. The batches come from batches.py, the time budget from budget.py, the run folder and resume from
+run_folder.py; `Run` and `LoopState` (run.py) are what they all pass around.
 
 One process: ``corinfomax train ...``. Several GPUs or machines: ``torchrun --nproc_per_node N
 $(which corinfomax) train ...`` (the WORLD_SIZE / RANK / LOCAL_RANK environment is honoured; rank 0 writes).
@@ -15,35 +17,38 @@ from typing import Any, cast
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from corinfomax.training.batches import BatchSource, load_training_images
-from corinfomax.training.budget import budget_spent, budget_stop, budget_window, fit_budget
-from corinfomax.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_weights
+from corinfomax.training.budget import ScheduleFit, budget_spent, budget_stop
+from corinfomax.training.checkpoint import CHECKPOINT_FILE
 from corinfomax.training.config import ConfigError, TrainConfig, validate
-from corinfomax.training.distributed import convert_global_batchnorm, pick_device, setup_distributed
+from corinfomax.training.data import DecodedImages
+from corinfomax.training.distributed import Dist, convert_global_batchnorm, pick_device, setup_distributed
 from corinfomax.training.evaluate import knn_readout
 from corinfomax.training.guard import StepGuard
 from corinfomax.training.loss import CorInfoMaxLoss
-from corinfomax.training.metrics_log import MetricsLog, log_record
+from corinfomax.training.metrics_log import log_record
 from corinfomax.training.models import CorInfoMaxModel
 from corinfomax.training.optim import lr_at, make_optimizer
 from corinfomax.training.run import LoopState, Run
 from corinfomax.training.run_folder import (
-    RESUME_HINT,
-    check_resume,
-    restore_rng,
-    trim_metrics,
+    open_run_folder,
+    restore_run,
+    resume_position,
+    saved_run,
     write_checkpoint,
     write_json,
 )
 from corinfomax.training.step import train_step
+from corinfomax.training.stream import ImageFiles
 
 log = logging.getLogger(__name__)
 
-# --------------------------------------------------------------------------- the loop
+
+# --------------------------------------------------------------------------- setting a run up
 def train(config: TrainConfig, allow_config_change: bool = False, progress: bool = True) -> Path:
     """Train (or resume) the run in ``config.out``; return the checkpoint path.
 
@@ -51,73 +56,24 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
     and no checkpoint got written, a failure removes it again (no partial output).
     """
     validate(config)
-    ddp = setup_distributed(pick_device(config.device).type)
-    device = pick_device(config.device, ddp.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    out = Path(config.out)
-    ckpt_path = out / CHECKPOINT_FILE
-    resume_state = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
-    changes: dict[str, list[Any]] = {}
-    if resume_state is not None:
-        changes = check_resume(config, resume_state["config"], allow_config_change)
-        if not allow_config_change:
-            config.epochs = int(resume_state["config"]["epochs"])  # a budget-fitted schedule stays fixed
-
+    ddp, device = _process(config)
+    saved, changes = saved_run(config, allow_config_change)
     torch.manual_seed(config.seed + ddp.rank)
     model = CorInfoMaxModel(config.backbone, config.projector, config.cifar_stem).to(device)  # bad names fail here
-    data = load_training_images(config, progress=progress and ddp.main)
-    if data.skipped:
-        log.warning("skipped %d unreadable file(s) in %s; training on %d images", data.skipped, config.data,
-                    len(data))
-    if config.val_data and not data.classes:
-        raise ConfigError(f"--val-data needs class sub-folders in --data: the kNN read-out votes with the labels "
-                          f"of training images, and {config.data} has none")
-    source = BatchSource(data, config, device, ddp)
-    steps_per_epoch = source.steps_per_epoch()
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{len(data)} images are fewer than one batch of {config.batch_size}; "
-                          "lower --batch-size")
-
-    if ddp.world > 1:  # global-batch BN; before the optimizer is built, as conversion makes new parameters
-        if device.type == "cuda":
-            model = cast(CorInfoMaxModel, nn.SyncBatchNorm.convert_sync_batchnorm(model))  # converted in place
-        else:
-            model = cast(CorInfoMaxModel, convert_global_batchnorm(model))
-    if config.channels_last:  # faster on GPUs, and ~1.4x on CPU (tiny_resnet, batch 256, 1 thread)
-        # On CPU its BatchNorm is ~10x noisier in float32 than contiguous: harmless for training, but enough for
-        # runs with different BN code (1 process vs DDP) to part by ~1e-3 in a few steps; tests/test_ddp_train.py.
-        model = model.to(memory_format=torch.channels_last)
+    data, source = _batches(config, device, ddp, progress=progress and ddp.main)
+    model = _for_training(model, config, ddp, device)
     loss_fn = CorInfoMaxLoss(model.embedding_dim, config.alpha, config.la_R, config.la_mu, config.eps,
                              config.R_init, views=config.global_views + config.local_views,
                              global_views=config.global_views).to(device)
-    num_classes = len(data.classes)
-    probe = nn.Linear(model.feature_dim, num_classes).to(device) if (config.online_probe and num_classes) else None
+    classes = len(data.classes)
+    probe = nn.Linear(model.feature_dim, classes).to(device) if (config.online_probe and classes) else None
     optimizer = make_optimizer(config, model)
     probe_opt = torch.optim.Adam(probe.parameters(), lr=1e-3) if probe is not None else None
-
-    start_epoch, step, start_batch = 0, 0, 0
-    if resume_state is not None:
-        load_weights(model, resume_state["model"], "model", ckpt_path, RESUME_HINT)
-        load_weights(loss_fn, resume_state["loss"], "loss state", ckpt_path, RESUME_HINT)
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if probe is not None and "probe" in resume_state:
-            load_weights(probe, resume_state["probe"], "online probe", ckpt_path, RESUME_HINT)
-            probe_opt.load_state_dict(resume_state["probe_optimizer"])  # type: ignore[union-attr]
-        start_epoch, step = int(resume_state["epoch"]), int(resume_state["step"])
-        start_batch = int(resume_state.get("epoch_batch", 0))
-        restore_rng(resume_state["rng"])
-        log.info("resuming %s at epoch %d batch %d (step %d)", out, start_epoch, start_batch, step)
-
-    train_model: nn.Module = model
-    train_probe: nn.Module | None = probe
-    if ddp.world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        train_model = DistributedDataParallel(model, device_ids=ids)
-        if probe is not None:
-            train_probe = DistributedDataParallel(probe, device_ids=ids)
-    if config.compile:
-        train_model = torch.compile(train_model)  # type: ignore[assignment]  # compiled modules are callables
+    out = Path(config.out)
+    if saved is not None:
+        restore_run(saved, out / CHECKPOINT_FILE, model=model, loss_fn=loss_fn, optimizer=optimizer, probe=probe,
+                    probe_opt=probe_opt)
+    train_model, train_probe = _wrap(model, probe, config, ddp, device)
 
     created = ddp.main and not out.exists()
     try:
@@ -126,70 +82,85 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
         run = Run(config=config, ddp=ddp, device=device, out=out, source=source, data=data, train_model=train_model,
                   model=model, loss_fn=loss_fn, optimizer=optimizer, train_probe=train_probe, probe=probe,
                   probe_opt=probe_opt, guard=guard, changes=changes)
-        state = LoopState(epoch=start_epoch, step=step, batch=start_batch)
-        if resume_state is not None and start_batch:  # mid-epoch: the epoch's sums so far
-            state.sums, state.good_steps = resume_state["epoch_sums"], int(resume_state["epoch_good_steps"])
-        return _run(run, state, fresh=resume_state is None, progress=progress)
+        return _loop(run, resume_position(saved), fresh=saved is None, progress=progress)
     except BaseException:
-        if created and not ckpt_path.exists():
+        if created and not (out / CHECKPOINT_FILE).exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
+def _process(config: TrainConfig) -> tuple[Dist, torch.device]:
+    """This process's place in a torchrun job (a job of one without torchrun) and its device."""
+    ddp = setup_distributed(pick_device(config.device).type)
+    device = pick_device(config.device, ddp.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return ddp, device
+
+
+def _batches(config: TrainConfig, device: torch.device, ddp: Dist,
+             progress: bool) -> tuple[DecodedImages | ImageFiles, BatchSource]:
+    """The training images and the batches made of them; refuses data that cannot train this config."""
+    data = load_training_images(config, progress=progress)
+    if data.skipped:
+        log.warning("skipped %d unreadable file(s) in %s; training on %d images", data.skipped, config.data,
+                    len(data))
+    if config.val_data and not data.classes:
+        raise ConfigError(f"--val-data needs class sub-folders in --data: the kNN read-out votes with the labels "
+                          f"of training images, and {config.data} has none")
+    source = BatchSource(data, config, device, ddp)
+    if source.steps_per_epoch() == 0:
+        raise ConfigError(f"{len(data)} images are fewer than one batch of {config.batch_size}; "
+                          "lower --batch-size")
+    return data, source
+
+
+def _for_training(model: CorInfoMaxModel, config: TrainConfig, ddp: Dist, device: torch.device) -> CorInfoMaxModel:
+    """Global-batch BatchNorm under DDP, and the channels-last memory layout when asked for. Before the
+    optimizer is built: the BatchNorm conversion makes new parameters."""
+    if ddp.world > 1:
+        if device.type == "cuda":
+            model = cast(CorInfoMaxModel, nn.SyncBatchNorm.convert_sync_batchnorm(model))  # converted in place
+        else:
+            model = cast(CorInfoMaxModel, convert_global_batchnorm(model))
+    if config.channels_last:  # faster on GPUs, and ~1.4x on CPU (tiny_resnet, batch 256, 1 thread)
+        # On CPU its BatchNorm is ~10x noisier in float32 than contiguous: harmless for training, but enough for
+        # runs with different BN code (1 process vs DDP) to part by ~1e-3 in a few steps; tests/test_ddp_train.py.
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _wrap(model: CorInfoMaxModel, probe: nn.Module | None, config: TrainConfig, ddp: Dist,
+          device: torch.device) -> tuple[nn.Module, nn.Module | None]:
+    """The modules the step calls: ``model`` and ``probe`` in DistributedDataParallel under DDP, the model
+    compiled with ``--compile``. Their weights stay those of ``model`` and ``probe``, which checkpoints save."""
+    train_model: nn.Module = model
+    train_probe = probe
+    if ddp.world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=ids)
+        if probe is not None:
+            train_probe = DistributedDataParallel(probe, device_ids=ids)
+    if config.compile:
+        train_model = torch.compile(train_model)  # type: ignore[assignment]  # compiled modules are callables
+    return train_model, train_probe
+
+
+# --------------------------------------------------------------------------- the loop
+def _loop(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
     """The epochs: a step per batch, then the end-of-epoch summary and checkpoint (rank 0 writes)."""
-    config, ddp, out = run.config, run.ddp, run.out
+    config = run.config
     steps_per_epoch = run.source.steps_per_epoch()
-    if ddp.main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", config.to_dict())
-        if not fresh:
-            trim_metrics(out / "metrics.jsonl", state.step)
-        run.metrics = MetricsLog(out / "metrics.jsonl", fresh, out / "tensorboard" if config.tensorboard else None)
-        log_record(run.metrics, {"event": "data", "step": state.step, "images": len(run.data),
-                           "skipped": run.data.skipped, "classes": len(run.data.classes), "world_size": ddp.world,
-                           "device": str(run.device), **({"config_changes": run.changes} if run.changes else {})})
-    first_epoch = state.epoch
-    fitting = fresh and config.time_budget_min > 0  # a fresh run fits its schedule in epoch 0
-    timed = budget_window(steps_per_epoch)
-    timer = time.monotonic()
+    if run.ddp.main:
+        run.metrics = open_run_folder(run, state.step, fresh)
+    # A fresh run with a time budget fits its schedule to the speed of epoch 0's steps.
+    fit = ScheduleFit(steps_per_epoch) if fresh and config.time_budget_min > 0 else None
     try:
-        epoch = first_epoch
+        epoch = state.epoch
         while epoch < config.epochs:  # not range(): fitting the time budget changes config.epochs
             state.start_epoch(epoch)
-            run.model.train()
-            bar = tqdm(run.source.epoch(epoch, state.batch), total=steps_per_epoch, initial=state.batch,
-                       desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and ddp.main), unit="step")
-            for i, (views, labels) in enumerate(bar, state.batch):
-                lr = lr_at(state.step, config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch,
-                           config.lr, config.min_lr)
-                terms = train_step(run, state, lr, views, labels)
-                if terms is not None and state.step % config.log_every == 0:
-                    rate = state.window_images / max(1e-9, time.monotonic() - state.window_start)
-                    state.window_start, state.window_images = time.monotonic(), 0
-                    loss, attraction, big_bang = terms.tolist()
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
-                    log_record(run.metrics, {"step": state.step, "epoch": epoch + (i + 1) / steps_per_epoch, "lr": lr,
-                                       "loss": loss, "attraction": attraction, "big_bang": big_bang,
-                                       "images_per_s": rate}, group="step")
-                state.batch = i + 1
-                if config.checkpoint_every and state.step % config.checkpoint_every == 0 and i + 1 < steps_per_epoch:
-                    write_checkpoint(run, state, mid_epoch=True)
-                if fitting and epoch == 0 and i == timed[0] - 1:
-                    timer = time.monotonic()
-                if fitting and epoch == 0 and i == timed[1] - 1:
-                    seconds_per_step = (time.monotonic() - timer) / (timed[1] - timed[0])
-                    config.epochs = fit_budget(config, steps_per_epoch, seconds_per_step, ddp, run.device)
-                    bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
-                    if ddp.main:
-                        write_json(out / "config.json", config.to_dict())
-                if budget_spent(run, state):
-                    break
-            bar.close()
-            if state.batch < steps_per_epoch:  # the time budget ran out within the epoch
-                write_checkpoint(run, state, mid_epoch=True)
-                budget_stop(run, state, steps_per_epoch)
-                break
+            if not _epoch(run, state, steps_per_epoch, fit, progress):
+                break  # the time budget ran out within the epoch
             _end_epoch(run, state)
             epoch += 1
             if epoch < config.epochs and budget_spent(run, state):
@@ -199,6 +170,47 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
         if run.metrics is not None:
             run.metrics.close()
     return run.checkpoint
+
+
+def _epoch(run: Run, state: LoopState, steps_per_epoch: int, fit: ScheduleFit | None, progress: bool) -> bool:
+    """The steps of ``state.epoch`` from batch ``state.batch`` on. False when the time budget stopped it within
+    the epoch (after writing a mid-epoch checkpoint)."""
+    config, epoch = run.config, state.epoch
+    run.model.train()
+    bar = tqdm(run.source.epoch(epoch, state.batch), total=steps_per_epoch, initial=state.batch,
+               desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and run.ddp.main), unit="step")
+    for i, (views, labels) in enumerate(bar, state.batch):
+        lr = lr_at(state.step, config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch,
+                   config.lr, config.min_lr)
+        terms = train_step(run, state, lr, views, labels)
+        if terms is not None and state.step % config.log_every == 0:
+            _log_step(run, state, bar, lr, terms, epoch + (i + 1) / steps_per_epoch)
+        state.batch = i + 1
+        if config.checkpoint_every and state.step % config.checkpoint_every == 0 and i + 1 < steps_per_epoch:
+            write_checkpoint(run, state, mid_epoch=True)
+        if fit is not None and epoch == 0 and (epochs := fit.after_batch(run, i)) is not None:
+            config.epochs = epochs
+            bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
+            if run.ddp.main:
+                write_json(run.out / "config.json", config.to_dict())
+        if budget_spent(run, state):
+            break
+    bar.close()
+    if state.batch < steps_per_epoch:
+        write_checkpoint(run, state, mid_epoch=True)
+        budget_stop(run, state, steps_per_epoch)
+        return False
+    return True
+
+
+def _log_step(run: Run, state: LoopState, bar: tqdm, lr: float, terms: Tensor, epoch: float) -> None:
+    """A logged step: its loss terms and the images per second since the last one, on the bar and in the log."""
+    rate = state.window_images / max(1e-9, time.monotonic() - state.window_start)
+    state.window_start, state.window_images = time.monotonic(), 0
+    loss, attraction, big_bang = terms.tolist()
+    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+    log_record(run.metrics, {"step": state.step, "epoch": epoch, "lr": lr, "loss": loss, "attraction": attraction,
+                             "big_bang": big_bang, "images_per_s": rate}, group="step")
 
 
 def _end_epoch(run: Run, state: LoopState) -> None:
