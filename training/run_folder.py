@@ -75,11 +75,6 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as indented JSON, atomically (``config.json``)."""
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
-
-
 def restore_run(saved: dict[str, Any], path: Path, *, model: nn.Module, loss_fn: CorInfoMaxLoss,
                 optimizer: torch.optim.Optimizer, probe: nn.Module | None,
                 probe_opt: torch.optim.Optimizer | None) -> None:
@@ -91,9 +86,16 @@ def restore_run(saved: dict[str, Any], path: Path, *, model: nn.Module, loss_fn:
     if probe is not None and "probe" in saved:
         load_weights(probe, saved["probe"], "online probe", path, RESUME_HINT)
         probe_opt.load_state_dict(saved["probe_optimizer"])  # type: ignore[union-attr]
-    restore_rng(saved["rng"])
+    _restore_rng(saved["rng"])
     log.info("resuming %s at epoch %d batch %d (step %d)", path.parent, int(saved["epoch"]),
              int(saved.get("epoch_batch", 0)), int(saved["step"]))
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    """Put back the generators `_rng_state` saved (the GPUs' only where this machine has them)."""
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state.get("cuda"):
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def resume_position(saved: dict[str, Any] | None) -> LoopState:
@@ -114,7 +116,7 @@ def open_run_folder(run: Run, step: int, fresh: bool) -> MetricsLog:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", config.to_dict())
     if not fresh:
-        trim_metrics(out / "metrics.jsonl", step)
+        _trim_metrics(out / "metrics.jsonl", step)
     metrics = MetricsLog(out / "metrics.jsonl", fresh, out / "tensorboard" if config.tensorboard else None)
     log_record(metrics, {"event": "data", "step": step, "images": len(data), "skipped": data.skipped,
                          "classes": len(data.classes), "world_size": run.ddp.world, "device": str(run.device),
@@ -122,27 +124,18 @@ def open_run_folder(run: Run, step: int, fresh: bool) -> MetricsLog:
     return metrics
 
 
-def rng_state() -> dict[str, Any]:
-    """Torch's global random generators (CPU and every GPU), saved in each checkpoint."""
-    # Data order, batched augmentation and PIL augmentation use generators seeded from (seed, epoch, index);
-    # torch's global generators are saved for anything else a model may draw (e.g. dropout).
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    """Put back the generators `rng_state` saved (the GPUs' only where this machine has them)."""
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state.get("cuda"):
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def trim_metrics(path: Path, last_step: int) -> None:
+def _trim_metrics(path: Path, last_step: int) -> None:
     """Drop the records logged after the checkpoint we resume from, so the file has no repeated steps."""
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines(keepends=True)
             if line.strip() and json.loads(line).get("step", 0) <= last_step]
     atomic_write_text(path, "".join(kept))
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as indented JSON, atomically (``config.json``)."""
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def write_checkpoint(run: Run, state: LoopState, metrics: dict[str, Any] | None = None,
@@ -157,6 +150,13 @@ def write_checkpoint(run: Run, state: LoopState, metrics: dict[str, Any] | None 
                  "epoch_good_steps": state.good_steps} if mid_epoch else {"epoch": state.epoch + 1})
     save_checkpoint(run.checkpoint, {
         "config": run.config.to_dict(), "model": run.model.state_dict(), "loss": run.loss_fn.state_dict(),
-        "optimizer": run.optimizer.state_dict(), "step": state.step, "rng": rng_state(), **probe, **position,
+        "optimizer": run.optimizer.state_dict(), "step": state.step, "rng": _rng_state(), **probe, **position,
         "metrics": metrics or {},
     })
+
+
+def _rng_state() -> dict[str, Any]:
+    """Torch's global random generators (CPU and every GPU), saved in each checkpoint."""
+    # Data order, batched augmentation and PIL augmentation use generators seeded from (seed, epoch, index);
+    # torch's global generators are saved for anything else a model may draw (e.g. dropout).
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
