@@ -35,11 +35,12 @@ import torch
 from PIL import Image
 
 from corinfomax.core.images import scan_images
+from corinfomax.training.batches import BatchSource
 from corinfomax.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from corinfomax.training.config import resolve
 from corinfomax.training.data import decode_folder
-from corinfomax.training.distributed import Dist
-from corinfomax.training.trainer import BatchSource, pick_device, train
+from corinfomax.training.distributed import Dist, pick_device
+from corinfomax.training.trainer import train
 
 log = logging.getLogger("gpu_run")
 

@@ -12,12 +12,12 @@ import time
 
 import torch
 
+from corinfomax.training.batches import BatchSource
 from corinfomax.training.config import resolve
 from corinfomax.training.data import decode_folder
-from corinfomax.training.distributed import Dist
+from corinfomax.training.distributed import Dist, pick_device
 from corinfomax.training.loss import CorInfoMaxLoss
 from corinfomax.training.models import CorInfoMaxModel
-from corinfomax.training.trainer import BatchSource, pick_device
 
 
 def images_per_second(pipeline: str, args: argparse.Namespace, device: torch.device, data) -> float:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from trainkit import small_folder, tiny_config
 
-from corinfomax.training import trainer
+from corinfomax.training import run_folder, trainer
 from corinfomax.training.checkpoint import load_checkpoint
 from corinfomax.training.evaluate import one_cpu_thread
 
@@ -39,13 +39,13 @@ def test_checkpoint_keys_are_the_documented_ones(cifar10: Path, tmp_path: Path,
     """One epoch of two steps, checkpointing after each: a mid-epoch checkpoint, then an epoch-end one."""
     monkeypatch.setenv("CORINFOMAX_CACHE", str(tmp_path / "cache"))
     written: list[dict[str, Any]] = []
-    save = trainer.save_checkpoint
+    save = run_folder.save_checkpoint
 
     def keep_what_was_written(path: Path, state: dict[str, Any]) -> None:
         save(path, state)
         written.append(load_checkpoint(path))
 
-    monkeypatch.setattr(trainer, "save_checkpoint", keep_what_was_written)
+    monkeypatch.setattr(run_folder, "save_checkpoint", keep_what_was_written)
     data = small_folder(cifar10, tmp_path / "data", per_class=7)  # 70 images: 2 steps of 32
     with one_cpu_thread():
         trainer.train(tiny_config(data, tmp_path / "run", epochs=1, checkpoint_every=1), progress=False)

@@ -17,7 +17,7 @@ from PIL import Image
 from trainkit import small_folder, tiny_config
 
 from corinfomax.core.images import load_image
-from corinfomax.training import trainer
+from corinfomax.training import batches, trainer
 from corinfomax.training.augment import Crops, view_specs
 from corinfomax.training.checkpoint import load_checkpoint
 from corinfomax.training.config import IMAGENET_MEAN, IMAGENET_STD, PRESETS, resolve
@@ -106,9 +106,9 @@ def test_views_depend_only_on_the_item_seed_and_bad_files_are_replaced(woof: Pat
 
 def test_the_sharded_epoch_gives_each_rank_its_rows_of_the_global_batch() -> None:
     config = resolve("photo", {"batch_size": 8})
-    single = list(trainer._EpochSampler(50, config, Dist(), 8))
-    rank0 = list(trainer._EpochSampler(50, config, Dist(rank=0, world=2), 4))
-    rank1 = list(trainer._EpochSampler(50, config, Dist(rank=1, world=2), 4))
+    single = list(batches._EpochSampler(50, config, Dist(), 8))
+    rank0 = list(batches._EpochSampler(50, config, Dist(rank=0, world=2), 4))
+    rank1 = list(batches._EpochSampler(50, config, Dist(rank=1, world=2), 4))
     assert len(single) == 48 and len(rank0) == len(rank1) == 24
     for k in range(6):  # global batch k of both ranks together is batch k of one process, with the same seeds
         assert sorted(rank0[4 * k:4 * k + 4] + rank1[4 * k:4 * k + 4]) == sorted(single[8 * k:8 * k + 8])
@@ -116,7 +116,7 @@ def test_the_sharded_epoch_gives_each_rank_its_rows_of_the_global_batch() -> Non
 
 # --------------------------------------------------------------------------- training
 def test_a_large_image_size_streams_from_the_files(woof: Path, tmp_path: Path, caplog) -> None:
-    with caplog.at_level(logging.INFO, logger="corinfomax.training.trainer"):
+    with caplog.at_level(logging.INFO, logger=batches.log.name):
         state = load_checkpoint(train(stream_config(woof, tmp_path / "run", epochs=1), progress=False))
     assert "image_size 72 > 64: streaming 40 files" in caplog.text and state["step"] == 2
     assert not list((tmp_path / "cache").glob("*.npz"))  # nothing decoded into the cache
@@ -132,19 +132,19 @@ def test_a_run_killed_mid_epoch_resumes_exactly(pipeline: str, woof: Path, tmp_p
     reference = load_checkpoint(train(config(woof, tmp_path / "straight"), progress=False))
     assert reference["step"] == 4  # 2 epochs of 2 batches
 
-    original = trainer._step
+    original = trainer.train_step
 
     def interrupted(run, state, *args):
         if state.step == 3:  # the second batch of epoch 2; its first batch is checkpointed
             raise KeyboardInterrupt
         return original(run, state, *args)
 
-    monkeypatch.setattr(trainer, "_step", interrupted)
+    monkeypatch.setattr(trainer, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(config(woof, tmp_path / "resumed"), progress=False)
     saved = load_checkpoint(tmp_path / "resumed")
     assert (saved["epoch"], saved["epoch_batch"], saved["step"]) == (1, 1, 3)
-    monkeypatch.setattr(trainer, "_step", original)
+    monkeypatch.setattr(trainer, "train_step", original)
     resumed = load_checkpoint(train(config(woof, tmp_path / "resumed"), progress=False))
     assert resumed["epoch"] == reference["epoch"] == 2 and resumed["step"] == 4 and "epoch_batch" not in resumed
     for part in ("model", "loss", "probe"):

@@ -11,12 +11,14 @@ import pytest
 import torch
 from trainkit import small_folder, tiny_config
 
-from corinfomax.training import trainer
+from corinfomax.training import batches, budget, evaluate, run_folder, trainer
 from corinfomax.training.checkpoint import CheckpointError, load_checkpoint, non_finite, save_checkpoint
 from corinfomax.training.evaluate import one_cpu_thread as one_thread
 from corinfomax.training.guard import StepGuard
 from corinfomax.training.loss import CorInfoMaxLoss, CorInfoMaxOutput
-from corinfomax.training.trainer import ResumeConflict, TrainingDiverged, train
+from corinfomax.training.run_folder import ResumeConflict
+from corinfomax.training.step import TrainingDiverged
+from corinfomax.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,18 +65,18 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(data: Path, tmp_
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     reference = load_checkpoint(train(tiny_config(data, tmp_path / "straight", **views), progress=False))
 
-    original = trainer.BatchSource.epoch
+    original = batches.BatchSource.epoch
 
     def interrupted(self, epoch: int, *args):
         if epoch == 1:
             raise KeyboardInterrupt
         return original(self, epoch, *args)
 
-    monkeypatch.setattr(trainer.BatchSource, "epoch", interrupted)
+    monkeypatch.setattr(batches.BatchSource, "epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(data, tmp_path / "resumed", **views), progress=False)
     assert load_checkpoint(tmp_path / "resumed")["epoch"] == 1
-    monkeypatch.setattr(trainer.BatchSource, "epoch", original)
+    monkeypatch.setattr(batches.BatchSource, "epoch", original)
     resumed = load_checkpoint(train(tiny_config(data, tmp_path / "resumed", **views), progress=False))
 
     assert resumed["epoch"] == reference["epoch"] == 2
@@ -240,11 +242,11 @@ def test_checkpoint_writer_refuses_non_finite_tensors(tmp_path: Path) -> None:
 def test_time_budget_is_fitted_after_the_warm_up_steps(data: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # Warm-up steps (cuDNN autotuning, compilation) are not timed; short epochs are fitted too.
-    assert trainer._budget_window(100) == (10, 30)
-    assert trainer._budget_window(12) == (6, 12)
-    assert trainer._budget_window(1) == (0, 1)
+    assert budget.budget_window(100) == (10, 30)
+    assert budget.budget_window(12) == (6, 12)
+    assert budget.budget_window(1) == (0, 1)
     run = tmp_path / "run"
-    monkeypatch.setattr(trainer, "_budget_spent", lambda run, state: False)  # the fit alone, not the hard stop
+    monkeypatch.setattr(trainer, "budget_spent", lambda run, state: False)  # the fit alone, not the hard stop
     train(tiny_config(data, run, epochs=50, batch_size=8, time_budget_min=1e-4), progress=False)
     assert json.loads((run / "config.json").read_text())["epochs"] == 1  # 6 ms cannot hold two epochs
     assert load_checkpoint(run)["epoch"] == 1
@@ -256,7 +258,7 @@ def test_a_spent_time_budget_stops_mid_epoch_and_the_same_command_resumes(data: 
     resumed run (here without a budget) ends where an uninterrupted run ends."""
     reference = load_checkpoint(train(tiny_config(data, tmp_path / "straight"), progress=False))
     run = tmp_path / "run"
-    with caplog.at_level("WARNING", logger="corinfomax.training.trainer"):
+    with caplog.at_level("WARNING", logger=budget.log.name):
         train(tiny_config(data, run, time_budget_min=1e-6), progress=False)  # 60 us: spent by the first step
     saved = load_checkpoint(run)
     assert (saved["epoch"], saved["epoch_batch"], saved["step"]) == (0, 1, 1)
@@ -277,9 +279,9 @@ def test_knn_during_training_uses_a_bounded_bank_of_each_class(data: Path, cifar
     """--val-data: the kNN bank is the first KNN_BANK_IMAGES / classes training images of each class, and the
     log and metrics say how many."""
     val = small_folder(cifar10, tmp_path / "val", per_class=2, split="test")
-    monkeypatch.setattr(trainer, "KNN_BANK_IMAGES", 35)  # 3 of the 10 per class
+    monkeypatch.setattr(evaluate, "KNN_BANK_IMAGES", 35)  # 3 of the 10 per class
     run = tmp_path / "run"
-    with caplog.at_level("INFO", logger="corinfomax.training.trainer"):
+    with caplog.at_level("INFO", logger=evaluate.log.name):
         state = load_checkpoint(train(tiny_config(data, run, epochs=1, val_data=str(val)), progress=False))
     assert "a bank of 30 training images (up to 3 per class, 10 classes; at most 35 in all)" in caplog.text
     epoch = [r for r in records(run) if "knn_top1" in r]
@@ -297,8 +299,8 @@ def test_knn_during_training_uses_a_bounded_bank_of_each_class(data: Path, cifar
 
 def test_a_folder_too_large_for_the_cache_streams_from_the_files(data: Path, tmp_path: Path, caplog,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trainer, "CACHE_MAX_BYTES", 100 * 3 * 16**2 - 1)  # one byte short of these 100 images
-    with caplog.at_level("INFO", logger=trainer.log.name):
+    monkeypatch.setattr(batches, "CACHE_MAX_BYTES", 100 * 3 * 16**2 - 1)  # one byte short of these 100 images
+    with caplog.at_level("INFO", logger=batches.log.name):
         train(tiny_config(data, tmp_path / "run", epochs=1), progress=False)
     assert "a uint8 cache would need 0.0 GiB > 0 GiB: streaming 100 files" in caplog.text
     assert load_checkpoint(tmp_path / "run")["step"] == 3 and not (tmp_path / "cache").exists()
@@ -315,13 +317,13 @@ def test_a_budget_fitted_run_resumes_with_the_same_command(data: Path, tmp_path:
     """A time budget rewrites the saved epochs (e.g. 100 -> 4); the same command asks for 100 again and must
     resume, not conflict. Without a budget, other epochs are a real change."""
     saved = tiny_config(data, tmp_path / "run", time_budget_min=15.0, epochs=4).to_dict()
-    assert trainer._check_resume(tiny_config(data, tmp_path / "run", time_budget_min=15.0, epochs=100), saved,
+    assert run_folder.check_resume(tiny_config(data, tmp_path / "run", time_budget_min=15.0, epochs=100), saved,
                                  False) == {}
     # Asking on purpose for other epochs (a longer schedule on top of a budget-fitted run) is a recorded change.
-    assert trainer._check_resume(tiny_config(data, tmp_path / "run", time_budget_min=15.0, epochs=100), saved,
+    assert run_folder.check_resume(tiny_config(data, tmp_path / "run", time_budget_min=15.0, epochs=100), saved,
                                  True) == {"epochs": [4, 100]}
     with pytest.raises(ResumeConflict, match="epochs: 4 -> 100"):
-        trainer._check_resume(tiny_config(data, tmp_path / "run", epochs=100), {**saved, "time_budget_min": 0.0},
+        run_folder.check_resume(tiny_config(data, tmp_path / "run", epochs=100), {**saved, "time_budget_min": 0.0},
                               False)
 
 
@@ -330,10 +332,10 @@ def test_time_budget_says_when_it_shortens_epochs(tmp_path: Path, caplog: pytest
     from corinfomax.training.distributed import Dist
 
     config = tiny_config(tmp_path, tmp_path / "run", epochs=30, time_budget_min=1.0)
-    with caplog.at_level("INFO", logger=trainer.log.name):
+    with caplog.at_level("INFO", logger=budget.log.name):
         # 0.1 s/step, 100 steps per epoch -> 10 s per epoch -> 5 epochs in 90% of 1 minute
-        assert trainer._fit_budget(config, 100, 0.1, Dist(), torch.device("cpu")) == 5  # 90% of 60 s, 10 s/epoch
-        assert trainer._fit_budget(config, 1, 0.1, Dist(), torch.device("cpu")) == 30
+        assert budget.fit_budget(config, 100, 0.1, Dist(), torch.device("cpu")) == 5  # 90% of 60 s, 10 s/epoch
+        assert budget.fit_budget(config, 1, 0.1, Dist(), torch.device("cpu")) == 30
     shortened, kept = caplog.records[-2:]
     assert shortened.levelname == "WARNING" and "shortened from --epochs 30 to 5" in shortened.getMessage()
     assert "--time-budget-min 0" in shortened.getMessage()

@@ -1,8 +1,10 @@
-"""Training configuration: one dataclass, the paper's recipes as presets, every field overridable."""
+"""Training configuration: one dataclass, the paper's recipes as presets, every field overridable, and
+`validate`, which refuses a config that cannot train."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,3 +146,31 @@ def resolve(preset: str, overrides: dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     values = {**PRESETS[preset], "preset": preset, **{k: v for k, v in overrides.items() if v is not None}}
     return TrainConfig.from_dict(values)
+
+
+def validate(config: TrainConfig) -> None:
+    """Refuse a config that cannot train, before anything is read or written."""
+    if config.augment not in ("tensor", "pil"):
+        raise ConfigError(f"unknown augmentation pipeline {config.augment!r}; use 'tensor' or 'pil'")
+    if config.optimizer not in ("sgd", "lars"):
+        raise ConfigError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'lars'")
+    if config.image_size < 8:
+        raise ConfigError(f"image_size {config.image_size} is too small; use at least 8")
+    if config.checkpoint_every < 0:
+        raise ConfigError(f"--checkpoint-every must be 0 (epoch ends only) or more, got {config.checkpoint_every}")
+    for name in ("epochs", "batch_size", "max_bad_steps", "log_every"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.global_views < 1 or config.local_views < 0 or config.global_views + config.local_views < 2:
+        raise ConfigError(f"need at least two views per image, got --global-views {config.global_views} and "
+                          f"--local-views {config.local_views}")
+    if config.augment == "pil" and (config.global_views, config.local_views) != (2, 0):
+        raise ConfigError("the PIL reference pipeline makes the paper's two views only; use --augment tensor for "
+                          "more views")
+    if config.local_views and not 8 <= (config.local_size or config.image_size // 2) <= config.image_size:
+        raise ConfigError(f"--local-size must be between 8 and the image size {config.image_size}, got "
+                          f"{config.local_size or config.image_size // 2}")
+    if config.lr <= 0 or not math.isfinite(config.lr):
+        raise ConfigError(f"--lr must be a positive number, got {config.lr}")
+    if config.workers < 0:
+        raise ConfigError(f"--workers must be 0 or more, got {config.workers}")

@@ -1,10 +1,13 @@
-"""Learning-rate schedule and the LARS optimizer for large batches."""
+"""Learning-rate schedule, the LARS optimizer for large batches, and the optimizer a config names."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from torch import nn
+
+from corinfomax.training.config import ConfigError, TrainConfig
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: float, base_lr: float, min_lr: float = 0.0) -> float:
@@ -39,3 +42,13 @@ class LARS(torch.optim.Optimizer):
                 buf.mul_(group["momentum"]).add_(grad)
                 p.add_(buf, alpha=-group["lr"])
         return None
+
+
+def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer ``config.optimizer`` names ('sgd' or 'lars') over ``model``'s parameters."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    if config.optimizer == "lars":
+        return LARS(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    raise ConfigError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'lars'")

@@ -2,10 +2,10 @@
 reference pipeline) made into views (two, or more for multi-crop).
 
 Small training sizes (``image_size`` up to `data.CACHE_MAX_SIDE`) train from the decoded uint8 cache; larger
-ones stream from the files: each worker decodes an image at reduced size where the JPEG allows it and cuts
-one random-resized crop per view (`augment.Crops`, fixed-size uint8); the trainer runs the colour ops batched
-on the training device (`augment.BatchViews.colour_views`). Nothing is held in memory but the file list, so
-a folder of millions of photos trains as easily as a small one.
+ones stream from the files (`batches.load_training_images` chooses): each worker decodes an image at reduced
+size where the JPEG allows it and cuts one random-resized crop per view (`augment.Crops`, fixed-size uint8);
+`batches.BatchSource` runs the colour ops batched on the training device (`augment.BatchViews.colour_views`).
+Nothing is held in memory but the file list, so a folder of millions of photos trains as easily as a small one.
 
 Items are ``(index, seed)``: each image's draws depend only on the run seed, the epoch and the index, so a
 resumed or sharded run sees the same views as an uninterrupted single-process one.

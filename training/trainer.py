@@ -1,5 +1,7 @@
-"""The CorInfoMax training loop, DDP through torchrun, AMP, auto-resume: `train` sets a run up, then `_run`
-reads top to bottom: per batch `_step`, per epoch `_end_epoch`, over a small `LoopState`.
+"""The CorInfoMax training loop, DDP through torchrun, AMP, auto-resume. `train` sets a run up in named steps,
+then `_loop` runs its epochs: `_epoch` takes a `train_step` (step.py) per batch, `_end_epoch` summarises and
+checkpoints. The batches come from batches.py, the time budget from budget.py, the run folder and resume from
+run_folder.py; `Run` and `LoopState` (run.py) are what they all pass around.
 
 One process: ``corinfomax train ...``. Several GPUs or machines: ``torchrun --nproc_per_node N
 $(which corinfomax) train ...`` (the WORLD_SIZE / RANK / LOCAL_RANK environment is honoured; rank 0 writes).
@@ -7,14 +9,11 @@ $(which corinfomax) train ...`` (the WORLD_SIZE / RANK / LOCAL_RANK environment 
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator, cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -22,243 +21,34 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from corinfomax.core.errors import UserError
-from corinfomax.core.files import atomic_write_text
-from corinfomax.training.augment import BatchViews, Crops, PilTwoView, view_specs
-from corinfomax.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_weights, save_checkpoint
-from corinfomax.training.config import ConfigError, TrainConfig
-from corinfomax.training.data import CACHE_MAX_SIDE, DecodedImages, decode_folder
+from corinfomax.training.batches import BatchSource, load_training_images
+from corinfomax.training.budget import ScheduleFit, budget_spent, budget_stop
+from corinfomax.training.checkpoint import CHECKPOINT_FILE
+from corinfomax.training.config import ConfigError, TrainConfig, validate
+from corinfomax.training.data import DecodedImages
 from corinfomax.training.distributed import Dist, convert_global_batchnorm, pick_device, setup_distributed
+from corinfomax.training.evaluate import knn_readout
 from corinfomax.training.guard import StepGuard
 from corinfomax.training.loss import CorInfoMaxLoss
+from corinfomax.training.metrics_log import log_record
 from corinfomax.training.models import CorInfoMaxModel
-from corinfomax.training.optim import LARS, lr_at
-from corinfomax.training.stream import ImageFiles, ViewDataset, list_image_files
+from corinfomax.training.optim import lr_at, make_optimizer
+from corinfomax.training.run import LoopState, Run
+from corinfomax.training.run_folder import (
+    open_run_folder,
+    restore_run,
+    resume_position,
+    saved_run,
+    write_checkpoint,
+    write_json,
+)
+from corinfomax.training.step import train_step
+from corinfomax.training.stream import ImageFiles
 
 log = logging.getLogger(__name__)
 
-# Fields that may change between a run and its resumption without changing what is trained.
-RUNTIME_FIELDS = {"out", "workers", "device", "log_every", "time_budget_min", "compile", "knn_every", "val_data",
-                  "data", "checkpoint_every", "tensorboard"}
 
-
-# --time-budget-min fits the epochs to the speed of steps [10, 30) of the first epoch. The first steps are slow
-# (cuDNN autotuning, torch.compile, loader start-up): on an H100, timing steps 1-12 overestimated the step 3x.
-BUDGET_SKIP_STEPS, BUDGET_TIMED_STEPS = 10, 20
-
-# Small training sizes train from a uint8 cache of the whole folder (held in memory, and on the device with the
-# tensor pipeline) unless it would exceed this; such folders stream from the files like large sizes do.
-CACHE_MAX_BYTES = 8 << 30
-
-# The kNN read-out during training (--val-data) compares with at most this many training images, equally many
-# per class: decoding the whole folder would cost ImageNet-100's 126,689 photos 19 GB at 224 px.
-KNN_BANK_IMAGES = 10_000
-
-# What to do when the run folder's checkpoint does not fit the model this config builds.
-RESUME_HINT = "it cannot be resumed with this config. Use another --out for the new architecture."
-
-
-class TrainingDiverged(UserError):
-    """Too many consecutive steps with a non-finite loss or model state."""
-
-
-class ResumeConflict(UserError):
-    """The run folder holds a checkpoint trained with a different config."""
-
-
-def validate(config: TrainConfig) -> None:
-    """Refuse a config that cannot train, before anything is read or written."""
-    if config.augment not in ("tensor", "pil"):
-        raise ConfigError(f"unknown augmentation pipeline {config.augment!r}; use 'tensor' or 'pil'")
-    if config.optimizer not in ("sgd", "lars"):
-        raise ConfigError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'lars'")
-    if config.image_size < 8:
-        raise ConfigError(f"image_size {config.image_size} is too small; use at least 8")
-    if config.checkpoint_every < 0:
-        raise ConfigError(f"--checkpoint-every must be 0 (epoch ends only) or more, got {config.checkpoint_every}")
-    for name in ("epochs", "batch_size", "max_bad_steps", "log_every"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
-    if config.global_views < 1 or config.local_views < 0 or config.global_views + config.local_views < 2:
-        raise ConfigError(f"need at least two views per image, got --global-views {config.global_views} and "
-                          f"--local-views {config.local_views}")
-    if config.augment == "pil" and (config.global_views, config.local_views) != (2, 0):
-        raise ConfigError("the PIL reference pipeline makes the paper's two views only; use --augment tensor for "
-                          "more views")
-    if config.local_views and not 8 <= (config.local_size or config.image_size // 2) <= config.image_size:
-        raise ConfigError(f"--local-size must be between 8 and the image size {config.image_size}, got "
-                          f"{config.local_size or config.image_size // 2}")
-    if config.lr <= 0 or not math.isfinite(config.lr):
-        raise ConfigError(f"--lr must be a positive number, got {config.lr}")
-    if config.workers < 0:
-        raise ConfigError(f"--workers must be 0 or more, got {config.workers}")
-
-
-# --------------------------------------------------------------------------- batches
-class _EpochSampler(torch.utils.data.Sampler):
-    """This rank's ``(index, seed)`` items of the current epoch; `set_epoch` before each epoch.
-
-    Iterated in the main process, so one persistent set of loader workers serves every epoch.
-    """
-
-    def __init__(self, n: int, config: TrainConfig, ddp: Dist, batch: int) -> None:
-        self.n, self.seed, self.ddp, self.batch, self.epoch, self.start = n, config.seed, ddp, batch, 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Serve ``epoch`` from its batch ``start_batch`` on (a run resumed mid-epoch)."""
-        self.epoch, self.start = epoch, start_batch * self.batch
-
-    def __len__(self) -> int:
-        return len(epoch_order(self.n, self.epoch, self.seed, self.ddp, self.batch)) - self.start
-
-    def __iter__(self):
-        base = (self.seed * 100_003 + self.epoch) * self.n
-        order = epoch_order(self.n, self.epoch, self.seed, self.ddp, self.batch)[self.start :]
-        return iter((i, base + i) for i in order.tolist())
-
-
-def epoch_order(n: int, epoch: int, seed: int, ddp: Dist, batch: int) -> Tensor:
-    """This rank's sample indices for an epoch: a seeded permutation, whole global batches only, every
-    ``world``-th index, so batch k of all ranks together is batch k of a single-process run."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    usable = (n // (batch * ddp.world)) * batch * ddp.world
-    return perm[:usable][ddp.rank :: ddp.world]
-
-
-def load_training_images(config: TrainConfig, progress: bool) -> DecodedImages | ImageFiles:
-    """The decoded uint8 cache for small training sizes when it fits `CACHE_MAX_BYTES`, else the file list to
-    stream from (the choice is logged)."""
-    files = list_image_files(config.data, config.image_size)
-    need = len(files) * 3 * config.image_size**2
-    if config.image_size <= CACHE_MAX_SIDE and need <= CACHE_MAX_BYTES:
-        log.info("image_size %d <= %d: training from the decoded uint8 cache (%.2f GiB)", config.image_size,
-                 CACHE_MAX_SIDE, need / 2**30)
-        return decode_folder(config.data, config.image_size, progress=progress)
-    reason = (f"image_size {config.image_size} > {CACHE_MAX_SIDE}" if config.image_size > CACHE_MAX_SIDE else
-              f"a uint8 cache would need {need / 2**30:.1f} GiB > {CACHE_MAX_BYTES / 2**30:.0f} GiB")
-    log.info("%s: streaming %d files, decoded and cropped in %d loader worker(s), %s", reason, len(files),
-             config.workers, "coloured batched on the training device" if config.augment == "tensor" else
-             "augmented there by the PIL reference (augment=pil)")
-    return files
-
-
-class BatchSource:
-    """Yields ``(views, labels)`` on the training device for one epoch, by one of three pipelines:
-    cached images through both stages of `BatchViews` on the device; streamed files cropped per image in
-    loader workers (`Crops`) and coloured batched on the device; or, with ``augment="pil"``, the per-image
-    PIL reference in the workers (cached images or streamed files; the baseline the benches compare with)."""
-
-    def __init__(self, data: DecodedImages | ImageFiles, config: TrainConfig, device: torch.device,
-                 ddp: Dist) -> None:
-        self.config, self.device, self.ddp = config, device, ddp
-        self.batch = config.batch_size // ddp.world
-        if self.batch < 2:
-            raise ConfigError(f"batch size {config.batch_size} over {ddp.world} processes leaves < 2 images "
-                              "per process")
-        self.data, self.n, self.labels = data, len(data), data.labels
-        self.batched = config.augment == "tensor"
-        self.cached = self.batched and isinstance(data, DecodedImages)
-        self.unreadable: set[int] = set()
-        specs = view_specs(config.image_size, config.global_views, config.local_views, config.local_size,
-                           config.crop_scale, config.local_scale)
-        self.augment = BatchViews(specs, config.mean, config.std)
-        if self.cached:
-            # Small images live on the device as uint8: no loader workers, no host-to-device copies per step.
-            self.images = data.images.to(device)  # type: ignore[union-attr]  # DecodedImages here
-        else:
-            self.sampler = _EpochSampler(self.n, config, ddp, self.batch)
-            transform = (Crops(specs) if self.batched else PilTwoView(config.image_size, config.mean, config.std))
-            self.loader = torch.utils.data.DataLoader(
-                ViewDataset(data, transform), batch_size=self.batch, sampler=self.sampler,
-                num_workers=config.workers, pin_memory=device.type == "cuda", drop_last=True,
-                persistent_workers=config.workers > 0,
-            )
-
-    def steps_per_epoch(self) -> int:
-        return self.n // (self.batch * self.ddp.world)
-
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[list[Tensor], Tensor]]:
-        """The batches of ``epoch`` from batch ``start_batch`` on (a run resumed mid-epoch)."""
-        rank, world = self.ddp.rank, self.ddp.world
-        if self.cached:
-            order = epoch_order(self.n, epoch, self.config.seed, self.ddp, self.batch)
-            for k, idx in enumerate(order.split(self.batch)[start_batch:], start_batch):
-                views = self.augment(self.images[idx.to(self.device)], self._generator(epoch, k), rank, world)
-                yield views, self.labels[idx].to(self.device)
-            return
-        self.sampler.set_epoch(epoch, start_batch)
-        for k, (*views, labels, unreadable) in enumerate(self.loader, start_batch):
-            views = [v.to(self.device, non_blocking=True) for v in views]
-            if self.batched:  # uint8 crops from the workers: the colour stage, batched
-                views = self.augment.colour_views(views, self._generator(epoch, k), rank, world)
-            yield views, labels.to(self.device, non_blocking=True)
-            self._count_unreadable(unreadable)
-
-    def _generator(self, epoch: int, batch: int) -> torch.Generator:
-        # Seeded by (seed, epoch, batch) only: every rank draws the global batch's parameters and keeps its
-        # rows, and a resumed run draws what an uninterrupted one would.
-        return torch.Generator().manual_seed((self.config.seed * 100_003 + epoch) * 1_000_003 + batch)
-
-    def _count_unreadable(self, unreadable: Tensor) -> None:
-        new = set(unreadable[unreadable >= 0].tolist()) - self.unreadable
-        if new:
-            self.unreadable |= new
-            self.data.skipped = len(self.unreadable)
-            log.warning("%d unreadable file(s) skipped so far (each replaced by the next readable one)",
-                        len(self.unreadable))
-
-
-# --------------------------------------------------------------------------- run folder
-def _check_resume(config: TrainConfig, saved: dict[str, Any], allow_change: bool) -> dict[str, list[Any]]:
-    """The recipe fields this invocation changes, as {field: [saved, new]}; refused unless ``allow_change``."""
-    # A field the saved config lacks (added since that run) had its default value then.
-    defaults = TrainConfig().to_dict()
-    changed = {k for k, v in config.to_dict().items()
-               if k not in RUNTIME_FIELDS and _plain(saved.get(k, defaults[k])) != _plain(v)}
-    # A run with a time budget saved the epochs fitted to it; the same command asks for the preset's epochs again.
-    refused = changed - ({"epochs"} if saved.get("time_budget_min") else set())
-    if refused and not allow_change:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in sorted(refused))
-        raise ResumeConflict(
-            f"{config.out} holds a run with a different config ({details}). Use another --out, or pass "
-            "--allow-config-change to resume with the new values."
-        )
-    if not allow_change:
-        return {}  # the caller keeps the saved epochs
-    return {k: [saved.get(k), _plain(getattr(config, k))] for k in sorted(changed)}
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
-
-
-def _rng_state() -> dict[str, Any]:
-    # Data order, batched augmentation and PIL augmentation use generators seeded from (seed, epoch, index);
-    # torch's global generators are saved for anything else a model may draw (e.g. dropout).
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state.get("cuda"):
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """Drop the records logged after the checkpoint we resume from, so the file has no repeated steps."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    atomic_write_text(path, "".join(kept))
-
-
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- setting a run up
 def train(config: TrainConfig, allow_config_change: bool = False, progress: bool = True) -> Path:
     """Train (or resume) the run in ``config.out``; return the checkpoint path.
 
@@ -266,22 +56,52 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
     and no checkpoint got written, a failure removes it again (no partial output).
     """
     validate(config)
+    ddp, device = _process(config)
+    saved, changes = saved_run(config, allow_config_change)
+    torch.manual_seed(config.seed + ddp.rank)
+    model = CorInfoMaxModel(config.backbone, config.projector, config.cifar_stem).to(device)  # bad names fail here
+    data, source = _batches(config, device, ddp, progress=progress and ddp.main)
+    model = _for_training(model, config, ddp, device)
+    loss_fn = CorInfoMaxLoss(model.embedding_dim, config.alpha, config.la_R, config.la_mu, config.eps,
+                             config.R_init, views=config.global_views + config.local_views,
+                             global_views=config.global_views).to(device)
+    classes = len(data.classes)
+    probe = nn.Linear(model.feature_dim, classes).to(device) if (config.online_probe and classes) else None
+    optimizer = make_optimizer(config, model)
+    probe_opt = torch.optim.Adam(probe.parameters(), lr=1e-3) if probe is not None else None
+    out = Path(config.out)
+    if saved is not None:
+        restore_run(saved, out / CHECKPOINT_FILE, model=model, loss_fn=loss_fn, optimizer=optimizer, probe=probe,
+                    probe_opt=probe_opt)
+    train_model, train_probe = _wrap(model, probe, config, ddp, device)
+
+    created = ddp.main and not out.exists()
+    try:
+        guard = StepGuard([m for m in (model, loss_fn, probe) if m is not None],
+                          [o for o in (optimizer, probe_opt) if o is not None])
+        run = Run(config=config, ddp=ddp, device=device, out=out, source=source, data=data, train_model=train_model,
+                  model=model, loss_fn=loss_fn, optimizer=optimizer, train_probe=train_probe, probe=probe,
+                  probe_opt=probe_opt, guard=guard, changes=changes)
+        return _loop(run, resume_position(saved), fresh=saved is None, progress=progress)
+    except BaseException:
+        if created and not (out / CHECKPOINT_FILE).exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _process(config: TrainConfig) -> tuple[Dist, torch.device]:
+    """This process's place in a torchrun job (a job of one without torchrun) and its device."""
     ddp = setup_distributed(pick_device(config.device).type)
     device = pick_device(config.device, ddp.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    out = Path(config.out)
-    ckpt_path = out / CHECKPOINT_FILE
-    resume_state = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
-    changes: dict[str, list[Any]] = {}
-    if resume_state is not None:
-        changes = _check_resume(config, resume_state["config"], allow_config_change)
-        if not allow_config_change:
-            config.epochs = int(resume_state["config"]["epochs"])  # a budget-fitted schedule stays fixed
+    return ddp, device
 
-    torch.manual_seed(config.seed + ddp.rank)
-    model = CorInfoMaxModel(config.backbone, config.projector, config.cifar_stem).to(device)  # bad names fail here
-    data = load_training_images(config, progress=progress and ddp.main)
+
+def _batches(config: TrainConfig, device: torch.device, ddp: Dist,
+             progress: bool) -> tuple[DecodedImages | ImageFiles, BatchSource]:
+    """The training images and the batches made of them; refuses data that cannot train this config."""
+    data = load_training_images(config, progress=progress)
     if data.skipped:
         log.warning("skipped %d unreadable file(s) in %s; training on %d images", data.skipped, config.data,
                     len(data))
@@ -289,12 +109,16 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
         raise ConfigError(f"--val-data needs class sub-folders in --data: the kNN read-out votes with the labels "
                           f"of training images, and {config.data} has none")
     source = BatchSource(data, config, device, ddp)
-    steps_per_epoch = source.steps_per_epoch()
-    if steps_per_epoch == 0:
+    if source.steps_per_epoch() == 0:
         raise ConfigError(f"{len(data)} images are fewer than one batch of {config.batch_size}; "
                           "lower --batch-size")
+    return data, source
 
-    if ddp.world > 1:  # global-batch BN; before the optimizer is built, as conversion makes new parameters
+
+def _for_training(model: CorInfoMaxModel, config: TrainConfig, ddp: Dist, device: torch.device) -> CorInfoMaxModel:
+    """Global-batch BatchNorm under DDP, and the channels-last memory layout when asked for. Before the
+    optimizer is built: the BatchNorm conversion makes new parameters."""
+    if ddp.world > 1:
         if device.type == "cuda":
             model = cast(CorInfoMaxModel, nn.SyncBatchNorm.convert_sync_batchnorm(model))  # converted in place
         else:
@@ -303,29 +127,15 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
         # On CPU its BatchNorm is ~10x noisier in float32 than contiguous: harmless for training, but enough for
         # runs with different BN code (1 process vs DDP) to part by ~1e-3 in a few steps; tests/test_ddp_train.py.
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = CorInfoMaxLoss(model.embedding_dim, config.alpha, config.la_R, config.la_mu, config.eps,
-                             config.R_init, views=config.global_views + config.local_views,
-                             global_views=config.global_views).to(device)
-    num_classes = len(data.classes)
-    probe = nn.Linear(model.feature_dim, num_classes).to(device) if (config.online_probe and num_classes) else None
-    optimizer = _optimizer(config, model)
-    probe_opt = torch.optim.Adam(probe.parameters(), lr=1e-3) if probe is not None else None
+    return model
 
-    start_epoch, step, start_batch = 0, 0, 0
-    if resume_state is not None:
-        load_weights(model, resume_state["model"], "model", ckpt_path, RESUME_HINT)
-        load_weights(loss_fn, resume_state["loss"], "loss state", ckpt_path, RESUME_HINT)
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if probe is not None and "probe" in resume_state:
-            load_weights(probe, resume_state["probe"], "online probe", ckpt_path, RESUME_HINT)
-            probe_opt.load_state_dict(resume_state["probe_optimizer"])  # type: ignore[union-attr]
-        start_epoch, step = int(resume_state["epoch"]), int(resume_state["step"])
-        start_batch = int(resume_state.get("epoch_batch", 0))
-        _restore_rng(resume_state["rng"])
-        log.info("resuming %s at epoch %d batch %d (step %d)", out, start_epoch, start_batch, step)
 
+def _wrap(model: CorInfoMaxModel, probe: nn.Module | None, config: TrainConfig, ddp: Dist,
+          device: torch.device) -> tuple[nn.Module, nn.Module | None]:
+    """The modules the step calls: ``model`` and ``probe`` in DistributedDataParallel under DDP, the model
+    compiled with ``--compile``. Their weights stay those of ``model`` and ``probe``, which checkpoints save."""
     train_model: nn.Module = model
-    train_probe: nn.Module | None = probe
+    train_probe = probe
     if ddp.world > 1:
         ids = [device.index] if device.type == "cuda" else None
         train_model = DistributedDataParallel(model, device_ids=ids)
@@ -333,130 +143,28 @@ def train(config: TrainConfig, allow_config_change: bool = False, progress: bool
             train_probe = DistributedDataParallel(probe, device_ids=ids)
     if config.compile:
         train_model = torch.compile(train_model)  # type: ignore[assignment]  # compiled modules are callables
-
-    created = ddp.main and not out.exists()
-    try:
-        guard = StepGuard([m for m in (model, loss_fn, probe) if m is not None],
-                          [o for o in (optimizer, probe_opt) if o is not None])
-        run = Run(config, ddp, device, out, source, data, train_model, model, loss_fn, optimizer, train_probe,
-                  probe, probe_opt, guard, changes)
-        state = LoopState(start_epoch, step, batch=start_batch)
-        if resume_state is not None and start_batch:  # mid-epoch: the epoch's sums so far
-            state.sums, state.good_steps = resume_state["epoch_sums"], int(resume_state["epoch_good_steps"])
-        return _run(run, state, fresh=resume_state is None, progress=progress)
-    except BaseException:
-        if created and not ckpt_path.exists():
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    return train_model, train_probe
 
 
-@dataclass
-class Run:
-    """What one training run works with; fixed once the loop starts."""
-
-    config: TrainConfig
-    ddp: Dist
-    device: torch.device
-    out: Path
-    source: BatchSource
-    data: DecodedImages | ImageFiles
-    train_model: nn.Module  # `model` wrapped for DDP and/or compiled
-    model: CorInfoMaxModel
-    loss_fn: CorInfoMaxLoss
-    optimizer: torch.optim.Optimizer
-    train_probe: nn.Module | None
-    probe: nn.Module | None
-    probe_opt: torch.optim.Optimizer | None
-    guard: StepGuard
-    changes: dict[str, list[Any]]  # recipe fields a resume changed, {field: [before, now]}: provenance reads them
-    metrics: MetricsLog | None = None  # metrics.jsonl (and TensorBoard), open on rank 0
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.out / CHECKPOINT_FILE
-
-
-@dataclass
-class LoopState:
-    """Where the loop is, and what the current epoch has summed so far."""
-
-    epoch: int
-    step: int
-    batch: int = 0  # batches of the current epoch done (non-zero at the start of a run resumed mid-epoch)
-    started: float = field(default_factory=time.monotonic)
-    bad_steps: int = 0  # consecutive steps skipped by the NaN guard
-    # Epoch sums: loss, attraction, big_bang, online-probe correct, online-probe seen.
-    sums: Tensor = field(default_factory=lambda: torch.zeros(5, dtype=torch.float64))
-    good_steps: int = 0
-    window_start: float = field(default_factory=time.monotonic)
-    window_images: int = 0
-
-    def start_epoch(self, epoch: int) -> None:
-        """Begin ``epoch``, unless it is the one a mid-epoch resume continues (its sums are restored)."""
-        if self.batch and epoch == self.epoch:
-            return
-        self.epoch, self.batch, self.sums, self.good_steps = epoch, 0, torch.zeros(5, dtype=torch.float64), 0
-        self.window_start, self.window_images = time.monotonic(), 0
-
-
-def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
+# --------------------------------------------------------------------------- the loop
+def _loop(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
     """The epochs: a step per batch, then the end-of-epoch summary and checkpoint (rank 0 writes)."""
-    config, ddp, out = run.config, run.ddp, run.out
+    config = run.config
     steps_per_epoch = run.source.steps_per_epoch()
-    if ddp.main:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "config.json", config.to_dict())
-        if not fresh:
-            _trim_metrics(out / "metrics.jsonl", state.step)
-        run.metrics = MetricsLog(out / "metrics.jsonl", fresh, out / "tensorboard" if config.tensorboard else None)
-        _log(run.metrics, {"event": "data", "step": state.step, "images": len(run.data),
-                           "skipped": run.data.skipped, "classes": len(run.data.classes), "world_size": ddp.world,
-                           "device": str(run.device), **({"config_changes": run.changes} if run.changes else {})})
-    first_epoch = state.epoch
-    fit_budget = fresh and config.time_budget_min > 0  # a fresh run fits its schedule in epoch 0
-    timed = _budget_window(steps_per_epoch)
-    timer = time.monotonic()
+    if run.ddp.main:
+        run.metrics = open_run_folder(run, state.step, fresh)
+    # A fresh run with a time budget fits its schedule to the speed of epoch 0's steps.
+    fit = ScheduleFit(steps_per_epoch) if fresh and config.time_budget_min > 0 else None
     try:
-        epoch = first_epoch
+        epoch = state.epoch
         while epoch < config.epochs:  # not range(): fitting the time budget changes config.epochs
             state.start_epoch(epoch)
-            run.model.train()
-            bar = tqdm(run.source.epoch(epoch, state.batch), total=steps_per_epoch, initial=state.batch,
-                       desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and ddp.main), unit="step")
-            for i, (views, labels) in enumerate(bar, state.batch):
-                lr = lr_at(state.step, config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch,
-                           config.lr, config.min_lr)
-                terms = _step(run, state, lr, views, labels)
-                if terms is not None and state.step % config.log_every == 0:
-                    rate = state.window_images / max(1e-9, time.monotonic() - state.window_start)
-                    state.window_start, state.window_images = time.monotonic(), 0
-                    loss, attraction, big_bang = terms.tolist()
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
-                    _log(run.metrics, {"step": state.step, "epoch": epoch + (i + 1) / steps_per_epoch, "lr": lr,
-                                       "loss": loss, "attraction": attraction, "big_bang": big_bang,
-                                       "images_per_s": rate}, group="step")
-                state.batch = i + 1
-                if config.checkpoint_every and state.step % config.checkpoint_every == 0 and i + 1 < steps_per_epoch:
-                    _save(run, state, mid_epoch=True)
-                if fit_budget and epoch == 0 and i == timed[0] - 1:
-                    timer = time.monotonic()
-                if fit_budget and epoch == 0 and i == timed[1] - 1:
-                    seconds_per_step = (time.monotonic() - timer) / (timed[1] - timed[0])
-                    config.epochs = _fit_budget(config, steps_per_epoch, seconds_per_step, ddp, run.device)
-                    bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
-                    if ddp.main:
-                        _write_json(out / "config.json", config.to_dict())
-                if _budget_spent(run, state):
-                    break
-            bar.close()
-            if state.batch < steps_per_epoch:  # the time budget ran out within the epoch
-                _save(run, state, mid_epoch=True)
-                _budget_stop(run, state, steps_per_epoch)
-                break
+            if not _epoch(run, state, steps_per_epoch, fit, progress):
+                break  # the time budget ran out within the epoch
             _end_epoch(run, state)
             epoch += 1
-            if epoch < config.epochs and _budget_spent(run, state):
-                _budget_stop(run, state, steps_per_epoch)
+            if epoch < config.epochs and budget_spent(run, state):
+                budget_stop(run, state, steps_per_epoch)
                 break
     finally:
         if run.metrics is not None:
@@ -464,100 +172,45 @@ def _run(run: Run, state: LoopState, fresh: bool, progress: bool) -> Path:
     return run.checkpoint
 
 
-def _budget_spent(run: Run, state: LoopState) -> bool:
-    """Whether this invocation has trained for ``--time-budget-min`` minutes (all ranks agree)."""
-    budget = run.config.time_budget_min
-    spent = budget > 0 and time.monotonic() - state.started >= budget * 60
-    if run.ddp.world > 1 and budget > 0:  # rank 0's clock decides, so every rank stops at the same step
-        flag = torch.tensor([int(spent)], device=run.device)
-        dist.broadcast(flag, 0)
-        spent = bool(flag.item())
-    return spent
+def _epoch(run: Run, state: LoopState, steps_per_epoch: int, fit: ScheduleFit | None, progress: bool) -> bool:
+    """The steps of ``state.epoch`` from batch ``state.batch`` on. False when the time budget stopped it within
+    the epoch (after writing a mid-epoch checkpoint)."""
+    config, epoch = run.config, state.epoch
+    run.model.train()
+    bar = tqdm(run.source.epoch(epoch, state.batch), total=steps_per_epoch, initial=state.batch,
+               desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and run.ddp.main), unit="step")
+    for i, (views, labels) in enumerate(bar, state.batch):
+        lr = lr_at(state.step, config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch,
+                   config.lr, config.min_lr)
+        terms = train_step(run, state, lr, views, labels)
+        if terms is not None and state.step % config.log_every == 0:
+            _log_step(run, state, bar, lr, terms, epoch + (i + 1) / steps_per_epoch)
+        state.batch = i + 1
+        if config.checkpoint_every and state.step % config.checkpoint_every == 0 and i + 1 < steps_per_epoch:
+            write_checkpoint(run, state, mid_epoch=True)
+        if fit is not None and epoch == 0 and (epochs := fit.after_batch(run, i)) is not None:
+            config.epochs = epochs
+            bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
+            if run.ddp.main:
+                write_json(run.out / "config.json", config.to_dict())
+        if budget_spent(run, state):
+            break
+    bar.close()
+    if state.batch < steps_per_epoch:
+        write_checkpoint(run, state, mid_epoch=True)
+        budget_stop(run, state, steps_per_epoch)
+        return False
+    return True
 
 
-def _budget_stop(run: Run, state: LoopState, steps_per_epoch: int) -> None:
-    """Say that the time budget stopped the run, where, and how to go on (its checkpoint is written)."""
-    epochs = run.config.epochs
-    where = (f"epoch {state.epoch + 1} of {epochs}, batch {state.batch} of {steps_per_epoch}"
-             if state.batch < steps_per_epoch else f"the end of epoch {state.epoch + 1} of {epochs}")
-    log.warning("time budget of %g min spent: stopped at step %d (%s) with a resumable checkpoint in %s; run the "
-                "same command to continue (each run gets the budget again)", run.config.time_budget_min,
-                state.step, where, run.out)
-    _log(run.metrics, {"event": "budget_stop", "step": state.step, "epoch": state.epoch,
-                       "epoch_batch": state.batch, "budget_min": run.config.time_budget_min})
-
-
-def _step(run: Run, state: LoopState, lr: float, views: list[Tensor], labels: Tensor) -> Tensor | None:
-    """One optimisation step (and one online-probe step); returns the float64 loss terms, or None for a
-    step skipped by the NaN guard, which then rolls the whole state back (`StepGuard`)."""
-    config, device = run.config, run.device
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    if config.channels_last:
-        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-    run.guard.save()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
-        f1, z = _project(run.train_model, views, config.global_views)
-    out_loss = run.loss_fn(*z)
-    run.optimizer.zero_grad(set_to_none=True)
-    out_loss.loss.backward()
-    run.optimizer.step()
-    correct = torch.zeros((), device=device)
-    if run.train_probe is not None and run.probe_opt is not None:
-        logits = run.train_probe(f1.detach().to(torch.get_default_dtype()))  # bf16 under autocast
-        probe_loss = nn.functional.cross_entropy(logits, labels)
-        run.probe_opt.zero_grad(set_to_none=True)
-        probe_loss.backward()
-        run.probe_opt.step()
-        correct = (logits.argmax(1) == labels).sum()
-    terms = torch.stack([out_loss.loss, out_loss.attraction, out_loss.big_bang]).detach().double()
-    ok = (run.guard.finite(device) & torch.isfinite(terms).all()).to(torch.int32)
-    if run.ddp.world > 1:  # every rank skips or none does
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    # One host sync per step, on detached values (no autograd-tensor-to-float conversions).
-    host = torch.cat([terms, correct.double().view(1), ok.double().view(1)]).cpu()
-    if not host[-1]:
-        run.guard.restore()
-        _skip_step(run, state)
-        return None
-    state.bad_steps = 0
-    if run.train_probe is not None:
-        state.sums[3] += host[3]
-        state.sums[4] += len(labels)
-    state.step += 1
-    state.good_steps += 1
-    state.window_images += len(labels) * run.ddp.world
-    state.sums[:3] += host[:3]
-    return host[:3]
-
-
-def _project(model: nn.Module, views: list[Tensor], global_views: int) -> tuple[Tensor, list[Tensor]]:
-    """The first view's backbone features (for the online probe) and every view's projection.
-
-    Each global view is its own forward pass (batch-norm statistics per view, as the paper's two views);
-    the local crops, all of one size, share one pass, which is faster than many small ones.
-    """
-    features, z = model(views[0])
-    projections = [z] + [model(v)[1] for v in views[1:global_views]]
-    if len(views) > global_views:
-        projections += model(torch.cat(views[global_views:]))[1].chunk(len(views) - global_views)
-    return features, projections
-
-
-def _skip_step(run: Run, state: LoopState) -> None:
-    """The NaN guard: skip a step that left a non-finite loss or state; stop after ``max_bad_steps`` in a row."""
-    state.bad_steps += 1
-    log.warning("non-finite loss or model state at step %d (%d in a row): step skipped and rolled back",
-                state.step, state.bad_steps)
-    _log(run.metrics, {"event": "skipped_step", "step": state.step, "epoch": state.epoch,
-                       "consecutive": state.bad_steps})
-    if state.bad_steps >= run.config.max_bad_steps:
-        advice = (f"The last good checkpoint ({run.checkpoint}) is intact; lower --lr or raise --eps and resume "
-                  "with --allow-config-change." if run.checkpoint.exists() else
-                  "No epoch finished, so nothing was saved; lower --lr or raise --eps and start again.")
-        raise TrainingDiverged(f"{state.bad_steps} consecutive steps with a non-finite loss or model state at step "
-                               f"{state.step}: training diverged. {advice}")
-    state.step += 1
+def _log_step(run: Run, state: LoopState, bar: tqdm, lr: float, terms: Tensor, epoch: float) -> None:
+    """A logged step: its loss terms and the images per second since the last one, on the bar and in the log."""
+    rate = state.window_images / max(1e-9, time.monotonic() - state.window_start)
+    state.window_start, state.window_images = time.monotonic(), 0
+    loss, attraction, big_bang = terms.tolist()
+    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+    log_record(run.metrics, {"step": state.step, "epoch": epoch, "lr": lr, "loss": loss, "attraction": attraction,
+                             "big_bang": big_bang, "images_per_s": rate}, group="step")
 
 
 def _end_epoch(run: Run, state: LoopState) -> None:
@@ -575,116 +228,8 @@ def _end_epoch(run: Run, state: LoopState) -> None:
         summary["online_probe_acc"] = float(state.sums[3] / state.sums[4])
     last = epoch + 1 == config.epochs
     if config.val_data and ddp.main and (last or (config.knn_every and (epoch + 1) % config.knn_every == 0)):
-        summary["knn_top1"], summary["knn_bank"] = _knn(run.model, config, run.device, len(run.data.classes))
-    _log(run.metrics, summary, group="epoch")
+        summary["knn_top1"], summary["knn_bank"] = knn_readout(run.model, config, run.device, len(run.data.classes))
+    log_record(run.metrics, summary, group="epoch")
     log.info("epoch %d/%d: %s", epoch + 1, config.epochs,
              ", ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)))
-    _save(run, state, metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))})
-
-
-def _save(run: Run, state: LoopState, metrics: dict[str, Any] | None = None, mid_epoch: bool = False) -> None:
-    """Write the checkpoint (rank 0): at an epoch's end, or within one (``mid_epoch``: with the batch reached and
-    the epoch's sums so far, so a resumed run continues that epoch exactly)."""
-    if not run.ddp.main:
-        return
-    probe = ({"probe": run.probe.state_dict(), "probe_optimizer": run.probe_opt.state_dict()}
-             if run.probe is not None and run.probe_opt is not None else {})
-    position = ({"epoch": state.epoch, "epoch_batch": state.batch, "epoch_sums": state.sums.clone(),
-                 "epoch_good_steps": state.good_steps} if mid_epoch else {"epoch": state.epoch + 1})
-    save_checkpoint(run.checkpoint, {
-        "config": run.config.to_dict(), "model": run.model.state_dict(), "loss": run.loss_fn.state_dict(),
-        "optimizer": run.optimizer.state_dict(), "step": state.step, "rng": _rng_state(), **probe, **position,
-        "metrics": metrics or {},
-    })
-
-
-def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
-    if config.optimizer == "lars":
-        return LARS(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    raise ConfigError(f"unknown optimizer {config.optimizer!r}; use 'sgd' or 'lars'")
-
-
-def _budget_window(steps_per_epoch: int) -> tuple[int, int]:
-    """The first epoch's steps [start, end) timed to fit --time-budget-min: after the warm-up steps."""
-    start = min(BUDGET_SKIP_STEPS, steps_per_epoch // 2)
-    return start, min(steps_per_epoch, start + BUDGET_TIMED_STEPS)
-
-
-# Share of the time budget the schedule is fitted to. The rest absorbs what epoch 0's timed steps do not see
-# (end-of-epoch checkpoints and kNN read-outs, speed drift), so that the hard stop at the full budget does not
-# cut off the schedule's last, low-learning-rate steps, which are where the features settle.
-BUDGET_FIT_SHARE = 0.9
-
-
-def _fit_budget(config: TrainConfig, steps_per_epoch: int, seconds_per_step: float, ddp: Dist,
-                device: torch.device) -> int:
-    """Epochs that fit `BUDGET_FIT_SHARE` of the time budget at the measured speed (all ranks agree)."""
-    seconds = BUDGET_FIT_SHARE * config.time_budget_min * 60
-    epochs = max(1, min(config.epochs, int(seconds / (seconds_per_step * steps_per_epoch))))
-    if ddp.world > 1:
-        t = torch.tensor([epochs], device=device)
-        dist.broadcast(t, 0)
-        epochs = int(t.item())
-    if epochs < config.epochs:  # the user asked for more: say so, and how to keep them
-        log.warning("time budget %.0f min at %.3f s/step: schedule shortened from --epochs %d to %d "
-                    "(--time-budget-min 0 keeps --epochs)", config.time_budget_min, seconds_per_step,
-                    config.epochs, epochs)
-    else:
-        log.info("time budget %.0f min at %.3f s/step: all %d epoch(s) fit", config.time_budget_min,
-                 seconds_per_step, epochs)
-    return epochs
-
-
-def _knn(model: CorInfoMaxModel, config: TrainConfig, device: torch.device, classes: int) -> tuple[float, int]:
-    """kNN top-1 on ``--val-data`` (all of it) against a bank of at most `KNN_BANK_IMAGES` training images at
-    the training size: the first ``KNN_BANK_IMAGES // classes`` of each class (decoded once, then cached)."""
-    from corinfomax.training.evaluate import extract_features, knn_top1
-
-    per_class = max(1, KNN_BANK_IMAGES // classes)
-    bank = decode_folder(config.data, config.image_size, limit_per_class=per_class, progress=False)
-    test = decode_folder(config.val_data, config.image_size, progress=False)
-    log.info("kNN on %s: a bank of %d training images (up to %d per class, %d classes; at most %d in all)",
-             config.val_data, len(bank), per_class, classes, KNN_BANK_IMAGES)
-    model.eval()
-    bank_f = extract_features(model.backbone, bank.images, config.mean, config.std, 512, device)
-    test_f = extract_features(model.backbone, test.images, config.mean, config.std, 512, device)
-    model.train()
-    return knn_top1(bank_f, bank.labels, test_f, test.labels, num_classes=classes), len(bank)
-
-
-class MetricsLog:
-    """metrics.jsonl, the run's record (docs/FORMATS.md), and optionally the same numbers for TensorBoard."""
-
-    def __init__(self, path: Path, fresh: bool, tensorboard: Path | None) -> None:
-        self.file: IO[str] = open(path, "w" if fresh else "a")
-        self.writer = None
-        if tensorboard is not None:
-            from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package (train extra)
-
-            self.writer = SummaryWriter(str(tensorboard))
-
-    def write(self, record: dict[str, Any], group: str | None) -> None:
-        """Append one record; a ``group`` ("step" or "epoch") also sends its numbers to TensorBoard."""
-        self.file.write(json.dumps({"time": time.time(), **record}) + "\n")
-        self.file.flush()
-        if self.writer is not None and group is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(f"{group}/{key}", value, step)
-            if "eigenvalues" in record:
-                self.writer.add_histogram("epoch/eigenvalues", torch.tensor(record["eigenvalues"]), step)
-            self.writer.flush()
-
-    def close(self) -> None:
-        self.file.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _log(metrics: MetricsLog | None, record: dict[str, Any], group: str | None = None) -> None:
-    if metrics is not None:
-        metrics.write(record, group)
+    write_checkpoint(run, state, metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))})
