@@ -23,6 +23,7 @@ from pathlib import Path
 # The recipes of the comparison (flags on top of the `cpu` preset with batch 128, the default model's run).
 RECIPES: dict[str, list[str]] = {
     "2 views": [],
+    "2 global + 2 local (16 px)": ["--local-views", "2", "--local-size", "16"],
     "2 global + 6 local (16 px)": ["--local-views", "6", "--local-size", "16"],
     "8 patches (scale 0.25)": ["--global-views", "8", "--crop-scale", "0.25", "0.25"],
 }
@@ -56,7 +57,7 @@ def main() -> None:
     for name, flags in RECIPES.items():
         if args.only and name not in args.only:
             continue
-        folder = out / name.split(" (")[0].replace(" ", "-").replace("+", "plus")
+        folder = out / f"{name.split(' (')[0].replace(' ', '-').replace('+', 'plus')}-{args.minutes:g}min"
         train = [*cli, "train", *COMMON, *flags, "--data", args.data, "--out", str(folder),
                  "--time-budget-min", str(args.minutes)]
         wall, cpu = run(train, folder.with_suffix(".train.log"))
@@ -72,7 +73,7 @@ def main() -> None:
                      "online_probe": round(last["online_probe_acc"], 4),
                      "effective_rank": round(last["effective_rank"], 1)})
         print(json.dumps(rows[-1]), flush=True)
-    (out / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / f"table-{args.minutes:g}min.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"\n{'recipe':32} {'wall min':>8} {'CPU min':>8} {'epochs':>6} {'kNN top-1':>9}")
     for row in rows:
         print(f"{row['recipe']:32} {row['train_minutes']:8.1f} {row['cpu_minutes']:8.1f} {row['epochs']:6d} "

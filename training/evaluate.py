@@ -234,6 +234,22 @@ def _evaluate_features(
     return result
 
 
+def _evaluate_backbone(name: str, backbone: nn.Module | None, config: TrainConfig, train: tuple[Tensor, Tensor],
+                       test: tuple[Tensor, Tensor], num_classes: int, dev: torch.device, batch_size: int, *,
+                       k: int, temperature: float, linear: str, seed: int) -> dict[str, Any]:
+    """kNN and probe figures of one backbone (None: the raw pixels) on frozen features of both splits."""
+    t0 = time.perf_counter()
+    feats = [raw_pixel_features(x, config.mean, config.std, dev) if backbone is None else
+             extract_features(backbone, x, config.mean, config.std, batch_size, dev, f"{name} features")
+             for x in (train[0], test[0])]
+    feature_seconds = round(time.perf_counter() - t0, 3)
+    result = _evaluate_features(feats[0], train[1], feats[1], test[1], num_classes, k, temperature, linear, seed)
+    result["feature_seconds"] = feature_seconds
+    del feats  # raw pixels at 128 px are ~2 GB
+    log.info("%s: %s", name, result)
+    return result
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     train_dir: str | Path,
@@ -274,18 +290,9 @@ def evaluate_checkpoint(
         backbones["raw_pixels"] = None
         backbones["random_init"] = CorInfoMaxModel(config.backbone, config.projector, config.cifar_stem).backbone
     backbones["trained"] = trained.backbone
-    results = {}
-    for name, backbone in backbones.items():
-        t0 = time.perf_counter()
-        feats = [raw_pixel_features(x, config.mean, config.std, dev) if backbone is None else
-                 extract_features(backbone, x, config.mean, config.std, batch_size, dev, f"{name} features")
-                 for x in (train_x, test_x)]
-        feature_seconds = round(time.perf_counter() - t0, 3)
-        results[name] = _evaluate_features(feats[0], train_y, feats[1], test_y, len(classes), k, temperature,
-                                           linear, seed)
-        results[name]["feature_seconds"] = feature_seconds
-        del feats  # raw pixels at 128 px are ~2 GB
-        log.info("%s: %s", name, results[name])
+    results = {name: _evaluate_backbone(name, backbone, config, (train_x, train_y), (test_x, test_y), len(classes),
+                                        dev, batch_size, k=k, temperature=temperature, linear=linear, seed=seed)
+               for name, backbone in backbones.items()}
 
     return {
         "format": REPORT_FORMAT,
