@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from corinfomax.serving.index.backend import VectorIndex
+from corinfomax.serving.index.layout import Layout
 
 
 def is_milvus(location: str | Path) -> bool:
@@ -26,3 +27,15 @@ def open_index(location: str | Path, dim: int | None = None, model_sha256: str |
     from corinfomax.serving.index.store import IndexStore
 
     return IndexStore(location, dim=dim, model_sha256=model_sha256)
+
+
+def open_layout(location: str | Path) -> Layout:
+    """The collections' layout at ``location`` (``CORINFOMAX_INDEX``-style): where each collection's generations,
+    originals and the catalog live (``serving.index.collections.Collections`` opens them)."""
+    if is_milvus(location):
+        from corinfomax.serving.index.milvus_layout import MilvusLayout
+
+        return MilvusLayout(str(location))
+    from corinfomax.serving.index.layout import FolderLayout
+
+    return FolderLayout(location)

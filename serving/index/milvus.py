@@ -232,6 +232,10 @@ class MilvusStore:
             self._client.delete(self.collection, ids=present)
         return present
 
+    @answers_503
+    def existing(self, ids: Sequence[int]) -> set[int]:
+        return self._existing(list(ids))
+
     def _existing(self, ids: list[int]) -> set[int]:
         found: set[int] = set()
         for start in range(0, len(ids), READ_BATCH):

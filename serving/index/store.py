@@ -143,8 +143,7 @@ class IndexStore:
         self.add_at([row.id for row in rows], vectors, [row.metadata for row in rows], [row.label for row in rows],
                     [row.thumbnail for row in rows], sources=[row.source for row in rows])
 
-    def add_many(self, batches: Iterable[tuple[Any, Sequence[dict] | None, Sequence[str | None] | None]],
-                 rebuild: bool = True) -> int:
+    def add_many(self, batches: Iterable[tuple[Any, ...]], rebuild: bool = True) -> int:
         """Bulk path for `corinfomax index build`: one SQLite commit per batch, then one FAISS rebuild.
 
         Each batch is ``(vectors [n, D], metadata or None, labels or None[, sources or None])``. Returns the rows
@@ -152,10 +151,12 @@ class IndexStore:
         """
         total = 0
         with self._lock:
-            for vectors, metadata, labels, *more in batches:  # more: the batch's sources, when it has them
+            for batch in batches:  # a fourth element: the batch's sources, when it has them
+                vectors, metadata, labels = batch[:3]
+                sources = batch[3] if len(batch) > 3 else None
                 rows = _rows(normalise(vectors, self.dim), metadata, labels)
                 with self._db.write():
-                    self._db.insert(rows, check_sources(more[0] if more else None, len(rows)))
+                    self._db.insert(rows, check_sources(sources, len(rows)))
                     self._db.bump()
                 total += len(rows)
             self._cache.forget()
@@ -258,6 +259,9 @@ class IndexStore:
 
     def id_list(self) -> np.ndarray:
         return self._db.id_list()
+
+    def existing(self, ids: Sequence[int]) -> set[int]:
+        return self._db.existing(list(ids)) if len(ids) else set()
 
     def sources(self) -> set[str]:
         return self._db.sources()
