@@ -100,11 +100,15 @@ class LoadedModel:
 
     def record(self) -> dict[str, Any]:
         """What the catalog keeps about an accepted model (``path`` for other processes to load it)."""
-        card = self.card
-        return {"key": self.key, "name": card.name, "version": card.version, "dim": card.embedding_dim,
-                "precision": card.precision, "checkpoint_sha256": card.checkpoint_sha256, "path": str(self.path),
-                "memory_bytes": self.memory_bytes, "load_seconds": round(self.load_seconds, 3),
-                "verified_images": self.verified_images, "probe": self.probe is not None}
+        return {**card_record(self.card, self.path), "memory_bytes": self.memory_bytes,
+                "load_seconds": round(self.load_seconds, 3), "verified_images": self.verified_images,
+                "probe": self.probe is not None}
+
+
+def card_record(card: ModelCard, path: Path) -> dict[str, Any]:
+    """What names a model and where it is: enough for another process to load it (``load_embedder``)."""
+    return {"key": model_key(card), "name": card.name, "version": card.version, "dim": card.embedding_dim,
+            "precision": card.precision, "checkpoint_sha256": card.checkpoint_sha256, "path": str(path)}
 
 
 def public(record: dict[str, Any]) -> dict[str, Any]:

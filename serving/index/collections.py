@@ -133,16 +133,18 @@ class Collections:
 
     def describe(self) -> list[dict[str, Any]]:
         """``/collections``: every collection with its live model, size and generation."""
-        out = []
-        for name, route in self.routes().items():
-            with self.reading(name) as store:
-                count = store.count()
-            model, _, version = route["model"].partition("@")
-            doc = self._open[name].doc
-            out.append({"name": name, "model": model, "version": version, "count": count, "dim": route["dim"],
-                        "generation": route["generation"], "keep_originals": route["keep_originals"],
-                        **({"job": doc.job} if doc.job else {})})
-        return out
+        return [self.entry(name) for name in self.routes()]
+
+    def entry(self, name: Any) -> dict[str, Any]:
+        """One collection as ``/collections`` lists it (and as its management answers show it)."""
+        route = self.route(name)
+        with self.reading(name) as store:
+            count = store.count()
+        model, _, version = route["model"].partition("@")
+        doc = self._open[route["name"]].doc
+        return {"name": route["name"], "model": model, "version": version, "count": count, "dim": route["dim"],
+                "generation": route["generation"], "keep_originals": route["keep_originals"],
+                **({"job": doc.job} if doc.job else {})}
 
     # -- reads --------------------------------------------------------------------------------------
 
@@ -252,7 +254,7 @@ class Collections:
             store = self.layout.open(name, 1, generation, create=True)
             self.load(doc, {1: store})
             self.layout.published(doc)
-        return self.route(name)
+        return self.entry(name)
 
     def drop(self, name: Any) -> None:
         """Drop a collection, every generation and its originals (a running job is cancelled by the caller)."""

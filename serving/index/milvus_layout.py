@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from pymilvus import MilvusClient, MilvusException
+from pymilvus import MilvusClient
 
 from corinfomax.core.errors import BadInput
 from corinfomax.serving.index.backend import VectorIndex
@@ -103,10 +103,8 @@ class MilvusLayout:
         store.drop()
 
     def drop_collection(self, name: str) -> None:
-        try:
+        if self._alias(name) in self.client.list_aliases().get("aliases", []):
             self.client.drop_alias(self._alias(name))
-        except MilvusException as err:  # an alias never made (a crash before the first publish)
-            log.debug("alias %s: %s", self._alias(name), err.message)
         if self.client.has_collection(self._writes(name)):
             self.client.drop_collection(self._writes(name))
 
@@ -143,13 +141,12 @@ class MilvusLayout:
 
     def published(self, doc: CollectionDoc) -> None:
         alias, target = self._alias(doc.name), self._name(doc.name, doc.live)
-        try:
-            described = self.client.describe_alias(alias)
-        except MilvusException:  # no such alias yet
-            self.client.create_alias(target, alias)
+        if alias in self.client.list_aliases(collection_name=target).get("aliases", []):
             return
-        if described.get("collection_name") != target:
+        if alias in self.client.list_aliases().get("aliases", []):
             self.client.alter_alias(target, alias)
+        else:
+            self.client.create_alias(target, alias)
 
     def sweep(self, docs: dict[str, CollectionDoc]) -> None:
         prefix = f"{self.base}__"

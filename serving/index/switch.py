@@ -154,7 +154,7 @@ def rollback(collections: Collections, name: Any, allow_missing: bool) -> dict[s
         collections.commit(doc)
         collections.load(doc)
     log.info("collection %s rolled back to generation %d (model %s)", doc.name, doc.live, doc.model)
-    return {**collections.route(doc.name), "missing": sorted(missing)[:MAX_LISTED]}
+    return {**collections.entry(doc.name), "missing": sorted(missing)[:MAX_LISTED]}
 
 
 def drop_generation(collections: Collections, name: Any) -> dict[str, Any]:
@@ -176,4 +176,4 @@ def drop_generation(collections: Collections, name: Any) -> dict[str, Any]:
     with collections.lock:
         collections.release(state, sources)
     log.info("collection %s: generation %d dropped", doc.name, number)
-    return {**collections.route(doc.name), "dropped": number}
+    return {**collections.entry(doc.name), "dropped": number}
