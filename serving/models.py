@@ -213,7 +213,7 @@ class ModelRegistry:
         return sorted(self._models.values(), key=lambda model: model.key)
 
 
-def load_embedder(record: dict[str, Any], threads: int = 1) -> Embedder:
+def load_embedder(record: dict[str, Any], threads: int | None = 1) -> Embedder:
     """An embedder for a model the catalog accepted, for work outside the API (re-embedding, fanned-out adds)."""
     embedder = Embedder(record["path"], threads=threads)
     if model_key(embedder.card) != record["key"]:

@@ -55,11 +55,13 @@ class Collections:
 
     # -- opening, listing ---------------------------------------------------------------------------
 
-    def open(self, default_model: dict[str, Any], keep_originals: bool) -> None:
+    def open(self, default_model: dict[str, Any] | None, keep_originals: bool) -> None:
         """Open every collection; on the first open of a location, register (or create) ``default`` with the model
-        it was built with (``default_model``: a model record, as ``serving.models.LoadedModel.record``)."""
+        it was built with (``default_model``: a model record, as ``serving.models.card_record``)."""
         with self.lock:
             if self.catalog.get(f"collection/{DEFAULT}") is None:
+                if default_model is None:
+                    raise BadInput(f"{self.layout.location} has no catalog yet: name the model it was built with")
                 generation = GenerationDoc(default_model["key"], default_model["dim"],
                                            default_model["checkpoint_sha256"])
                 doc = CollectionDoc(DEFAULT, keep_originals, 1, {1: generation})
