@@ -10,6 +10,8 @@ takes is measured as the growth of the process' resident memory over its load an
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import threading
 import time
@@ -116,12 +118,25 @@ def public(record: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in record.items() if key != "path"}
 
 
+def _resident() -> int:
+    """The process' resident memory, after handing freed heap pages back (glibc's malloc_trim): otherwise a model
+    loaded where an earlier one was freed reuses those pages and seems to take nothing."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figure may read low after frees
+        pass
+    return int(psutil.Process().memory_info().rss)
+
+
 def load_model(path: Path, threads: int | None, max_pixels: int, probe_path: Path | None = None) -> LoadedModel:
-    """Load, verify and warm up one bundle (BundleError with the reason when it cannot serve)."""
+    """Load, verify and warm up one bundle (BundleError with the reason when it cannot serve).
+
+    Its memory: the growth of resident memory over the load and warm-up, and at least the model file's size (its
+    weights are held once in memory whatever the allocator reuses)."""
     from corinfomax.serving.probe import LinearProbe
 
-    process = psutil.Process()
-    before, started = process.memory_info().rss, time.perf_counter()
+    before, started = _resident(), time.perf_counter()
     embedder = Embedder(path, threads=threads, max_pixels=max_pixels)
     verified = check_parity(embedder, path)
     height, width = embedder.input_size
@@ -135,7 +150,7 @@ def load_model(path: Path, threads: int | None, max_pixels: int, probe_path: Pat
             raise BundleError(f"{path.name}: {err}") from err
         if probe.dim != embedder.dim:
             raise BundleError(f"probe {probe_path} takes {probe.dim}-dim embeddings, the model makes {embedder.dim}")
-    memory = max(0, process.memory_info().rss - before)
+    memory = max(_resident() - before, (path / MODEL_FILE).stat().st_size)
     return LoadedModel(model_key(embedder.card), path, embedder, probe, memory, time.perf_counter() - started,
                        verified)
 
