@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
@@ -81,28 +82,50 @@ class Open:
         return any(handle.store.references(source) for handle in self.handles.values())
 
 
-def encode_rows(rows: Sequence[StoredRow], encoder: Encoder, originals: Originals | None,
-                images: dict[int, bytes] | None = None) -> tuple[list[StoredRow], np.ndarray, list[int]]:
-    """Embed ``rows`` again from their sources (or ``images`` by id, bytes at hand): (the rows embedded, their
-    vectors, the ids that could not be: no source, source gone, not decodable)."""
-    good: list[StoredRow] = []
-    pixels: list[np.ndarray] = []
-    missing: list[int] = []
-    for row in rows:
+@dataclass
+class Decoded:
+    """Stored rows made ready for a model: those whose image decoded, their pixels, and the ids that failed."""
+
+    rows: list[StoredRow]
+    pixels: list[np.ndarray]
+    missing: list[int]
+
+    def embed(self, encoder: Encoder) -> np.ndarray:
+        if not self.pixels:
+            return np.zeros((0, encoder.dim), np.float32)
+        return encoder.embed_arrays(np.stack(self.pixels))
+
+
+def decode_rows(rows: Sequence[StoredRow], encoder: Encoder, originals: Originals | None,
+                images: dict[int, bytes] | None = None, pool: Executor | None = None) -> Decoded:
+    """Read each row's image (``images`` by id, bytes at hand, else its source) and preprocess it for ``encoder``,
+    in ``pool`` when given (decoding releases the GIL); a row without source, whose source is gone or no longer
+    decodes is missing."""
+
+    def one(row: StoredRow) -> np.ndarray | None:
         data = (images or {}).get(row.id)
         try:
             if data is None:
                 if row.source is None:
-                    raise BadInput("added as a vector")
+                    return None  # added as a vector
                 data = read_source(row.source, originals)
-            pixels.append(encoder.preprocess(data))
+            return encoder.preprocess(data)
         except BadInput as err:  # NotFound (gone) and ImageError (not an image any more) are BadInputs
             log.debug("item %d cannot be embedded again: %s", row.id, err)
-            missing.append(row.id)
-            continue
-        good.append(row)
-    vectors = encoder.embed_arrays(np.stack(pixels)) if pixels else np.zeros((0, encoder.dim), np.float32)
-    return good, vectors, missing
+            return None
+
+    decoded = list(pool.map(one, rows)) if pool is not None else [one(row) for row in rows]
+    good = [(row, pixels) for row, pixels in zip(rows, decoded) if pixels is not None]
+    return Decoded([row for row, _ in good], [pixels for _, pixels in good],
+                   [row.id for row, pixels in zip(rows, decoded) if pixels is None])
+
+
+def encode_rows(rows: Sequence[StoredRow], encoder: Encoder, originals: Originals | None,
+                images: dict[int, bytes] | None = None) -> tuple[list[StoredRow], np.ndarray, list[int]]:
+    """Embed ``rows`` again from their sources (or ``images`` by id): (the rows embedded, their vectors, the ids
+    that could not be: no source, source gone, not decodable)."""
+    decoded = decode_rows(rows, encoder, originals, images)
+    return decoded.rows, decoded.embed(encoder), decoded.missing
 
 
 def sync(source: VectorIndex, target: VectorIndex, encoder: Encoder, originals: Originals | None,

@@ -12,12 +12,13 @@ import dataclasses
 import logging
 import time
 import uuid
+from concurrent.futures import Executor
 from typing import Any, Sequence
 
 from corinfomax.core.errors import NotFound
 from corinfomax.serving.index.catalog import CollectionDoc, Conflict, GenerationDoc, JobDoc
 from corinfomax.serving.index.collections import Collections, model_record_key
-from corinfomax.serving.index.generations import Open, encode_rows, sync
+from corinfomax.serving.index.generations import Decoded, Open, decode_rows, sync
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +67,23 @@ def pending(collections: Collections, job: JobDoc) -> Open:
         return state
 
 
-def copy(collections: Collections, job: JobDoc, ids: list[int]) -> list[int]:
-    """Copy the live items ``ids`` into the job's generation, embedded with its model (read and embedded outside
-    the lock, written under it if still live and not there yet); return the ids that could not be embedded."""
+def prepare(collections: Collections, job: JobDoc, ids: list[int], pool: Executor | None = None) -> Decoded:
+    """Read the live items ``ids`` and decode their images for the job's model (no lock: the slow part)."""
     state = pending(collections, job)
-    good, vectors, missing = encode_rows(state.live.stored(ids), collections.encoders(job.model), state.originals)
+    return decode_rows(state.live.stored(ids), collections.encoders(job.model), state.originals, pool=pool)
+
+
+def copy(collections: Collections, job: JobDoc, ids: list[int], decoded: Decoded) -> list[int]:
+    """Embed the prepared items of ``ids`` with the job's model, then, under the lock, write those still live
+    and not there yet into the job's generation; return the ids that could not be embedded."""
+    vectors = decoded.embed(collections.encoders(job.model))
     with collections.lock:
         state = pending(collections, job)
         target = state.store(job.generation)
         live, there = state.live.existing(ids), target.existing(ids)
-        keep = [i for i, row in enumerate(good) if row.id in live and row.id not in there]
-        target.put_rows([good[i] for i in keep], vectors[keep])
-        return [i for i in missing if i in live]
+        keep = [i for i, row in enumerate(decoded.rows) if row.id in live and row.id not in there]
+        target.put_rows([decoded.rows[i] for i in keep], vectors[keep])
+        return [i for i in decoded.missing if i in live]
 
 
 def catch_up(collections: Collections, job: JobDoc, stop: Any) -> None:
