@@ -15,7 +15,7 @@ from corinfomax.core.errors import BadInput, NotFound
 from corinfomax.core.images import ResizeRule, load_image, to_model_input
 from corinfomax.serving.index.catalog import CollectionDoc, Conflict, FolderCatalog, GenerationDoc, JobDoc
 from corinfomax.serving.index.collections import Collections
-from corinfomax.serving.index.factory import open_layout
+from corinfomax.serving.index.factory import open_index, open_layout
 from corinfomax.serving.index.generations import Encoder
 from corinfomax.serving.index.originals import Budget, Originals, OriginalsFull, read_source
 from corinfomax.serving.index.reembed import Jobs
@@ -150,6 +150,8 @@ def test_a_collection_follows_its_model(location: str, jpegs: list[bytes]) -> No
         collections.reading(None, model="a@1").__enter__()
     images = dict(zip(first + added, jpegs[:20] + jpegs[21:24]))
     assert all(top_hit(collections, None, "b@1", images[i]) == i for i in expected[::4])
+    with open_index(location) as store:  # what `probe fit --index` and `index migrate --from` read
+        assert store.id_list().tolist() == expected and store.dim == MODELS["b@1"].dim
     later = add_images(collections, jpegs[24:26], key="b@1")
     assert min(later) > max(first + vector + added)  # ids keep counting above every id handed out
 
