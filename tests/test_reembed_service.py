@@ -117,6 +117,8 @@ def broken_bundles(second: Path, models: Path) -> None:
 def test_models_load_checked_and_broken_ones_are_refused(server: Server, client: httpx.Client,
                                                          second_bundle: Path) -> None:
     models = Path(server.env["CORINFOMAX_MODELS"])
+    for path in ("/reload_models", "/collections", "/reembed", "/jobs", "/rollback", "/drop_collection"):
+        assert httpx.post(f"{server.url}{path}", json={}).status_code == 401  # management needs the key
     (tiny,) = ok(client.post("/info", json={}))["models"]
     assert tiny["memory_bytes"] > 0 and tiny["verified_images"] == 0 and "path" not in tiny
     broken_bundles(second_bundle, models)
