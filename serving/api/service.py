@@ -249,6 +249,8 @@ class CorInfoMax(Management):
     @http_errors
     async def info(self, collection: Optional[str] = None) -> dict[str, Any]:
         """The collection's model card, its index size and probe classes, the limits, and every model loaded."""
+        if not self.routes.fresh():  # the models other workers accepted since, too
+            await self.routes.refresh()
         route = await self.routes.get(collection)
         model = await self.routes.model(route["model"])
         stats = unwrap(await call(self.index.to_async.stats, collection=collection))

@@ -15,17 +15,11 @@ Facts this module relies on, checked with milvus-lite 3.2 / pymilvus 3.0 (and th
   all stay below 2**63, like the service's ids. Ids of a deleted item are never handed out again.
 - Nullable scalar fields and ``IS NOT NULL`` filters work; ``id in [...]`` filters take int64 literals;
   string literals are JSON-style quoted (Lite does not support ``filter_params`` templates).
-- VARCHAR ``max_length`` is at most 65,535 on a server: thumbnails are stored base64-encoded, so the shared
-  thumbnail limit (``core.thumbnails.MAX_BYTES``) keeps their text under it.
 - Milvus Lite 3.x is a Python engine over FAISS and Parquet: it builds FLAT, HNSW, HNSW_SQ, IVF_FLAT,
   IVF_SQ8 and AUTOINDEX (= HNSW) per segment; IVF_PQ and DISKANN are accepted but not built. Each search
   also walks every stored row in Python (dedup and delete masks): p50 76 ms at 10k rows, 0.2-0.7 s at
   100k on a busy 2-core machine, so Lite is for tests and small collections, a server for scale.
-- A new collection gets HNSW (a server's operator may create the collection beforehand with another index:
-  it is kept as found).
-- Milvus Lite takes rows with ids given even in an ``auto_id`` collection and keeps counting its own ids from
-  where it was (so the service numbers a collection's items itself once it has had a second generation); a
-  server needs the collection property ``allow_insert_auto_id`` for that, set when it happens.
+(What the collections it makes hold: ``milvus_schema``.)
 """
 
 from __future__ import annotations

@@ -2,6 +2,15 @@
 for it, the item collection's schema and indexes, the keyed-deletes and catalog tables, what an existing
 collection holds, and how a Milvus failure reaches a client (503). ``milvus.MilvusStore`` (one item collection)
 and ``milvus_catalog`` (the catalog) build on it.
+
+Facts it relies on (milvus-lite 3.2 / pymilvus 3.0, and the Milvus docs for servers):
+- VARCHAR ``max_length`` is at most 65,535 on a server: thumbnails are stored base64-encoded, so the shared
+  thumbnail limit (``core.thumbnails.MAX_BYTES``) keeps their text under it.
+- A new collection gets HNSW (a server's operator may create the collection beforehand with another index:
+  it is kept as found).
+- Milvus Lite takes rows with ids given even in an ``auto_id`` collection and keeps counting its own ids from
+  where it was (so the service numbers a collection's items itself once it has had a second generation); a
+  server needs the collection property ``allow_insert_auto_id`` for that, set when it happens.
 """
 
 from __future__ import annotations
