@@ -193,7 +193,9 @@ def test_named_collections_and_their_limits(location: str, jpegs: list[bytes]) -
         collections.stats("cats")
     with pytest.raises(OriginalsFull):
         add_images(collections, jpegs[:5])
-    assert ids_of(collections) == []  # refused before any write
+    with pytest.raises(BadInput, match="labels\\[0\\]"):
+        collections.add(None, MODELS["a@1"].embed(jpegs[:1]), labels=[""], images=jpegs[:1], model="a@1")
+    assert ids_of(collections) == [] and collections.stats(None)["originals_count"] == 0  # refused before writing
     with pytest.raises(BadInput, match="cannot be dropped"):
         collections.drop("default")
     collections.drop("pets-2")

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 from corinfomax.core.errors import BadInput, NotFound
-from corinfomax.serving.index.backend import check_ids, check_key, normalise
+from corinfomax.serving.index.backend import check_ids, check_key, check_rows, check_thumbnails, normalise
 from corinfomax.serving.index.catalog import (
     DEFAULT,
     CollectionDoc,
@@ -185,6 +185,8 @@ class Collections:
             check_model(doc, model)
             live = state.live
             vectors = normalise(vectors, live.dim)
+            check_rows(vectors, metadata, labels)  # before any original is stored: a refused add leaves none
+            check_thumbnails(thumbnails, len(vectors))
             if images is not None and state.originals is not None:
                 self.budget.check(state.originals.new_bytes(list(images)))
                 sources = [state.originals.put(data) for data in images]
