@@ -1,26 +1,33 @@
 """The bundle contract between export (writer) and serving (reader), docs/FORMATS.md section 2.
 
-A bundle is a folder holding ``model.onnx``, its model card ``model.json`` and optionally ``probe.npz``. The
-card is one typed object, checked in one place (`ModelCard.from_json`) whoever reads it.
+A bundle is a folder holding ``model.onnx``, its model card ``model.json`` and optionally ``probe.npz`` and
+``verify.npz`` (a few verification images with PyTorch's embeddings of them, so a service can check the bundle on
+its own machine before serving it). The card is one typed object, checked in one place (`ModelCard.from_json`)
+whoever reads it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from corinfomax.core.errors import BundleError, CardError
-from corinfomax.core.files import atomic_write_text
+from corinfomax.core.files import atomic_write, atomic_write_text
 from corinfomax.core.images import ResizeRule
 
 BUNDLE_FORMAT = "corinfomax-bundle/1"
 CARD_FILE = "model.json"
 MODEL_FILE = "model.onnx"
 PROBE_FILE = "probe.npz"
+VERIFY_FILE = "verify.npz"
+VERIFY_IMAGES = 8  # images in verify.npz: enough to catch a wrong or damaged model, small enough to ship
 PRECISIONS = ("fp32", "fp16", "int8")
 # BentoML tags allow lowercase letters, digits, '-', '_' and '.'; keep names valid everywhere.
 _TAG_PART = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -156,3 +163,39 @@ def card_text(card: ModelCard) -> str:
 def write_card(bundle_dir: str | Path, card: ModelCard) -> None:
     """Write ``model.json`` atomically."""
     atomic_write_text(Path(bundle_dir) / CARD_FILE, card_text(card) + "\n")
+
+
+@dataclass(frozen=True)
+class Verification:
+    """``verify.npz``: preprocessed images (the model's input) and the PyTorch fp32 reference embeddings of them."""
+
+    pixels: np.ndarray  # uint8 [N, H, W, 3]
+    embeddings: np.ndarray  # float32 [N, D]
+
+
+def write_verification(bundle_dir: str | Path, pixels: np.ndarray, embeddings: np.ndarray) -> None:
+    """Write ``verify.npz`` atomically (NumPy arrays only, no pickles)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, pixels=np.ascontiguousarray(pixels, np.uint8),
+             embeddings=np.ascontiguousarray(embeddings, np.float32))
+    atomic_write(Path(bundle_dir) / VERIFY_FILE, lambda handle: handle.write(buffer.getvalue()))
+
+
+def read_verification(bundle_dir: str | Path, card: ModelCard) -> Verification | None:
+    """The bundle's ``verify.npz`` checked against its card, or None when it has none."""
+    path = Path(bundle_dir) / VERIFY_FILE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            pixels, embeddings = data["pixels"], data["embeddings"]
+    except (OSError, ValueError, KeyError) as err:
+        raise BundleError(f"unreadable {path}: {err}") from err
+    height, width = card.input.size
+    if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != (height, width, 3):
+        raise BundleError(f"{path}: pixels must be uint8 [N, {height}, {width}, 3], got {pixels.dtype} "
+                          f"{list(pixels.shape)}")
+    if embeddings.shape != (len(pixels), card.embedding_dim) or not np.isfinite(embeddings).all():
+        raise BundleError(f"{path}: embeddings must be finite [{len(pixels)}, {card.embedding_dim}], got "
+                          f"{list(embeddings.shape)}")
+    return Verification(pixels, embeddings.astype(np.float32))

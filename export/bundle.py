@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from corinfomax.core.bundle import CARD_FILE, MODEL_FILE, PRECISIONS, check_tag_part
+from corinfomax.core.bundle import CARD_FILE, MODEL_FILE, PRECISIONS, VERIFY_IMAGES, check_tag_part, write_verification
 from corinfomax.core.errors import UserError
 from corinfomax.core.files import make_temp_dir
 from corinfomax.export.card import build_card, default_name, write_card
@@ -119,7 +119,7 @@ def _build(tmp: Path, backbone: torch.nn.Module, feature_dim: int, state: dict[s
            verify_dir: Path | None, calib_dir: Path | None, opts: dict[str, Any]) -> None:
     """Write model.onnx and model.json into ``tmp``; verify them when ``verify_dir`` is given."""
     from corinfomax.export.images import load_sample
-    from corinfomax.export.parity import THRESHOLDS, ParityError, failures, measure
+    from corinfomax.export.parity import THRESHOLDS, ParityError, failures, measure, torch_embed
 
     config = state["config"]
     size = int(config["image_size"])
@@ -166,3 +166,6 @@ def _build(tmp: Path, backbone: torch.nn.Module, feature_dim: int, state: dict[s
                           "unchecked; for int8, more --calibration-images or --verify-images may help).")
     card.parity = {"verified": True, "data": str(verify_dir), "thresholds": THRESHOLDS[precision], **figures}
     write_card(tmp, card)
+    # A few of the same images with PyTorch's answers, so a service can repeat the check on its own machine.
+    sample = images.pixels[:VERIFY_IMAGES]
+    write_verification(tmp, sample, torch_embed(reference, sample))

@@ -6,7 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from corinfomax.core.bundle import BUNDLE_FORMAT, CARD_FILE, MODEL_FILE, PROBE_FILE, read_card
+from corinfomax.core.bundle import BUNDLE_FORMAT, CARD_FILE, MODEL_FILE, PROBE_FILE, VERIFY_FILE, read_card
 from corinfomax.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def register_bundle(bundle: str | Path, overwrite: bool = False) -> str:
     metadata = {"embedding_dim": card.embedding_dim, "checkpoint_sha256": card.checkpoint_sha256,
                 "exported_at": card.exported_at}
     with bentoml.models.create(tag, labels=labels, metadata=metadata) as model:
-        for name in (MODEL_FILE, CARD_FILE, PROBE_FILE):
+        for name in (MODEL_FILE, CARD_FILE, PROBE_FILE, VERIFY_FILE):
             if (bundle / name).is_file():
                 shutil.copy2(bundle / name, Path(model.path) / name)
     log.info("registered %s in the BentoML model store (%s)", tag, bentoml.models.get(tag).path)

@@ -1,4 +1,5 @@
-"""Serving-side subcommands: `extract`, `index build`, `index migrate`, `probe fit`, `serve`.
+"""Serving-side subcommands: `extract`, `index build`, `index migrate`, `probe fit`, `serve`, and `collection ...`
+(the service's collection verbs for a stopped service).
 
 Imports happen inside the handlers so that `corinfomax --help` stays fast and nothing here pulls in
 PyTorch (serving environments do not have it).
@@ -21,6 +22,7 @@ def register(subparsers: Any) -> None:
     _register_index(subparsers)
     _register_probe(subparsers)
     _register_serve(subparsers)
+    _register_collection(subparsers)
 
 
 def _register_extract(subparsers: Any) -> None:
@@ -110,6 +112,69 @@ def _register_serve(subparsers: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=None, help=f"port (default: the PORT variable, else {DEFAULT_PORT})")
     p.set_defaults(handler=_serve)
+
+
+def _register_collection(subparsers: Any) -> None:
+    group = subparsers.add_parser(
+        "collection", help="list, create, drop, re-embed or roll back the collections of a stopped service's index",
+        description="The service's collection verbs (POST /collections, /create_collection, /drop_collection, "
+                    "/reembed, /rollback, /drop_generation) for an index no service has open. Models are named as "
+                    "in requests (name or name@version) among the bundles of --models.")
+    verbs = group.add_subparsers(dest="collection_command", required=True, metavar="ACTION")
+    for verb, text in (("list", "every collection with its model, size and generation"),
+                       ("create", "a new, empty collection bound to --model"),
+                       ("drop", "drop a collection, its generations and originals"),
+                       ("reembed", "build a new generation with --model, then switch to it (resumes a stopped job)"),
+                       ("rollback", "make the previous generation live again"),
+                       ("drop-generation", "free the previous generation")):
+        p = verbs.add_parser(verb, help=text, description=text[0].upper() + text[1:] + ".")
+        if verb != "list":
+            p.add_argument("name", metavar="COLLECTION")
+        p.add_argument("--index", required=True, metavar="LOCATION",
+                       help="index folder, Milvus Lite FILE.db or milvus://HOST:PORT/COLLECTION (CORINFOMAX_INDEX)")
+        p.add_argument("--models", default=None, metavar="DIR",
+                       help="folder of model bundles (default: CORINFOMAX_MODELS, else the shipped models/)")
+        p.add_argument("--default-model", default=None, metavar="BUNDLE",
+                       help="the bundle an index without collections was built with (default: CORINFOMAX_MODEL)")
+        if verb in ("create", "reembed"):
+            p.add_argument("--model", required=verb == "create", help="model name or name@version")
+        if verb in ("reembed", "rollback"):
+            p.add_argument("--allow-missing", action="store_true",
+                           help="leave out items that cannot be embedded (added as vectors, original gone)")
+        if verb == "create":
+            p.add_argument("--keep-originals", action="store_true", help="keep the images added over HTTP")
+        if verb == "reembed":
+            p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.set_defaults(handler=_collection)
+
+
+def _collection(args: argparse.Namespace) -> int:
+    from corinfomax.serving.admin import Admin
+    from corinfomax.serving.api.config import Settings
+
+    settings = Settings.from_env()
+    models = Path(args.models) if args.models else settings.models_dir
+    default = Path(args.default_model) if args.default_model else settings.bundle_dir()
+    admin = Admin(args.index, models, default, settings.originals_max_bytes, settings.keep_originals)
+    try:
+        verb = args.collection_command
+        if verb == "list":
+            answer: Any = admin.collections.describe()
+        elif verb == "create":
+            answer = admin.create(args.name, args.model, args.keep_originals)
+        elif verb == "drop":
+            admin.drop(args.name)
+            answer = {"dropped": args.name}
+        elif verb == "reembed":
+            answer = admin.reembed(args.name, args.model, args.allow_missing, not args.no_progress).public()
+        elif verb == "rollback":
+            answer = admin.rollback(args.name, args.allow_missing)
+        else:
+            answer = admin.drop_generation(args.name)
+    finally:
+        admin.close()
+    print(json.dumps(answer, indent=2))
+    return 1 if isinstance(answer, dict) and answer.get("state") == "failed" else 0
 
 
 def _extract(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,38 @@ def test_serve_reads_port_like_make_serve(tiny_bundle: Path) -> None:
     """PORT sets the port for `corinfomax serve` as for `make serve` (the service itself: tests/test_journey.py)."""
     result = corinfomax("serve", "--model", str(tiny_bundle), env={**os.environ, "PORT": "80x"})
     assert result.returncode == 2 and "PORT='80x' is not a port number" in result.stderr, result.stderr
+
+
+def test_collection_verbs_for_a_stopped_service(tiny_bundle: Path, cifar10: Path, tmp_path: Path) -> None:
+    """create, re-embed (with another model), list, roll back, drop the generation, drop: the service's verbs."""
+    from corinfomax.serving.admin import Admin
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_bundle, models / "a")
+    shutil.copytree(tiny_bundle, models / "b")  # the same weights under another version: another model
+    card = json.loads((models / "b" / "model.json").read_text())
+    (models / "b" / "model.json").write_text(json.dumps({**card, "version": "v2"}))
+    where = ["--index", str(tmp_path / "index"), "--models", str(models), "--default-model", str(models / "a")]
+    created = corinfomax("collection", "create", "pets", "--model", card["name"] + "@" + card["version"],
+                         "--keep-originals", *where)
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["generation"] == 1
+    admin = Admin(str(tmp_path / "index"), models, None)  # add as the service would: originals kept
+    jpegs = [path.read_bytes() for path in sorted((cifar10 / "test" / "dog").glob("*.jpg"))[:5]]
+    embedder = admin.model(card["name"] + "@" + card["version"]).embedder
+    admin.collections.add("pets", embedder.embed_images(jpegs), images=jpegs)
+    admin.close()
+
+    reembedded = corinfomax("collection", "reembed", "pets", "--model", f"{card['name']}@v2", "--no-progress", *where)
+    assert reembedded.returncode == 0, reembedded.stderr
+    assert json.loads(reembedded.stdout[reembedded.stdout.index("{"):])["state"] == "done"
+    listed = json.loads(corinfomax("collection", "list", *where).stdout)
+    assert [(c["name"], c["version"], c["generation"], c["count"]) for c in listed] == [
+        ("default", card["version"], 1, 0), ("pets", "v2", 2, 5)]
+    rolled = corinfomax("collection", "rollback", "pets", *where)
+    assert rolled.returncode == 0 and json.loads(rolled.stdout)["generation"] == 1, rolled.stderr
+    freed = corinfomax("collection", "drop-generation", "pets", *where)
+    assert freed.returncode == 0 and json.loads(freed.stdout)["dropped"] == 2, freed.stderr
+    assert corinfomax("collection", "drop", "pets", *where).returncode == 0
+    refused = corinfomax("collection", "drop", "default", *where)
+    assert refused.returncode == 2 and "cannot be dropped" in refused.stderr and "Traceback" not in refused.stderr

@@ -15,7 +15,7 @@ import onnx
 import pytest
 import torch
 
-from corinfomax.core.bundle import read_card
+from corinfomax.core.bundle import VERIFY_IMAGES, read_card, read_verification
 from corinfomax.core.errors import UserError
 from corinfomax.export import parity
 from corinfomax.export.bundle import export_bundle
@@ -64,6 +64,9 @@ def test_bundle_card_metadata_and_parity(bundles: dict[str, Path], tiny_checkpoi
     figures = card["parity"]
     assert figures["verified"] and figures["images"] == SMALL["verify_images"]
     assert not parity.failures(precision, figures)
+    verification = read_verification(bundle, read_card(bundle))  # the check a service repeats before serving it
+    assert verification is not None and verification.pixels.shape == (VERIFY_IMAGES, 32, 32, 3)
+    assert verification.embeddings.shape == (VERIFY_IMAGES, 256)
     if precision == "fp32":
         assert figures["min_cosine"] >= 0.99999 and figures["max_abs_diff"] <= 1e-4
     if precision == "fp16":

@@ -124,3 +124,35 @@ def test_search_page_in_headless_chromium(server: Server, tmp_path: Path) -> Non
             assert API_KEY not in page.url
         finally:
             browser.close()
+
+
+def test_the_page_searches_the_collection_picked(server: Server, client: httpx.Client, cifar10: Path) -> None:
+    """The picker lists the collections; searches, stats and thumbnails then come from the one picked."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's `chromium` package (.ci/run does)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
+    created = client.post("/create_collection", json={"name": "ships", "model": "corinfomax-cifar10-tiny"})
+    assert created.status_code == 200 and created.json()["count"] == 0, created.text
+    ships = sorted((cifar10 / "test" / "ship").glob("*.jpg"))[:3]
+    added = client.post("/add", files=[("images", (p.name, p.read_bytes(), "image/jpeg")) for p in ships],
+                        data={"collection": '"ships"'}).json()["ids"]
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{server.url}/ui/")
+            page.fill("#key", API_KEY)
+            page.dispatch_event("#key", "change")
+            page.wait_for_function("document.querySelectorAll('#collection option').length === 2")
+            page.select_option("#collection", "ships")
+            page.wait_for_function("[...document.querySelectorAll('#stats dd')].some((dd) => dd.textContent === '3')")
+            assert "corinfomax-cifar10-tiny" in page.inner_text("#card")  # the collection's model
+            page.set_input_files("#file", str(ships[0]))
+            page.wait_for_function("document.querySelectorAll('#results .result').length === 3")
+            assert sorted(int(i) for i in page.eval_on_selector_all(
+                "#results .result", "els => els.map((el) => el.dataset.id)")) == sorted(added)
+            page.wait_for_function("[...document.querySelectorAll('#results img')]"
+                                   ".every((img) => img.complete && img.naturalWidth > 0)")
+        finally:
+            browser.close()
+    assert client.post("/drop_collection", json={"name": "ships"}).json() == {"dropped": "ships"}

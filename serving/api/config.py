@@ -8,11 +8,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from corinfomax.core.bundle import PROBE_FILE
 from corinfomax.core.errors import BundleError
 from corinfomax.core.images import DEFAULT_MAX_PIXELS
 from corinfomax.core.thumbnails import DEFAULT_SIDE, MAX_SIDE
 from corinfomax.serving.embedder import cpu_threads_per_worker
+from corinfomax.serving.index.originals import DEFAULT_MAX_BYTES, MAX_BYTES_VARIABLE
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,13 @@ def _demo_dir(raw: str | None) -> Path | None:
     if raw is None:
         default = _shipped() / "demo" / "images"
         return default if default.is_dir() else None
+    return Path(raw) if raw else None
+
+
+def _models_dir(raw: str | None) -> Path | None:
+    """CORINFOMAX_MODELS; unset means the shipped models folder (checkout or Bento), empty means none."""
+    if raw is None:
+        return _shipped() / "models"
     return Path(raw) if raw else None
 
 
@@ -90,7 +97,7 @@ def model_threads(workers: int) -> int:
 class Settings:
     model: str  # bundle folder or BentoML model tag
     index: str  # an index folder, a Milvus Lite .db file or milvus://host:port/collection
-    probe: Path | None
+    probe: Path | None  # a probe for the CORINFOMAX_MODEL bundle instead of its own probe.npz
     api_key: str | None
     workers: int
     max_request_bytes: int
@@ -105,6 +112,9 @@ class Settings:
     access_log: bool  # BentoML's per-request access log line (CORINFOMAX_ACCESS_LOG=0 saves CPU per request)
     demo_dir: Path | None  # images indexed on first start when the index is empty ("" disables)
     thumbnail_side: int  # side of the thumbnail stored with each added image, in pixels (0: none)
+    models_dir: Path | None  # every bundle directly under it is loaded (CORINFOMAX_MODELS; "" for none)
+    keep_originals: bool  # whether the default collection, when first made, keeps the images added to it
+    originals_max_bytes: int  # cap on the kept originals of all collections together
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -128,6 +138,9 @@ class Settings:
             access_log=os.environ.get("CORINFOMAX_ACCESS_LOG", "1") != "0",
             demo_dir=_demo_dir(os.environ.get("CORINFOMAX_DEMO_DIR")),
             thumbnail_side=_thumbnail_side(_int("CORINFOMAX_THUMBNAIL_PX", DEFAULT_SIDE)),
+            models_dir=_models_dir(os.environ.get("CORINFOMAX_MODELS")),
+            keep_originals=os.environ.get("CORINFOMAX_KEEP_ORIGINALS", "1") != "0",
+            originals_max_bytes=_int(MAX_BYTES_VARIABLE, DEFAULT_MAX_BYTES),
         )
 
     def bundle_dir(self) -> Path:
@@ -142,13 +155,6 @@ class Settings:
         except Exception as err:  # bentoml raises NotFound or a tag-format error
             raise BundleError(f"CORINFOMAX_MODEL={self.model!r} is neither a bundle folder nor a BentoML model tag "
                               f"in the local model store ({err})") from err
-
-    def probe_path(self, bundle: Path) -> Path | None:
-        """CORINFOMAX_PROBE, else ``<bundle>/probe.npz`` when present."""
-        if self.probe is not None:
-            return self.probe
-        default = bundle / PROBE_FILE
-        return default if default.is_file() else None
 
 
 @functools.cache

@@ -1,9 +1,10 @@
 """How a 4xx travels: from the index service to the public API (in an envelope, so its status and message cross
 the internal hop intact) and from the public API to the client (``{"error": message}`` with its status).
 
-``IndexOwner``'s APIs return ``{"ok": result}`` or ``{"error", "status"}`` (``envelope``); the public API calls
-them through ``call`` (one retry on a dropped connection) and opens the answer with ``unwrap``, which raises the
-same ``BadInput`` again; ``http_errors`` answers it.
+``IndexOwner``'s APIs return ``{"ok": result}`` or ``{"error", "status"}`` (``envelope``; ``"stale": true`` when
+the request was prepared for a generation that is no longer live); the public API calls them through ``call`` (one
+retry on a dropped connection) and opens the answer with ``unwrap``, which raises the same ``BadInput`` (or
+``StaleRoute``) again; ``http_errors`` answers it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Awaitable, Callable
 from starlette.responses import JSONResponse
 
 from corinfomax.core.errors import BadInput
+from corinfomax.serving.index.catalog import StaleRoute
 
 log = logging.getLogger("corinfomax.service")
 
@@ -34,7 +36,7 @@ def envelope(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return {"ok": method(*args, **kwargs)}
         except BadInput as err:
-            return {"error": str(err), "status": err.status}
+            return {"error": str(err), "status": err.status, **({"stale": True} if isinstance(err, StaleRoute) else {})}
 
     wrapper.__signature__ = inspect.signature(method).replace(return_annotation=dict)  # type: ignore[attr-defined]
     return wrapper
@@ -43,7 +45,7 @@ def envelope(method: Callable[..., Any]) -> Callable[..., Any]:
 def unwrap(answer: dict[str, Any]) -> Any:
     """The result inside an ``envelope``'s answer, or its error raised as ``BadInput`` with the same status."""
     if "error" in answer:
-        error = BadInput(answer["error"])
+        error = StaleRoute(answer["error"]) if answer.get("stale") else BadInput(answer["error"])
         error.status = int(answer.get("status", 400))
         raise error
     return answer["ok"]

@@ -33,10 +33,10 @@ def decode_b64(text: str, position: int) -> bytes:
 
 
 class ImageInputs:
-    """Reads a request's images under the service's limits, and prepares them as the model card says."""
+    """Reads a request's images under the service's limits, and prepares them as a model's card says."""
 
-    def __init__(self, embedder: Embedder, settings: Settings) -> None:
-        self.embedder, self.settings = embedder, settings
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
 
     async def collect(self, images: Optional[list[Path]], urls: Optional[list[str]],
                       images_b64: Optional[list[str]]) -> list[bytes]:
@@ -54,13 +54,13 @@ class ImageInputs:
             raise BadInput("no images: send multipart files named 'images', a list 'urls', or a list 'images_b64'")
         return raw
 
-    def pixels(self, raw: list[bytes]) -> np.ndarray:
-        """Decode + the model card's preprocessing; a failure names the image."""
+    def pixels(self, raw: list[bytes], embedder: Embedder) -> np.ndarray:
+        """Decode + ``embedder``'s card's preprocessing; a failure names the image."""
         limits.check_request_pixels(raw, self.settings.max_request_pixels)
         out = []
         for i, data in enumerate(raw):
             try:
-                out.append(self.embedder.preprocess(data))
+                out.append(embedder.preprocess(data))
             except BadInput as err:
                 err.args = (f"image {i}: {err}",)
                 raise

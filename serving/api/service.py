@@ -2,8 +2,9 @@
 
 Two services, one job each (start with ``bentoml serve corinfomax.serving.api.service:CorInfoMax``):
 - ``CorInfoMax`` (N workers, the public entry, this module): gathers and decodes images in a thread pool
-  (``inputs``), validates input, runs the ONNX model in-process with concurrent requests merged into one call
-  (``batcher.MicroBatcher``), applies the probe or a kNN vote (``classify``);
+  (``inputs``), validates input, runs the collection's model in-process with concurrent requests merged into
+  one call (``batcher.MicroBatcher``, one per model of ``serving.models.ModelRegistry``), applies the probe or a
+  kNN vote (``classify``); its collection and model management endpoints are ``manage.Management``'s;
 - ``IndexOwner`` (``index_owner``): the process that opens the index; ``CorInfoMax`` calls it through
   ``bentoml.depends``, its answers in an ``envelope``.
 Why the model is not a separate batchable service: the extra hop (uint8 arrays serialised both ways)
@@ -19,7 +20,7 @@ import base64
 import logging
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import bentoml
 import numpy as np
@@ -33,9 +34,12 @@ from corinfomax.serving.api.envelope import call, http_errors, unwrap
 from corinfomax.serving.api.http import GuardMiddleware, JsonErrors
 from corinfomax.serving.api.index_owner import IndexOwner
 from corinfomax.serving.api.inputs import ImageInputs
+from corinfomax.serving.api.manage import Management
 from corinfomax.serving.api.metrics import observe_batch
-from corinfomax.serving.embedder import Embedder
+from corinfomax.serving.api.routes import Routes
 from corinfomax.serving.index.backend import MAX_K, check_k, check_key, check_metadata, normalise
+from corinfomax.serving.index.catalog import StaleRoute
+from corinfomax.serving.models import LoadedModel, ModelRegistry, public
 
 log = logging.getLogger("corinfomax.service")
 # BentoML's server logging shows its own loggers at INFO and the rest at WARNING: without this, the start-up
@@ -46,109 +50,142 @@ SETTINGS = settings()
 
 @bentoml.service(workers=SETTINGS.workers, traffic={"timeout": 60},
                  logging={"access": {"enabled": SETTINGS.access_log}})
-class CorInfoMax:
-    """Public API. Images come as multipart files (``images``), ``urls`` or base64 (``images_b64``)."""
+class CorInfoMax(Management):
+    """Public API. Images come as multipart files (``images``), ``urls`` or base64 (``images_b64``). A request may
+    name a ``collection`` (default: ``default``), and ``/embed`` a ``model`` (default: the default collection's)."""
 
     index = bentoml.depends(IndexOwner)
 
     def __init__(self) -> None:
-        from corinfomax.serving.probe import LinearProbe
-
-        self.bundle = SETTINGS.bundle_dir()
-        self.embedder = Embedder(self.bundle, threads=SETTINGS.threads, max_pixels=SETTINGS.max_pixels)
-        self.card, self.dim = self.embedder.card, self.embedder.dim
-        self.inputs = ImageInputs(self.embedder, SETTINGS)
+        self.registry = ModelRegistry(SETTINGS.models_dir, SETTINGS.bundle_dir(), SETTINGS.probe,
+                                      threads=SETTINGS.threads, max_pixels=SETTINGS.max_pixels)
+        self.routes = Routes(self.index, self.registry)
+        self.inputs = ImageInputs(SETTINGS)
+        self.batchers: dict[str, MicroBatcher] = {}
         bentoml_patches.keep_one_session(self.index)
-        self.batcher = MicroBatcher(self.embedder.embed_arrays, SETTINGS.batch_size, SETTINGS.batch_wait_ms,
-                                    on_batch=observe_batch)
-        probe_path = SETTINGS.probe_path(self.bundle)
-        self.probe = LinearProbe.load(probe_path) if probe_path else None
-        if self.probe is not None and self.probe.dim != self.dim:
-            raise BadInput(f"probe {probe_path} takes {self.probe.dim}-dim embeddings, the model makes {self.dim}")
-        log.info("serving %s on %s (%d intra-op threads, batches of <= %d), probe %s", self.card.tag,
-                 self.embedder.providers[0], SETTINGS.threads, SETTINGS.batch_size, probe_path)
+        default = self.registry.get(self.registry.default_key)
+        log.info("serving %s on %s (%d intra-op threads, batches of <= %d), probe %s; models: %s", default.key,
+                 default.embedder.providers[0], SETTINGS.threads, SETTINGS.batch_size,
+                 SETTINGS.probe or (default.path / "probe.npz" if default.probe is not None else None),
+                 ", ".join(model.key for model in self.registry.models()))
 
     @bentoml.on_shutdown
     def close(self) -> None:
-        self.batcher.close()
+        for batcher in self.batchers.values():
+            batcher.close()
 
     # -- helpers ----------------------------------------------------------------------------------
 
-    async def _embed(self, raw: list[bytes]) -> np.ndarray:
+    async def _embed(self, raw: list[bytes], model: LoadedModel) -> np.ndarray:
         # Decoding in a thread keeps the event loop free; the model call is shared with concurrent requests.
-        return await self.batcher(await asyncio.to_thread(self.inputs.pixels, raw))
+        if model.key not in self.batchers:
+            self.batchers[model.key] = MicroBatcher(model.embedder.embed_arrays, SETTINGS.batch_size,
+                                                    SETTINGS.batch_wait_ms, on_batch=observe_batch)
+        pixels = await asyncio.to_thread(self.inputs.pixels, raw, model.embedder)
+        return await self.batchers[model.key](pixels)
 
-    async def _embed_request(self, images: Optional[list[Path]], urls: Optional[list[str]],
-                             images_b64: Optional[list[str]]) -> np.ndarray:
-        return await self._embed(await self.inputs.collect(images, urls, images_b64))
+    def _as_query(self, vectors: list[list[float]], route: dict[str, Any]) -> np.ndarray:
+        """Client vectors checked against the collection's dimension (stale when the routes may be)."""
+        try:
+            return normalise(vectors, route["dim"], "vectors")
+        except BadInput:
+            if not self.routes.fresh():  # the collection may have switched to a model of another dimension
+                raise StaleRoute("routes out of date") from None
+            raise
 
-    async def thumbnail_bytes(self, item_id: int) -> bytes:
+    async def thumbnail_bytes(self, item_id: int, collection: Optional[str] = None) -> bytes:
         """An item's stored thumbnail (for ``web``'s GET /thumbnails/{id})."""
-        return base64.b64decode(unwrap(await call(self.index.to_async.thumbnail, id=item_id)))
+        return base64.b64decode(unwrap(await call(self.index.to_async.thumbnail, id=item_id, collection=collection)))
 
-    async def _query_vectors(self, images: Optional[list[Path]], urls: Optional[list[str]],
-                             images_b64: Optional[list[str]], vectors: Optional[list[list[float]]],
-                             ids: Optional[list[int]]) -> np.ndarray:
-        given = [name for name, value in (("images/urls/images_b64", images or urls or images_b64),
-                                          ("vectors", vectors), ("ids", ids)) if value]
-        if len(given) != 1:
-            raise BadInput("give exactly one kind of query: images (files, urls or images_b64), vectors, or ids"
-                           + (f"; got {', '.join(given)}" if given else ""))
-        if vectors:
-            return normalise(vectors, self.dim, "vectors")
-        if ids:
-            return np.asarray(unwrap(await call(self.index.to_async.vectors, ids=ids)), dtype=np.float32)
-        return await self._embed_request(images, urls, images_b64)
+    async def _search(self, images: Optional[list[Path]], urls: Optional[list[str]], images_b64: Optional[list[str]],
+                      vectors: Optional[list[list[float]]], ids: Optional[list[int]], collection: Optional[str],
+                      **options: Any) -> Any:
+        """Search ``collection`` by one kind of query: images (embedded with its model), vectors, or stored ids."""
+        check_one_query(images, urls, images_b64, vectors, ids)
+        if not (vectors or ids):
+            return await self._search_images(await self.inputs.collect(images, urls, images_b64), collection,
+                                             **options)
+
+        async def work(route: dict[str, Any], model: LoadedModel) -> Any:
+            if ids:
+                return await call(self.index.to_async.search, ids=ids, collection=collection, **options)
+            queries = self._as_query(vectors or [], route)
+            return await call(self.index.to_async.search, vectors=queries, collection=collection, **options)
+
+        return unwrap(await self.routes.serve(collection, work))
+
+    async def _search_images(self, raw: list[bytes], collection: Optional[str], **options: Any) -> Any:
+        """Search ``collection`` by images, embedded with its live model (again, if it switched meanwhile)."""
+
+        async def work(route: dict[str, Any], model: LoadedModel) -> Any:
+            queries = await self._embed(raw, model)
+            return unwrap_stale(await call(self.index.to_async.search, vectors=queries, collection=collection,
+                                           model=route["model"], **options))
+
+        return unwrap(await self.routes.serve(collection, work))
 
     # -- APIs -------------------------------------------------------------------------------------
 
     @bentoml.api
     @http_errors
     async def embed(self, images: list[Path] = [], urls: Optional[list[str]] = None,
-                    images_b64: Optional[list[str]] = None) -> dict[str, Any]:
-        """Images -> L2-normalised embeddings."""
-        vectors = await self._embed_request(images, urls, images_b64)
-        return {"embeddings": vectors.tolist(), "dim": self.dim, "model": self.card.name}
+                    images_b64: Optional[list[str]] = None, model: Optional[str] = None) -> dict[str, Any]:
+        """Images -> L2-normalised embeddings, by ``model`` (a loaded model's name, or name@version; default: the
+        default collection's)."""
+        loaded = await self.routes.for_embed(model)
+        vectors = await self._embed(await self.inputs.collect(images, urls, images_b64), loaded)
+        return {"embeddings": vectors.tolist(), "dim": loaded.card.embedding_dim, "model": loaded.card.name}
 
     @bentoml.api
     @http_errors
     async def search(self, images: list[Path] = [], urls: Optional[list[str]] = None,
                      images_b64: Optional[list[str]] = None, vectors: Optional[list[list[float]]] = None,
-                     ids: Optional[list[int]] = None, k: int = 10) -> dict[str, Any]:
+                     ids: Optional[list[int]] = None, k: int = 10, collection: Optional[str] = None) -> dict[str, Any]:
         """Top-k stored items per query (image, vector or stored id), with scores, metadata and labels."""
         check_k(k)
         limits.check_hits(limits.query_count(images, urls, images_b64, vectors, ids), k)
-        queries = await self._query_vectors(images, urls, images_b64, vectors, ids)
-        return {"results": unwrap(await call(self.index.to_async.search, vectors=queries, k=k))}
+        return {"results": await self._search(images, urls, images_b64, vectors, ids, collection, k=k)}
 
     @bentoml.api
     @http_errors
     async def classify(self, images: list[Path] = [], urls: Optional[list[str]] = None,
                        images_b64: Optional[list[str]] = None, k: int = 5, method: str = "auto",
-                       neighbours: int = 20) -> dict[str, Any]:
-        """Top-k labels per image, by the linear probe or by a weighted kNN vote over labelled items."""
+                       neighbours: int = 20, collection: Optional[str] = None) -> dict[str, Any]:
+        """Top-k labels per image, by the collection's model's linear probe or by a weighted kNN vote over its
+        labelled items."""
         check_k(k)
-        method = self._classify_method(method)
+        if method not in ("auto", "probe", "knn"):
+            raise BadInput(f"method must be 'auto', 'probe' or 'knn', got {method!r}")
+        method = self._classify_method(method, await self.routes.model((await self.routes.get(collection))["model"]))
         if method == "knn" and not 1 <= neighbours <= MAX_K:
             raise BadInput(f"neighbours must be between 1 and {MAX_K}, got {neighbours}")
         if method == "knn":
             limits.check_hits(limits.query_count(images, urls, images_b64), neighbours, "neighbours")
-        vectors = await self._embed_request(images, urls, images_b64)
+        raw = await self.inputs.collect(images, urls, images_b64)
         if method == "probe":
-            assert self.probe is not None
-            return {"method": method, "predictions": probe_predictions(self.probe, vectors, k)}
-        rows = unwrap(await call(self.index.to_async.search, vectors=vectors, k=neighbours, labelled_only=True))
+            return await self.routes.serve(collection, self._probe_work(raw, k))
+        rows = await self._search_images(raw, collection, k=neighbours, labelled_only=True)
         if not any(rows):
             raise BadInput("kNN classification needs labelled items in the index; add some with labels first")
         return {"method": method, "predictions": [knn_vote(row, k) for row in rows]}
 
-    def _classify_method(self, method: str) -> str:
-        """``method`` as asked, ``auto`` resolved: the probe when one is loaded, else kNN."""
-        if method not in ("auto", "probe", "knn"):
-            raise BadInput(f"method must be 'auto', 'probe' or 'knn', got {method!r}")
+    def _probe_work(self, raw: list[bytes], k: int) -> Callable[[dict[str, Any], LoadedModel],
+                                                                Awaitable[dict[str, Any]]]:
+        async def work(route: dict[str, Any], model: LoadedModel) -> dict[str, Any]:
+            if model.probe is None:
+                raise BadInput(f"collection {route['name']!r} now uses model {model.key}, which has no probe; "
+                               "use method 'knn'")
+            vectors = await self._embed(raw, model)
+            return {"method": "probe", "predictions": probe_predictions(model.probe, vectors, k)}
+
+        return work
+
+    @staticmethod
+    def _classify_method(method: str, model: LoadedModel) -> str:
+        """``method`` as asked, ``auto`` resolved: the probe when the model has one, else kNN."""
         if method == "auto":
-            return "probe" if self.probe is not None else "knn"
-        if method == "probe" and self.probe is None:
+            return "probe" if model.probe is not None else "knn"
+        if method == "probe" and model.probe is None:
             raise BadInput("no linear probe loaded (set CORINFOMAX_PROBE or put probe.npz in the bundle); "
                            "use method 'knn'")
         return method
@@ -159,57 +196,89 @@ class CorInfoMax:
                   images_b64: Optional[list[str]] = None, vectors: Optional[list[list[float]]] = None,
                   metadata: Optional[list[dict[str, Any]]] = None,
                   labels: Optional[list[Optional[str]]] = None,
-                  idempotency_key: Optional[str] = None) -> dict[str, Any]:
-        """Store images (embedded here, with a thumbnail) or vectors with JSON metadata and optional labels; ids
-        once committed.
+                  idempotency_key: Optional[str] = None, collection: Optional[str] = None) -> dict[str, Any]:
+        """Store images (embedded here, with a thumbnail, and kept when the collection keeps originals) or vectors
+        with JSON metadata and optional labels; ids once committed.
 
         A client that lost the answer retries with the same ``idempotency_key`` and gets the same ids.
         """
         key = check_key(idempotency_key) or uuid.uuid4().hex  # our own key makes the internal retry safe
         for i, meta in enumerate(metadata or []):  # before the hop: a hostile nesting must not reach pickle
             check_metadata(meta, f"metadata[{i}]")
-        thumbnails = None
-        if (images or urls or images_b64) and not vectors:
-            raw = await self.inputs.collect(images, urls, images_b64)
-            queries = await self._embed(raw)
-            if SETTINGS.thumbnail_side:
+        by_images = bool(images or urls or images_b64) and not vectors
+        if not by_images:
+            check_one_query(images, urls, images_b64, vectors, None)
+        raw = await self.inputs.collect(images, urls, images_b64) if by_images else []
+        thumbnails: Optional[list[Optional[str]]] = None
+
+        async def work(route: dict[str, Any], model: LoadedModel) -> Any:
+            nonlocal thumbnails
+            fields = dict(metadata=metadata, labels=labels, key=key, collection=collection)
+            if not by_images:
+                return await call(self.index.to_async.add, vectors=self._as_query(vectors or [], route), **fields)
+            queries = await self._embed(raw, model)  # first: a bad image is named by the decoder, as before
+            if thumbnails is None and SETTINGS.thumbnail_side:
                 thumbnails = await asyncio.to_thread(self.inputs.thumbnails, raw)
-        else:
-            queries = await self._query_vectors(images, urls, images_b64, vectors, None)
-        return {"ids": unwrap(await call(self.index.to_async.add, vectors=queries, metadata=metadata,
-                                         labels=labels, thumbnails=thumbnails, key=key))}
+            originals = [base64.b64encode(data).decode() for data in raw] if route["keep_originals"] else None
+            return unwrap_stale(await call(self.index.to_async.add, vectors=queries, model=route["model"],
+                                           thumbnails=thumbnails, originals=originals, **fields))
+
+        return {"ids": unwrap(await self.routes.serve(collection, work))}
 
     @bentoml.api
     @http_errors
-    async def delete(self, ids: list[int], idempotency_key: Optional[str] = None) -> dict[str, Any]:
+    async def delete(self, ids: list[int], idempotency_key: Optional[str] = None,
+                     collection: Optional[str] = None) -> dict[str, Any]:
         """Delete stored items by id (all must exist); ``idempotency_key`` as in ``add``."""
         key = check_key(idempotency_key) or uuid.uuid4().hex
-        return {"deleted": unwrap(await call(self.index.to_async.delete, ids=ids, key=key))}
+        return {"deleted": unwrap(await call(self.index.to_async.delete, ids=ids, key=key, collection=collection))}
 
     @bentoml.api
     @http_errors
-    async def get(self, id: int) -> dict[str, Any]:
+    async def get(self, id: int, collection: Optional[str] = None) -> dict[str, Any]:
         """One stored item: id, metadata, label and vector."""
-        return unwrap(await call(self.index.to_async.get, id=id))
+        return unwrap(await call(self.index.to_async.get, id=id, collection=collection))
 
     @bentoml.api
     @http_errors
-    async def stats(self) -> dict[str, Any]:
-        """Index statistics: count, labelled, kind, recall@10, generation."""
-        return unwrap(await call(self.index.to_async.stats))
+    async def stats(self, collection: Optional[str] = None) -> dict[str, Any]:
+        """Index statistics: count, labelled, kind, recall@10, generation (and the originals kept)."""
+        return unwrap(await call(self.index.to_async.stats, collection=collection))
 
     @bentoml.api
     @http_errors
-    async def info(self) -> dict[str, Any]:
-        """The model card, the index size and the probe's classes."""
-        stats = unwrap(await call(self.index.to_async.stats))
-        return {"model": limits.public_card(self.card.to_json()),
+    async def info(self, collection: Optional[str] = None) -> dict[str, Any]:
+        """The collection's model card, its index size and probe classes, the limits, and every model loaded."""
+        if not self.routes.fresh():  # the models other workers accepted since, too
+            await self.routes.refresh()
+        route = await self.routes.get(collection)
+        model = await self.routes.model(route["model"])
+        stats = unwrap(await call(self.index.to_async.stats, collection=collection))
+        return {"model": limits.public_card(model.card.to_json()),
                 "index": {"count": stats["count"], "labelled": stats["labelled"], "kind": stats["kind"]},
-                "probe": {"classes": self.probe.classes} if self.probe is not None else None,
+                "probe": {"classes": model.probe.classes} if model.probe is not None else None,
                 "limits": {"max_images": SETTINGS.max_images, "max_request_bytes": SETTINGS.max_request_bytes,
                            "body_timeout_s": SETTINGS.body_seconds,
                            "max_pixels": SETTINGS.max_pixels, "max_request_pixels": SETTINGS.max_request_pixels,
-                           "max_k": MAX_K, **limits.PUBLIC}}
+                           "max_k": MAX_K, **limits.PUBLIC},
+                "models": [public(record) for record in sorted(self.routes.records.values(),
+                                                               key=lambda record: record["key"])]}
+
+
+def check_one_query(images: Optional[list[Path]], urls: Optional[list[str]], images_b64: Optional[list[str]],
+                    vectors: Optional[list[list[float]]], ids: Optional[list[int]]) -> None:
+    given = [name for name, value in (("images/urls/images_b64", images or urls or images_b64),
+                                      ("vectors", vectors), ("ids", ids)) if value]
+    if len(given) != 1:
+        raise BadInput("give exactly one kind of query: images (files, urls or images_b64), vectors, or ids"
+                       + (f"; got {', '.join(given)}" if given else ""))
+
+
+def unwrap_stale(answer: dict[str, Any]) -> dict[str, Any]:
+    """Raise a stale answer (so ``Routes.serve`` retries with the collection's new model); pass others on."""
+    if answer.get("stale"):
+        unwrap(answer)
+    return answer
 
 
 web.mount(CorInfoMax)

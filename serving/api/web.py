@@ -2,8 +2,8 @@
 
 - ``/ui/``: static HTML/CSS/JS shipped in the package (``static/``), no build step; it calls the JSON API
   (``/search``, ``/classify``, ``/info``, ``/stats``) with the API key the user types in, if any;
-- ``GET /thumbnails/{id}``: an item's stored WebP thumbnail with ``ETag``/``Cache-Control`` (behind the
-  API key like every data path; the page fetches it with the key and shows it as a blob);
+- ``GET /thumbnails/{id}[?collection=NAME]``: an item's stored WebP thumbnail with ``ETag``/``Cache-Control``
+  (behind the API key like every data path; the page fetches it with the key and shows it as a blob);
 - ``GET /``: a redirect to the page (``FrontDoor``); BentoML's API docs page, which it serves at ``/``, is at
   ``/docs`` instead, its OpenAPI spec still at ``/docs.json``.
 """
@@ -23,6 +23,7 @@ from starlette.staticfiles import StaticFiles
 
 from corinfomax.core.errors import BadInput
 from corinfomax.core.thumbnails import MEDIA_TYPE
+from corinfomax.serving.index.catalog import check_name
 
 STATIC = Path(__file__).with_name("static")
 PAGE = "/ui/"
@@ -36,8 +37,11 @@ async def thumbnail(request: Request) -> Response:
     item_id = request.path_params["item_id"]
     if item_id > MAX_ID:
         return JSONResponse({"error": f"thumbnail id {item_id} is out of range (ids are below 2**63)"}, status_code=400)
+    collection = request.query_params.get("collection")
     try:
-        data = await bentoml.get_current_service().thumbnail_bytes(item_id)
+        if collection is not None:
+            check_name(collection)
+        data = await bentoml.get_current_service().thumbnail_bytes(item_id, collection)
     except BadInput as err:
         return JSONResponse({"error": str(err)}, status_code=err.status)
     etag = '"' + hashlib.sha256(data).hexdigest()[:20] + '"'

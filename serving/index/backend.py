@@ -26,6 +26,7 @@ MAX_METADATA_DEPTH = 32
 MAX_ANSWER_BYTES = 8 << 20  # metadata in one search answer: bounds what a request makes the server build
 MAX_LABEL_CHARS = 200
 MAX_KEY_CHARS = 128  # an idempotency key (a UUID is 36)
+MAX_SOURCE_CHARS = 4096 + 5  # an item's source: "file:" and a path (PATH_MAX), or "sha256:" and 64 hex digits
 
 
 class AnswerTooLarge(BadInput):
@@ -61,6 +62,18 @@ class Hit:
 
 
 @dataclass(frozen=True)
+class StoredRow:
+    """An item as a generation stores it, less its vector: what a re-embed copies into another generation."""
+
+    id: int
+    metadata: dict[str, Any]
+    label: str | None
+    thumbnail: bytes | None
+    source: str | None  # "sha256:<hex>" (kept original), "file:<path>", or None (added as a vector)
+    carry: dict[str, Any]  # what else the backend keeps on the row and a copy keeps (Milvus: the write key)
+
+
+@dataclass(frozen=True)
 class Labelled:
     """What kNN classification needs: the labelled items' ids, unit vectors and labels."""
 
@@ -87,7 +100,7 @@ class VectorIndex(Protocol):
 
     def add(self, vectors: Any, metadata: Sequence[dict[str, Any]] | None = None,
             labels: Sequence[str | None] | None = None, thumbnails: Sequence[bytes | None] | None = None,
-            key: str | None = None) -> list[int]: ...
+            key: str | None = None, sources: Sequence[str | None] | None = None) -> list[int]: ...
 
     def delete(self, ids: Sequence[int], key: str | None = None) -> list[int]: ...
 
@@ -106,6 +119,38 @@ class VectorIndex(Protocol):
         ...
 
     def stats(self) -> dict[str, Any]: ...
+
+    # -- what collections and their generations need (serving.index.collections) ------------------------
+
+    def add_at(self, ids: Sequence[int], vectors: Any, metadata: Sequence[dict[str, Any]] | None = None,
+               labels: Sequence[str | None] | None = None, thumbnails: Sequence[bytes | None] | None = None,
+               key: str | None = None, sources: Sequence[str | None] | None = None) -> list[int]:
+        """``add`` with the ids given (another generation's, or the collection's allocator's) and sources."""
+        ...
+
+    def put_rows(self, rows: Sequence[StoredRow], vectors: np.ndarray) -> None:
+        """Insert copies of another generation's rows (ids absent here) with new vectors."""
+        ...
+
+    def remove(self, ids: Sequence[int]) -> list[int]:
+        """Delete those of ``ids`` that exist here (a write another generation took); return them."""
+        ...
+
+    def stored(self, ids: Sequence[int]) -> list[StoredRow]:
+        """The rows of those of ``ids`` that exist, in id order."""
+        ...
+
+    def id_list(self) -> np.ndarray:
+        """Every id, ascending (int64)."""
+        ...
+
+    def existing(self, ids: Sequence[int]) -> set[int]: ...
+
+    def sources(self) -> set[str]:
+        """Every item's source (the originals and files this generation needs)."""
+        ...
+
+    def references(self, source: str) -> bool: ...
 
     def close(self) -> None: ...
 
@@ -221,6 +266,26 @@ def check_thumbnails(thumbnails: Sequence[bytes | None] | None, n: int) -> list[
             size = len(thumb) if isinstance(thumb, bytes) else type(thumb).__name__
             raise BadInput(f"thumbnails[{i}] must be 1 to {MAX_THUMBNAIL_BYTES} bytes, got {size}")
     return list(thumbnails)
+
+
+def check_sources(sources: Sequence[str | None] | None, n: int) -> list[str | None]:
+    """One source (or None) per item, each a string of at most MAX_SOURCE_CHARS."""
+    if sources is None:
+        return [None] * n
+    if len(sources) != n:
+        raise BadInput(f"{n} vectors but {len(sources)} sources")
+    for i, source in enumerate(sources):
+        if source is not None and not (isinstance(source, str) and 0 < len(source) <= MAX_SOURCE_CHARS):
+            raise BadInput(f"sources[{i}] must be a string of 1 to {MAX_SOURCE_CHARS} characters or null")
+    return list(sources)
+
+
+def check_new_ids(ids: Sequence[int], n: int) -> list[int]:
+    """Ids given for ``n`` new items: valid, distinct, one per item."""
+    checked = check_ids(ids)
+    if len(checked) != n or len(ids) != n:
+        raise BadInput(f"{n} vectors but {len(ids)} ids (distinct: {len(checked)})")
+    return checked
 
 
 def check_answer_size(size: int) -> None:

@@ -40,15 +40,18 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
-def _batches(features_dir: str | Path,
-             total_shards: int) -> Iterator[tuple[np.ndarray, list[dict[str, Any]], list[str | None]]]:
+Batch = tuple[np.ndarray, list[dict[str, Any]], list[str | None], list[str | None]]
+
+
+def _batches(features_dir: str | Path, total_shards: int) -> Iterator[Batch]:
     """One batch per shard (empty when none of its images embedded): its good rows in row order, with path and
-    size as metadata."""
+    size as metadata, and the file as the item's source (what a re-embed reads)."""
     for embeddings, table in tqdm(iter_shards(features_dir), total=total_shards, unit="shard", desc="index"):
         good = table.filter(pc.greater_equal(table["row"], 0)).sort_by("row")
+        paths = good["path"].to_pylist()
         metadata = [{"path": p, "width": w, "height": h} for p, w, h in
-                    zip(good["path"].to_pylist(), good["width"].to_pylist(), good["height"].to_pylist())]
-        yield embeddings, metadata, good["label"].to_pylist()
+                    zip(paths, good["width"].to_pylist(), good["height"].to_pylist())]
+        yield embeddings, metadata, good["label"].to_pylist(), [f"file:{p}" for p in paths]
 
 
 def build_index(
@@ -102,10 +105,10 @@ def build_into(features_dir: str | Path, location: str) -> dict[str, Any]:
     model = manifest["model"]
     folder = hashlib.sha256(str(Path(features_dir).resolve()).encode()).hexdigest()[:16]
     with open_index(location, dim=int(model["embedding_dim"]), model_sha256=model.get("checkpoint_sha256")) as store:
-        for name, (vectors, metadata, labels) in zip(manifest["shards"],
-                                                     _batches(features_dir, len(manifest["shards"]))):
+        for name, (vectors, metadata, labels, sources) in zip(manifest["shards"],
+                                                              _batches(features_dir, len(manifest["shards"]))):
             if metadata:
-                store.add(vectors, metadata, labels, key=f"build:{folder}:{name}")
+                store.add(vectors, metadata, labels, key=f"build:{folder}:{name}", sources=sources)
         stats = store.stats()
     log.info("index build: %s", stats)
     return stats

@@ -4,8 +4,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from corinfomax.serving.index.backend import VectorIndex
+from corinfomax.serving.index.catalog import CATALOG_FILE, DEFAULT, collection_doc
+
+if TYPE_CHECKING:  # the layouts import their backend's client library: only when one is opened
+    from corinfomax.serving.index.layout import Layout
 
 
 def is_milvus(location: str | Path) -> bool:
@@ -18,7 +23,18 @@ def open_index(location: str | Path, dim: int | None = None, model_sha256: str |
     """Open (or create, given ``dim``) the index at ``location``: a folder (SQLite + FAISS), a ``.db`` file
     (Milvus Lite) or ``milvus://host:port/collection`` (a Milvus server; token from CORINFOMAX_MILVUS_TOKEN).
 
-    Each backend's client library (FAISS, pymilvus) is imported only when that backend is opened."""
+    Opened to read (no ``dim``), a location whose ``default`` collection was re-embedded opens that collection's
+    live generation, the index the service answers from. Each backend's client library (FAISS, pymilvus) is
+    imported only when that backend is opened."""
+    if dim is None and _has_catalog(location):
+        layout = open_layout(location)
+        doc = collection_doc(layout.catalog, DEFAULT)
+        if doc.live != 1:
+            store = layout.open(DEFAULT, doc.live, doc.generations[doc.live], create=False)
+            if not is_milvus(location):
+                layout.close()  # the catalog's connection; a Milvus store keeps the layout's client until exit
+            return store
+        layout.close()
     if is_milvus(location):
         from corinfomax.serving.index.milvus import MilvusStore
 
@@ -26,3 +42,30 @@ def open_index(location: str | Path, dim: int | None = None, model_sha256: str |
     from corinfomax.serving.index.store import IndexStore
 
     return IndexStore(location, dim=dim, model_sha256=model_sha256)
+
+
+def _has_catalog(location: str | Path) -> bool:
+    if not is_milvus(location):
+        return (Path(location) / CATALOG_FILE).is_file()
+    if str(location).endswith(".db") and not Path(location).exists():
+        return False
+    from corinfomax.serving.index.milvus import open_client
+    from corinfomax.serving.index.milvus_schema import connection
+
+    client = open_client(str(location))
+    try:
+        return bool(client.has_collection(f"{connection(str(location))[2]}_catalog"))
+    finally:
+        client.close()
+
+
+def open_layout(location: str | Path) -> "Layout":
+    """The collections' layout at ``location`` (``CORINFOMAX_INDEX``-style): where each collection's generations,
+    originals and the catalog live (``serving.index.collections.Collections`` opens them)."""
+    if is_milvus(location):
+        from corinfomax.serving.index.milvus_layout import MilvusLayout
+
+        return MilvusLayout(str(location))
+    from corinfomax.serving.index.layout import FolderLayout
+
+    return FolderLayout(location)

@@ -15,94 +15,57 @@ Facts this module relies on, checked with milvus-lite 3.2 / pymilvus 3.0 (and th
   all stay below 2**63, like the service's ids. Ids of a deleted item are never handed out again.
 - Nullable scalar fields and ``IS NOT NULL`` filters work; ``id in [...]`` filters take int64 literals;
   string literals are JSON-style quoted (Lite does not support ``filter_params`` templates).
-- VARCHAR ``max_length`` is at most 65,535 on a server: thumbnails are stored base64-encoded, so the shared
-  thumbnail limit (``core.thumbnails.MAX_BYTES``) keeps their text under it.
 - Milvus Lite 3.x is a Python engine over FAISS and Parquet: it builds FLAT, HNSW, HNSW_SQ, IVF_FLAT,
   IVF_SQ8 and AUTOINDEX (= HNSW) per segment; IVF_PQ and DISKANN are accepted but not built. Each search
   also walks every stored row in Python (dedup and delete masks): p50 76 ms at 10k rows, 0.2-0.7 s at
   100k on a busy 2-core machine, so Lite is for tests and small collections, a server for scale.
-- A new collection gets HNSW (a server's operator may create the collection beforehand with another index:
-  it is kept as found).
+(What the collections it makes hold: ``milvus_schema``.)
 """
 
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import logging
 import os
-import re
-from typing import Any, Callable, Iterator, Sequence, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, Iterator, Sequence
 
 import numpy as np
-from pymilvus import DataType, MilvusClient, MilvusException
+from pymilvus import MilvusClient
 
 from corinfomax.core.errors import BadInput, NotFound
 from corinfomax.serving.index.backend import (
-    MAX_KEY_CHARS,
-    MAX_LABEL_CHARS,
     Hit,
     IndexMismatch,
-    IndexUnavailable,
     Item,
     Labelled,
+    StoredRow,
     check_answer_size,
     check_ids,
     check_k,
     check_key,
+    check_new_ids,
     check_rows,
+    check_sources,
     check_thumbnails,
     normalise,
+)
+from corinfomax.serving.index.milvus_schema import (
+    answers_503,
+    connection,
+    create_items,
+    create_table,
+    describe,
+    open_client,
+    quote,
 )
 
 log = logging.getLogger(__name__)
 
-DEFAULT_COLLECTION = "corinfomax"  # the collection inside a Milvus Lite .db file
-MODEL_PROPERTY = "corinfomax.model_sha256"
-HNSW = {"M": 16, "efConstruction": 200}
 EF_SEARCH = 128  # HNSW search width (at least k): recall@10 >= 0.95 on clustered 256-dim vectors
 READ_BATCH = 4096
-MAX_THUMBNAIL_CHARS = 65_535  # a server's VARCHAR limit
-# Labels and keys are limited in characters; Milvus may count VARCHAR length in UTF-8 bytes (up to 4 each).
-UTF8_MAX = 4
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
-
-
-def connection(location: str) -> tuple[str, str | None, str]:
-    """(pymilvus uri, token, collection) of a ``.db`` path or ``milvus://host:port/collection``."""
-    if not location.startswith("milvus://"):
-        return os.path.abspath(location), None, DEFAULT_COLLECTION
-    parts = urlsplit(location)
-    collection = parts.path.strip("/")
-    if not parts.hostname or not _NAME.fullmatch(collection):
-        raise BadInput(f"CORINFOMAX_INDEX={location!r}: give milvus://HOST:PORT/COLLECTION, the collection "
-                       "made of letters, digits and underscores")
-    return f"http://{parts.hostname}:{parts.port or 19530}", os.environ.get("CORINFOMAX_MILVUS_TOKEN") or None, \
-        collection
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _answers_503(method: F) -> F:
-    """A Milvus failure (server down, timeout) as IndexUnavailable: a 503 the client may retry, not a 500."""
-
-    @functools.wraps(method)
-    def wrapper(self: "MilvusStore", *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        except MilvusException as err:
-            raise IndexUnavailable(f"Milvus at {self.location} failed ({err.message}); retry the request (with the "
-                                   "same idempotency_key for a write)") from err
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _quote(text: str) -> str:
-    """A string literal for a Milvus filter expression."""
-    return json.dumps(text, ensure_ascii=False)
+PLACEHOLDER_KEY = "corinfomax:placeholder"  # the row inserted to read an auto_id collection's next id
+ROW_FIELDS = ["metadata", "label", "thumbnail", "write_key", "write_rows"]
 
 
 class MilvusStore:
@@ -117,90 +80,74 @@ class MilvusStore:
         model_sha256: the bundle's ``checkpoint_sha256``; a collection built by another model is refused.
     """
 
-    def __init__(self, location: str, dim: int | None = None, model_sha256: str | None = None) -> None:
+    def __init__(self, location: str, dim: int | None = None, model_sha256: str | None = None, *,
+                 collection: str | None = None, writes: str | None = None, client: MilvusClient | None = None,
+                 explicit_ids: bool = False) -> None:
+        """``collection``/``writes``: another item collection and keyed-deletes table at ``location`` than its own
+        (a generation of a named collection); ``client``: one already open there; ``explicit_ids``: a new collection
+        is numbered by the caller (``add_at``), not by Milvus."""
         self.location = location
-        uri, token, self.collection = connection(location)
-        self.writes = f"{self.collection}_writes"
+        uri, _, default = connection(location)
+        self.collection = collection or default
+        self.writes = writes or f"{self.collection}_writes"
         if location.endswith(".db") and not os.path.exists(uri) and dim is None:
             raise BadInput(f"{location} is not an index; give the embedding dim to create one")
-        try:
-            self._client = MilvusClient(uri=uri, token=token or "")
-        except MilvusException as err:
-            hint = " (a Milvus Lite .db file can be open in one process only)" if location.endswith(".db") else ""
-            raise BadInput(f"cannot open Milvus at {location}: {err.message}{hint}") from err
+        self._client = client or open_client(location)
+        self._owns_client = client is None
         if not self._client.has_collection(self.collection):
             if dim is None:
                 raise BadInput(f"{location} has no collection {self.collection!r}; give the embedding dim to create it")
-            self._create(int(dim), model_sha256)
+            create_items(self._client, self.collection, int(dim), model_sha256, explicit_ids)
         self._check(dim, model_sha256)
+        self._explicit_allowed = not self.auto_id
         for name in (self.collection, self.writes):
             self._client.load_collection(name)  # a no-op when loaded; needed after every restart
 
-    # -- schema ------------------------------------------------------------------------------------
-
-    def _create(self, dim: int, model_sha256: str | None) -> None:
-        schema = self._client.create_schema(auto_id=True)
-        schema.add_field("id", DataType.INT64, is_primary=True)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-        schema.add_field("metadata", DataType.JSON)
-        schema.add_field("label", DataType.VARCHAR, max_length=MAX_LABEL_CHARS * UTF8_MAX, nullable=True)
-        schema.add_field("thumbnail", DataType.VARCHAR, max_length=MAX_THUMBNAIL_CHARS, nullable=True)
-        # The idempotency key rides on the rows it wrote, with their number, so a keyed add cannot half-happen.
-        schema.add_field("write_key", DataType.VARCHAR, max_length=MAX_KEY_CHARS * UTF8_MAX, nullable=True)
-        schema.add_field("write_rows", DataType.INT64, nullable=True)
-        index = self._client.prepare_index_params()
-        index.add_index("vector", index_type="HNSW", metric_type="IP", params=HNSW)
-        index.add_index("write_key", index_type="INVERTED")
-        self._client.create_collection(self.collection, schema=schema, index_params=index,
-                                       consistency_level="Strong",
-                                       properties={MODEL_PROPERTY: model_sha256 or ""})
-        self._create_writes()
-
-    def _create_writes(self) -> None:
-        """Keyed deletes: key -> deleted ids. Milvus needs a vector field in every collection: a 2-dim dummy."""
-        if self._client.has_collection(self.writes):
-            return
-        schema = self._client.create_schema(auto_id=False)
-        schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=MAX_KEY_CHARS * UTF8_MAX)
-        schema.add_field("result", DataType.JSON)
-        schema.add_field("unused", DataType.FLOAT_VECTOR, dim=2)
-        index = self._client.prepare_index_params()
-        index.add_index("unused", index_type="FLAT", metric_type="L2")
-        self._client.create_collection(self.writes, schema=schema, index_params=index, consistency_level="Strong")
-
     def _check(self, dim: int | None, model_sha256: str | None) -> None:
-        described = self._client.describe_collection(self.collection)
-        fields = {field["name"]: field for field in described["fields"]}
-        missing = {"id", "vector", "metadata", "label", "thumbnail", "write_key", "write_rows"} - set(fields)
-        if missing:
-            raise IndexMismatch(f"collection {self.collection!r} at {self.location} is not a corinfomax index "
-                                f"(no field {', '.join(sorted(missing))}); use another collection")
-        self.dim = int(fields["vector"]["params"]["dim"])
-        self.model_sha256 = described.get("properties", {}).get(MODEL_PROPERTY) or None
+        described = describe(self._client, self.collection, self.location)
+        self.dim, self.model_sha256 = described.dim, described.model_sha256
+        self.auto_id, self.has_source = described.auto_id, described.has_source
         if dim is not None and int(dim) != self.dim:
             raise IndexMismatch(f"index {self.location} holds {self.dim}-dim vectors, the model makes {dim}-dim "
                                 "ones; use another collection or rebuild it with this model")
         if model_sha256 and self.model_sha256 and model_sha256 != self.model_sha256:
             raise IndexMismatch(f"index {self.location} was built with model {self.model_sha256[:12]}, not "
                                 f"{model_sha256[:12]}; its vectors are not comparable: use another collection")
-        self._create_writes()  # a collection made by an operator beforehand gets its writes table here
+        create_table(self._client, self.writes, "key", "result")  # an operator's collection gets its table here
 
     # -- writes ------------------------------------------------------------------------------------
 
-    @_answers_503
+    @answers_503
     def add(self, vectors: Any, metadata: Sequence[dict[str, Any]] | None = None,
             labels: Sequence[str | None] | None = None, thumbnails: Sequence[bytes | None] | None = None,
-            key: str | None = None) -> list[int]:
-        """Store vectors (L2-normalised here) with metadata, labels and thumbnails; their ids once in the WAL.
+            key: str | None = None, sources: Sequence[str | None] | None = None) -> list[int]:
+        """Store vectors (L2-normalised here) with metadata, labels, thumbnails and sources; their ids once in the
+        WAL.
 
         With a ``key`` that an earlier add stored on its rows, nothing is stored and those ids come back. The
         key and the number of rows are on every row of one insert request, so a retry finds all of them;
         should it find only part (a crash between two shards' WAL writes), it deletes that part and inserts
         the batch again.
         """
+        if not self.auto_id:
+            raise RuntimeError(f"collection {self.collection} is numbered by the service: add with ids (add_at)")
+        return self._insert(None, vectors, metadata, labels, thumbnails, key, sources)
+
+    @answers_503
+    def add_at(self, ids: Sequence[int], vectors: Any, metadata: Sequence[dict[str, Any]] | None = None,
+               labels: Sequence[str | None] | None = None, thumbnails: Sequence[bytes | None] | None = None,
+               key: str | None = None, sources: Sequence[str | None] | None = None) -> list[int]:
+        """``add`` with the ids given (another generation's, or the collection's allocator's)."""
+        return self._insert(ids, vectors, metadata, labels, thumbnails, key, sources)
+
+    def _insert(self, ids: Sequence[int] | None, vectors: Any, metadata: Sequence[dict[str, Any]] | None,
+                labels: Sequence[str | None] | None, thumbnails: Sequence[bytes | None] | None, key: str | None,
+                sources: Sequence[str | None] | None) -> list[int]:
         vectors = normalise(vectors, self.dim)
         rows = check_rows(vectors, metadata, labels)
         thumbs = check_thumbnails(thumbnails, len(rows))
+        origins = check_sources(sources, len(rows))
+        given = check_new_ids(ids, len(rows)) if ids is not None else None
         key = check_key(key)
         if key is not None:
             done, expected = self._keyed_rows(key)
@@ -214,17 +161,41 @@ class MilvusStore:
                      "thumbnail": base64.b64encode(thumb).decode() if thumb else None,
                      "write_key": key, "write_rows": len(rows) if key is not None else None}
                     for (vector, text, label), thumb in zip(rows, thumbs)]
+        return self._write(entities, given, origins)
+
+    def _write(self, entities: list[dict[str, Any]], ids: list[int] | None, sources: list[str | None]) -> list[int]:
+        """Insert ``entities`` (with ``ids`` when given, and their sources where the collection keeps them)."""
+        for i, entity in enumerate(entities):
+            if ids is not None:
+                entity["id"] = ids[i]
+            if self.has_source:
+                entity["source"] = sources[i]
+        if ids is not None and not self._explicit_allowed:  # a server refuses given ids in an auto_id collection
+            self._client.alter_collection_properties(self.collection, {"allow_insert_auto_id": "true"})
+            self._explicit_allowed = True
         answer = self._client.insert(self.collection, entities)
         return [int(i) for i in answer["ids"]]
+
+    @answers_503
+    def put_rows(self, rows: Sequence[StoredRow], vectors: np.ndarray) -> None:
+        """Insert copies of another generation's rows (ids absent here) with new vectors, keys included."""
+        if not rows:
+            return
+        vectors = normalise(vectors, self.dim)
+        entities = [{"vector": vector, "metadata": row.metadata, "label": row.label,
+                     "thumbnail": base64.b64encode(row.thumbnail).decode() if row.thumbnail else None,
+                     "write_key": row.carry.get("write_key"), "write_rows": row.carry.get("write_rows")}
+                    for row, vector in zip(rows, vectors)]
+        self._write(entities, [row.id for row in rows], [row.source for row in rows])
 
     def _keyed_rows(self, key: str) -> tuple[list[int], int]:
         """Ids of the rows an add with ``key`` wrote (one insert's ids ascend in input order), and how many it
         wrote."""
-        found = self._client.query(self.collection, filter=f"write_key == {_quote(key)}",
+        found = self._client.query(self.collection, filter=f"write_key == {quote(key)}",
                                    output_fields=["id", "write_rows"])
         return sorted(int(row["id"]) for row in found), max((int(row["write_rows"]) for row in found), default=0)
 
-    @_answers_503
+    @answers_503
     def delete(self, ids: Sequence[int], key: str | None = None) -> list[int]:
         """Delete items by id; all must exist (else NotFound and nothing is deleted). ``key``: as in ``add``.
 
@@ -246,6 +217,19 @@ class MilvusStore:
         self._client.delete(self.collection, ids=wanted)
         return wanted
 
+    @answers_503
+    def remove(self, ids: Sequence[int]) -> list[int]:
+        """Delete those of ``ids`` that exist here (a delete another generation took); return them."""
+        wanted = check_ids(ids)
+        present = [i for i in wanted if i in self._existing(wanted)]
+        if present:
+            self._client.delete(self.collection, ids=present)
+        return present
+
+    @answers_503
+    def existing(self, ids: Sequence[int]) -> set[int]:
+        return self._existing(list(ids))
+
     def _existing(self, ids: list[int]) -> set[int]:
         found: set[int] = set()
         for start in range(0, len(ids), READ_BATCH):
@@ -253,16 +237,36 @@ class MilvusStore:
             found.update(int(r["id"]) for r in self._client.get(self.collection, ids=chunk, output_fields=["id"]))
         return found
 
+    @answers_503
+    def next_id(self) -> int:
+        """Above every id this collection handed out: for an ``auto_id`` collection, read by inserting one
+        placeholder row and deleting it (Milvus keeps no readable counter; deleted ids may be above every stored
+        one); else above every stored id."""
+        if not self.auto_id:
+            ids = self.id_list()
+            return int(ids[-1]) + 1 if len(ids) else 1
+        self._sweep_placeholders()
+        answer = self._client.insert(self.collection, [{
+            "vector": [1.0] + [0.0] * (self.dim - 1), "metadata": {}, "write_key": PLACEHOLDER_KEY, "write_rows": 1}])
+        self._sweep_placeholders()
+        return int(answer["ids"][0]) + 1
+
+    def _sweep_placeholders(self) -> None:
+        found = self._client.query(self.collection, filter=f"write_key == {quote(PLACEHOLDER_KEY)}",
+                                   output_fields=["id"])
+        if found:
+            self._client.delete(self.collection, ids=[int(row["id"]) for row in found])
+
     # -- reads -------------------------------------------------------------------------------------
 
-    @_answers_503
+    @answers_503
     def count(self) -> int:
         return self._count("")
 
     def _count(self, condition: str) -> int:
         return int(self._client.query(self.collection, filter=condition, output_fields=["count(*)"])[0]["count(*)"])
 
-    @_answers_503
+    @answers_503
     def get(self, item_id: int) -> Item:
         (item_id,) = check_ids([item_id])
         rows = self._client.get(self.collection, ids=[item_id], output_fields=["vector", "metadata", "label"])
@@ -270,7 +274,7 @@ class MilvusStore:
             raise NotFound(f"no item with id {item_id}")
         return _item(rows[0])
 
-    @_answers_503
+    @answers_503
     def thumbnail(self, item_id: int) -> bytes:
         """The stored thumbnail of an item (NotFound if the item is unknown or was added without one)."""
         (item_id,) = check_ids([item_id])
@@ -281,7 +285,7 @@ class MilvusStore:
             raise NotFound(f"item {item_id} has no thumbnail (it was added as a vector, or with thumbnails off)")
         return base64.b64decode(rows[0]["thumbnail"])
 
-    @_answers_503
+    @answers_503
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
         """Stored unit vectors of ``ids`` (NotFound if any is unknown), float32 ``[N, D]``."""
         wanted = check_ids(ids)
@@ -292,7 +296,7 @@ class MilvusStore:
             raise NotFound(f"no item with id {', '.join(map(str, missing[:10]))}")
         return np.asarray([rows[i] for i in wanted], dtype=np.float32)
 
-    @_answers_503
+    @answers_503
     def search(self, queries: Any, k: int, labelled_only: bool = False) -> list[list[Hit]]:
         """Top-``k`` stored items by inner product of unit vectors, per query (fewer if the index is smaller)."""
         queries = normalise(queries, self.dim, "query vectors")
@@ -306,7 +310,7 @@ class MilvusStore:
         return [[Hit(int(hit["id"]), float(hit["distance"]), hit["entity"]["metadata"], hit["entity"]["label"])
                  for hit in row] for row in answer]
 
-    @_answers_503
+    @answers_503
     def labelled(self) -> Labelled:
         """All labelled items (for kNN classification)."""
         ids: list[int] = []
@@ -335,7 +339,37 @@ class MilvusStore:
         finally:
             iterator.close()
 
-    @_answers_503
+    @answers_503
+    def stored(self, ids: Sequence[int]) -> list[StoredRow]:
+        """The rows of those of ``ids`` that exist, in id order (for copying them into another generation)."""
+        wanted = check_ids(ids) if len(ids) else []
+        fields = ROW_FIELDS + (["source"] if self.has_source else [])
+        rows = [row for start in range(0, len(wanted), READ_BATCH)
+                for row in self._client.get(self.collection, ids=wanted[start : start + READ_BATCH],
+                                            output_fields=fields)]
+        return sorted((StoredRow(int(row["id"]), row["metadata"], row["label"],
+                                 base64.b64decode(row["thumbnail"]) if row["thumbnail"] else None, row.get("source"),
+                                 {"write_key": row["write_key"], "write_rows": row["write_rows"]}) for row in rows),
+                      key=lambda row: row.id)
+
+    @answers_503
+    def id_list(self) -> np.ndarray:
+        """Every id, ascending (Milvus returns no order: gathered, then sorted)."""
+        ids = [int(row["id"]) for batch in self._scan("", []) for row in batch]
+        return np.sort(np.asarray(ids, np.int64))
+
+    @answers_503
+    def sources(self) -> set[str]:
+        if not self.has_source:
+            return set()
+        return {row["source"] for batch in self._scan("source IS NOT NULL", ["source"]) for row in batch}
+
+    @answers_503
+    def references(self, source: str) -> bool:
+        return self.has_source and bool(self._client.query(self.collection, filter=f"source == {quote(source)}",
+                                                           output_fields=["id"], limit=1))
+
+    @answers_503
     def stats(self) -> dict[str, Any]:
         """Size and state of the index, for `info`, `/metrics` and the CLI (the keys of IndexStore's that apply)."""
         index = self._client.describe_index(self.collection, "vector")
@@ -351,8 +385,13 @@ class MilvusStore:
             "recall_at_10": None,  # Milvus does not measure it; bench/ does
         }
 
+    def drop(self) -> None:
+        """Delete this item collection (a generation no longer wanted; its keyed-deletes table is the collection's)."""
+        self._client.drop_collection(self.collection)
+
     def close(self) -> None:
-        self._client.close()
+        if self._owns_client:
+            self._client.close()
 
     def __enter__(self) -> "MilvusStore":
         return self

@@ -25,10 +25,13 @@ from corinfomax.serving.index.backend import (
     IndexMismatch,
     Item,
     Labelled,
+    StoredRow,
     check_ids,
     check_k,
     check_key,
+    check_new_ids,
     check_rows,
+    check_sources,
     check_thumbnails,
     normalise,
 )
@@ -89,41 +92,71 @@ class IndexStore:
         labels: Sequence[str | None] | None = None,
         thumbnails: Sequence[bytes | None] | None = None,
         key: str | None = None,
+        sources: Sequence[str | None] | None = None,
     ) -> list[int]:
-        """Store vectors (L2-normalised here) with metadata, labels and thumbnails (encoded images, e.g.
-        ``core.thumbnails.make_thumbnail``); return their new ids once committed, thumbnails in the same commit.
+        """Store vectors (L2-normalised here) with metadata, labels, thumbnails (encoded images, e.g.
+        ``core.thumbnails.make_thumbnail``) and sources; return their new ids once committed, all in one commit.
 
         With an idempotency ``key`` already used by a committed write, nothing is stored and that write's
         ids come back, so a client (or the service's internal hop) can retry a write it lost the answer to.
         """
+        return self._add(None, vectors, metadata, labels, thumbnails, key, sources)
+
+    def add_at(self, ids: Sequence[int], vectors: Any, metadata: Sequence[dict[str, Any]] | None = None,
+               labels: Sequence[str | None] | None = None, thumbnails: Sequence[bytes | None] | None = None,
+               key: str | None = None, sources: Sequence[str | None] | None = None) -> list[int]:
+        """``add`` with the ids given (another generation's); the sequence follows them."""
+        return self._add(ids, vectors, metadata, labels, thumbnails, key, sources)
+
+    def _add(self, ids: Sequence[int] | None, vectors: Any, metadata: Sequence[dict[str, Any]] | None,
+             labels: Sequence[str | None] | None, thumbnails: Sequence[bytes | None] | None, key: str | None,
+             sources: Sequence[str | None] | None) -> list[int]:
         vectors = normalise(vectors, self.dim)
         rows = _rows(vectors, metadata, labels)
         thumbs = check_thumbnails(thumbnails, len(rows))
+        origins = check_sources(sources, len(rows))
+        given = check_new_ids(ids, len(rows)) if ids is not None else None
         key = check_key(key)
         with self._lock:
             with self._db.write():
                 done = self._db.done(key)
                 if done is not None:
                     return list(done)
-                ids = self._db.insert(rows)
-                self._db.insert_thumbnails(ids, thumbs)
-                self._db.remember(key, ids)
+                if given is None:
+                    new = self._db.insert(rows, origins)
+                else:
+                    taken = self._db.existing(given)
+                    if taken:
+                        raise BadInput(f"ids {sorted(taken)[:10]} are taken in index {self.folder}")
+                    new = given
+                    self._db.insert_at(new, rows, origins)
+                self._db.insert_thumbnails(new, thumbs)
+                self._db.remember(key, new)
                 generation = self._db.bump()
-            self._cache.after_write(generation, lambda index: index.add_with_ids(vectors, np.asarray(ids, np.int64)))
-        return ids
+            self._cache.after_write(generation, lambda index: index.add_with_ids(vectors, np.asarray(new, np.int64)))
+        return new
 
-    def add_many(self, batches: Iterable[tuple[Any, Sequence[dict] | None, Sequence[str | None] | None]],
-                 rebuild: bool = True) -> int:
+    def put_rows(self, rows: Sequence[StoredRow], vectors: np.ndarray) -> None:
+        """Insert copies of another generation's rows (their ids, absent here) with new vectors."""
+        if not rows:
+            return
+        self.add_at([row.id for row in rows], vectors, [row.metadata for row in rows], [row.label for row in rows],
+                    [row.thumbnail for row in rows], sources=[row.source for row in rows])
+
+    def add_many(self, batches: Iterable[tuple[Any, ...]], rebuild: bool = True) -> int:
         """Bulk path for `corinfomax index build`: one SQLite commit per batch, then one FAISS rebuild.
 
-        Each batch is ``(vectors [n, D], metadata or None, labels or None)``. Returns the rows added.
+        Each batch is ``(vectors [n, D], metadata or None, labels or None[, sources or None])``. Returns the rows
+        added.
         """
         total = 0
         with self._lock:
-            for vectors, metadata, labels in batches:
+            for batch in batches:  # a fourth element: the batch's sources, when it has them
+                vectors, metadata, labels = batch[:3]
+                sources = batch[3] if len(batch) > 3 else None
                 rows = _rows(normalise(vectors, self.dim), metadata, labels)
                 with self._db.write():
-                    self._db.insert(rows)
+                    self._db.insert(rows, check_sources(sources, len(rows)))
                     self._db.bump()
                 total += len(rows)
             self._cache.forget()
@@ -149,6 +182,35 @@ class IndexStore:
                 generation = self._db.bump()
             self._cache.after_write(generation, lambda index: self._cache.remove(index, wanted))
         return wanted
+
+    def remove(self, ids: Sequence[int]) -> list[int]:
+        """Delete those of ``ids`` that exist here (a delete the collection's live generation took); return them."""
+        wanted = check_ids(ids)
+        with self._lock:
+            with self._db.write():
+                present = [i for i in wanted if i in self._db.existing(wanted)]
+                if not present:
+                    return []
+                self._db.delete(present)
+                generation = self._db.bump()
+            self._cache.after_write(generation, lambda index: self._cache.remove(index, present))
+        return present
+
+    def next_id(self) -> int:
+        """The id the next add gets (above every id this generation handed out or was given)."""
+        with self._lock:
+            return self._db.next_id()
+
+    def reserve_ids(self, floor: int) -> None:
+        """Make every id this generation hands out from now on at least ``floor``."""
+        with self._lock, self._db.write():
+            self._db.reserve(floor)
+
+    def take_keys(self, other: "IndexStore") -> None:
+        """Remember ``other``'s idempotency keys too: a write retried after a switch is still answered once."""
+        keys = other._db.keys()
+        with self._lock, self._db.write():
+            self._db.put_keys(keys)
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -188,6 +250,24 @@ class IndexStore:
             last = rows[-1][0]
             yield [(Item(i, np.frombuffer(v, np.float32).copy(), json.loads(m), label),
                     bytes(image) if image is not None else None) for i, v, m, label, image in rows]
+
+    def stored(self, ids: Sequence[int]) -> list[StoredRow]:
+        """The rows of those of ``ids`` that exist, in id order (for copying them into another generation)."""
+        rows = self._db.stored(sorted(set(check_ids(ids)))) if len(ids) else []
+        return sorted((StoredRow(i, json.loads(meta), label, bytes(image) if image is not None else None, source, {})
+                       for i, meta, label, image, source in rows), key=lambda row: row.id)
+
+    def id_list(self) -> np.ndarray:
+        return self._db.id_list()
+
+    def existing(self, ids: Sequence[int]) -> set[int]:
+        return self._db.existing(list(ids)) if len(ids) else set()
+
+    def sources(self) -> set[str]:
+        return self._db.sources()
+
+    def references(self, source: str) -> bool:
+        return self._db.references(source)
 
     def labelled(self) -> Labelled:
         """All labelled items (for kNN classification), cached until the next write."""

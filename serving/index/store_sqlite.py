@@ -1,5 +1,8 @@
 """The embedded index's source of truth: one SQLite file (WAL) of items, thumbnails, idempotency keys and info.
 
+An item's ``source`` says where its image can be read again (``sha256:<hex>`` in the collection's originals store,
+``file:<path>``, or NULL for an item added as a vector): a column added to older files when they are opened.
+
 Every statement the embedded backend runs is here, so the schema and the queries change together. One
 connection is shared by the store's threads under one re-entrant lock; writes run inside ``write()``
 (``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on error), reads take the lock for their statement.
@@ -39,6 +42,9 @@ CREATE TABLE IF NOT EXISTS thumbnails (id INTEGER PRIMARY KEY, image BLOB NOT NU
 CREATE TABLE IF NOT EXISTS writes (key TEXT PRIMARY KEY, result TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS writes_created ON writes(created_at);
 """
+# Added to files made before items had a source; indexed, so "is this original still used?" is one lookup.
+_SOURCE_COLUMN = "ALTER TABLE items ADD COLUMN source TEXT NULL"
+_SOURCE_INDEX = "CREATE INDEX IF NOT EXISTS items_source ON items(source) WHERE source IS NOT NULL"
 
 
 class Database:
@@ -60,6 +66,9 @@ class Database:
             for statement in _SCHEMA.strip().split(";"):
                 if statement.strip():
                     self._db.execute(statement)
+            if "source" not in {row[1] for row in self._db.execute("PRAGMA table_info(items)")}:
+                self._db.execute(_SOURCE_COLUMN)
+            self._db.execute(_SOURCE_INDEX)
             info = dict(self._db.execute("SELECT key, value FROM info").fetchall())
             if "embedding_dim" not in info:
                 if dim is None:
@@ -101,17 +110,33 @@ class Database:
 
     # -- writes (inside ``write()``) ----------------------------------------------------------------
 
-    def insert(self, rows: list[Row]) -> list[int]:
+    def insert(self, rows: list[Row], sources: Sequence[str | None] | None = None) -> list[int]:
         """Insert with explicit consecutive ids (AUTOINCREMENT never reuses a deleted id)."""
-        seq = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='items'").fetchone()
-        start = (seq[0] if seq else 0) + 1
-        now = time.time()
+        start = self.next_id()
         ids = list(range(start, start + len(rows)))
-        self._db.executemany(
-            "INSERT INTO items(id, vector, metadata, label, created_at) VALUES (?, ?, ?, ?, ?)",
-            [(i, v, m, lab, now) for i, (v, m, lab) in zip(ids, rows)],
-        )
+        self.insert_at(ids, rows, sources)
         return ids
+
+    def insert_at(self, ids: Sequence[int], rows: list[Row], sources: Sequence[str | None] | None = None) -> None:
+        """Insert with the given ids (another generation's): the sequence follows them, so none is handed out again."""
+        now = time.time()
+        sources = list(sources) if sources is not None else [None] * len(rows)
+        self._db.executemany(
+            "INSERT INTO items(id, vector, metadata, label, created_at, source) VALUES (?, ?, ?, ?, ?, ?)",
+            [(i, v, m, lab, now, src) for i, (v, m, lab), src in zip(ids, rows, sources)],
+        )
+
+    def next_id(self) -> int:
+        """The id the next insert gets: above every id this file ever handed out."""
+        seq = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='items'").fetchone()
+        return (seq[0] if seq else 0) + 1
+
+    def reserve(self, floor: int) -> None:
+        """Make the next id at least ``floor`` (inside ``write()``): ids another generation handed out stay used."""
+        if self.next_id() >= floor:
+            return
+        if self._db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name='items'", (floor - 1,)).rowcount == 0:
+            self._db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('items', ?)", (floor - 1,))
 
     def insert_thumbnails(self, ids: Iterable[int], thumbnails: Iterable[bytes | None]) -> None:
         self._db.executemany("INSERT INTO thumbnails(id, image) VALUES (?, ?)",
@@ -136,6 +161,14 @@ class Database:
         self._db.execute("DELETE FROM writes WHERE created_at < ?", (now - KEY_TTL_S,))
         self._db.execute("INSERT INTO writes(key, result, created_at) VALUES (?, ?, ?)",
                          (key, json.dumps(result), now))
+
+    def keys(self) -> list[tuple[str, str, float]]:
+        """Every remembered idempotency key (key, result JSON, created_at)."""
+        return self.rows("SELECT key, result, created_at FROM writes")
+
+    def put_keys(self, keys: list[tuple[str, str, float]]) -> None:
+        """Remember another generation's keys (inside ``write()``), keeping any this file has already."""
+        self._db.executemany("INSERT OR IGNORE INTO writes(key, result, created_at) VALUES (?, ?, ?)", keys)
 
     # -- reads --------------------------------------------------------------------------------------
 
@@ -170,6 +203,25 @@ class Database:
         """Up to ``batch`` items with ids above ``last``, in id order, each with its thumbnail (or None)."""
         return self.rows("SELECT items.id, vector, metadata, label, image FROM items LEFT JOIN thumbnails USING (id) "
                          "WHERE items.id > ? ORDER BY items.id LIMIT ?", (last, batch))
+
+    def stored(self, ids: list[int]) -> list[tuple[int, str, str | None, bytes | None, str | None]]:
+        """(id, metadata text, label, thumbnail, source) of those of ``ids`` that exist."""
+        out = []
+        for chunk in _chunks(ids, 900):
+            marks = ",".join("?" * len(chunk))
+            out += self.rows(f"SELECT items.id, metadata, label, image, source FROM items LEFT JOIN thumbnails "
+                             f"USING (id) WHERE items.id IN ({marks})", chunk)
+        return out
+
+    def id_list(self) -> np.ndarray:
+        """Every id, ascending."""
+        return np.asarray([r[0] for r in self.rows("SELECT id FROM items ORDER BY id")], np.int64)
+
+    def sources(self) -> set[str]:
+        return {r[0] for r in self.rows("SELECT DISTINCT source FROM items WHERE source IS NOT NULL")}
+
+    def references(self, source: str) -> bool:
+        return bool(self.rows("SELECT 1 FROM items WHERE source = ? LIMIT 1", (source,)))
 
     def labelled(self) -> list[tuple[int, bytes, str]]:
         """(id, vector bytes, label) of every labelled item, in id order."""

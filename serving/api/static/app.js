@@ -4,7 +4,11 @@
 
 const $ = (id) => document.getElementById(id);
 const KEY = "corinfomax-api-key";
-const thumbnails = new Map(); // id -> object URL, so a thumbnail is fetched once per page
+const thumbnails = new Map(); // collection/id -> object URL, so a thumbnail is fetched once per page
+
+function collection() {
+  return $("collection").value || "default";
+}
 
 function headers() {
   const key = $("key").value.trim();
@@ -44,9 +48,23 @@ function fill(dl, rows) {
 
 const percent = (x) => (x === undefined || x === null ? undefined : `${(100 * x).toFixed(1)}%`);
 
+async function loadCollections() {
+  const chosen = collection();
+  const { collections } = await api("/collections", {});
+  $("collection").replaceChildren(...collections.map((c) => {
+    const option = document.createElement("option");
+    option.value = c.name;
+    option.textContent = `${c.name} (${c.model} ${c.version}, ${c.count} items)`;
+    return option;
+  }));
+  $("collection").value = collections.some((c) => c.name === chosen) ? chosen : "default";
+}
+
 async function loadInfo() {
   try {
-    const [info, stats] = await Promise.all([api("/info", {}), api("/stats", {})]);
+    await loadCollections();
+    const which = { collection: collection() };
+    const [info, stats] = await Promise.all([api("/info", which), api("/stats", which)]);
     const m = info.model;
     const training = m.training || {};
     const results = (m.evaluation && m.evaluation.results) || {};
@@ -74,12 +92,14 @@ async function loadInfo() {
 }
 
 async function thumbnailUrl(id) {
-  if (!thumbnails.has(id)) {
-    const response = await fetch(`/thumbnails/${id}`, { headers: headers() });
+  const name = collection();
+  const key = `${name}/${id}`;
+  if (!thumbnails.has(key)) {
+    const response = await fetch(`/thumbnails/${id}?collection=${encodeURIComponent(name)}`, { headers: headers() });
     if (!response.ok) return null; // e.g. an item added as a vector: no thumbnail
-    thumbnails.set(id, URL.createObjectURL(await response.blob()));
+    thumbnails.set(key, URL.createObjectURL(await response.blob()));
   }
-  return thumbnails.get(id);
+  return thumbnails.get(key);
 }
 
 function showResults(hits, title) {
@@ -140,6 +160,7 @@ async function run(label, search, classify) {
 function form(file, extra) {
   const body = new FormData();
   body.append("images", file);
+  body.append("collection", JSON.stringify(collection()));
   for (const [name, value] of Object.entries(extra)) body.append(name, value);
   return body;
 }
@@ -153,12 +174,14 @@ function searchByFile(file) {
 function searchByUrl(url) {
   $("preview").src = url;
   $("preview").hidden = false;
-  run(url, api("/search", { urls: [url], k: k() }), api("/classify", { urls: [url], k: 5 }).catch(() => null));
+  const c = collection();
+  run(url, api("/search", { urls: [url], k: k(), collection: c }),
+    api("/classify", { urls: [url], k: 5, collection: c }).catch(() => null));
 }
 
 function searchById(id) {
   thumbnailUrl(id).then((url) => { $("preview").src = url || ""; $("preview").hidden = !url; });
-  run(`item #${id}`, api("/search", { ids: [id], k: k() }), Promise.resolve(null));
+  run(`item #${id}`, api("/search", { ids: [id], k: k(), collection: collection() }), Promise.resolve(null));
 }
 
 function setUp() {
@@ -166,6 +189,11 @@ function setUp() {
   $("key").addEventListener("change", () => {
     sessionStorage.setItem(KEY, $("key").value.trim());
     thumbnails.clear();
+    loadInfo();
+  });
+  $("collection").addEventListener("change", () => {
+    $("results").replaceChildren();
+    $("results-title").textContent = "Nearest neighbours";
     loadInfo();
   });
   $("file").addEventListener("change", () => { if ($("file").files[0]) searchByFile($("file").files[0]); });

@@ -1,0 +1,161 @@
+"""The Milvus collections the service makes (docs/FORMATS.md section 5b): where a location points and a client
+for it, the item collection's schema and indexes, the keyed-deletes and catalog tables, what an existing
+collection holds, and how a Milvus failure reaches a client (503). ``milvus.MilvusStore`` (one item collection)
+and ``milvus_catalog`` (the catalog) build on it.
+
+Facts it relies on (milvus-lite 3.2 / pymilvus 3.0, and the Milvus docs for servers):
+- VARCHAR ``max_length`` is at most 65,535 on a server: thumbnails are stored base64-encoded, so the shared
+  thumbnail limit (``core.thumbnails.MAX_BYTES``) keeps their text under it.
+- A new collection gets HNSW (a server's operator may create the collection beforehand with another index:
+  it is kept as found).
+- Milvus Lite takes rows with ids given even in an ``auto_id`` collection and keeps counting its own ids from
+  where it was (so the service numbers a collection's items itself once it has had a second generation); a
+  server needs the collection property ``allow_insert_auto_id`` for that, set when it happens.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+from urllib.parse import urlsplit
+
+from pymilvus import DataType, MilvusClient, MilvusException
+
+from corinfomax.core.errors import BadInput
+from corinfomax.serving.index.backend import (
+    MAX_KEY_CHARS,
+    MAX_LABEL_CHARS,
+    MAX_SOURCE_CHARS,
+    IndexMismatch,
+    IndexUnavailable,
+)
+
+DEFAULT_COLLECTION = "corinfomax"  # the collection inside a Milvus Lite .db file
+MODEL_PROPERTY = "corinfomax.model_sha256"
+HNSW = {"M": 16, "efConstruction": 200}
+MAX_THUMBNAIL_CHARS = 65_535  # a server's VARCHAR limit
+# Labels and keys are limited in characters; Milvus may count VARCHAR length in UTF-8 bytes (up to 4 each).
+UTF8_MAX = 4
+MAX_NAME_CHARS = 255  # Milvus' limit on a collection or alias name
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+ITEM_FIELDS = {"id", "vector", "metadata", "label", "thumbnail", "write_key", "write_rows"}
+
+
+def connection(location: str) -> tuple[str, str | None, str]:
+    """(pymilvus uri, token, collection) of a ``.db`` path or ``milvus://host:port/collection``."""
+    if not location.startswith("milvus://"):
+        return os.path.abspath(location), None, DEFAULT_COLLECTION
+    parts = urlsplit(location)
+    collection = parts.path.strip("/")
+    if not parts.hostname or not NAME.fullmatch(collection):
+        raise BadInput(f"CORINFOMAX_INDEX={location!r}: give milvus://HOST:PORT/COLLECTION, the collection "
+                       "made of letters, digits and underscores")
+    return f"http://{parts.hostname}:{parts.port or 19530}", os.environ.get("CORINFOMAX_MILVUS_TOKEN") or None, \
+        collection
+
+
+def open_client(location: str) -> MilvusClient:
+    """A client for ``location`` (one per process for a Milvus Lite file)."""
+    uri, token, _ = connection(location)
+    try:
+        return MilvusClient(uri=uri, token=token or "")
+    except MilvusException as err:
+        hint = " (a Milvus Lite .db file can be open in one process only)" if location.endswith(".db") else ""
+        raise BadInput(f"cannot open Milvus at {location}: {err.message}{hint}") from err
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def answers_503(method: F) -> F:
+    """A Milvus failure (server down, timeout) as IndexUnavailable: a 503 the client may retry, not a 500."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except MilvusException as err:
+            raise IndexUnavailable(f"Milvus at {self.location} failed ({err.message}); retry the request (with the "
+                                   "same idempotency_key for a write)") from err
+
+    return wrapper  # type: ignore[return-value]
+
+
+def quote(text: str) -> str:
+    """A string literal for a Milvus filter expression."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def create_indexes(client: MilvusClient, collection: str, index: Any) -> None:
+    """Create ``collection``'s indexes and load it, without pymilvus' wait for each index to be built.
+
+    ``create_collection(..., index_params=...)`` polls every index's state after a fixed 0.5 s sleep, once per
+    index: ~1 s per new collection, ~19 s of the quick test lane. On a new, empty collection there is nothing
+    to build, and ``load_collection`` still waits until the collection is loaded (searchable) before it returns.
+    """
+    client.create_index(collection, index, sync=False)
+    client.load_collection(collection)
+
+
+def create_items(client: MilvusClient, name: str, dim: int, model_sha256: str | None, explicit_ids: bool) -> None:
+    """An item collection: Milvus numbers the items (``auto_id``) unless ``explicit_ids`` (a generation of a named
+    collection, numbered by the service so every generation of it shares the ids)."""
+    schema = client.create_schema(auto_id=not explicit_ids)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("metadata", DataType.JSON)
+    schema.add_field("label", DataType.VARCHAR, max_length=MAX_LABEL_CHARS * UTF8_MAX, nullable=True)
+    schema.add_field("thumbnail", DataType.VARCHAR, max_length=MAX_THUMBNAIL_CHARS, nullable=True)
+    # The idempotency key rides on the rows it wrote, with their number, so a keyed add cannot half-happen.
+    schema.add_field("write_key", DataType.VARCHAR, max_length=MAX_KEY_CHARS * UTF8_MAX, nullable=True)
+    schema.add_field("write_rows", DataType.INT64, nullable=True)
+    schema.add_field("source", DataType.VARCHAR, max_length=MAX_SOURCE_CHARS * UTF8_MAX, nullable=True)
+    index = client.prepare_index_params()
+    index.add_index("vector", index_type="HNSW", metric_type="IP", params=HNSW)
+    index.add_index("write_key", index_type="INVERTED")
+    index.add_index("source", index_type="INVERTED")
+    client.create_collection(name, schema=schema, consistency_level="Strong",
+                             properties={MODEL_PROPERTY: model_sha256 or ""})
+    create_indexes(client, name, index)
+
+
+def create_table(client: MilvusClient, name: str, key: str, value: str) -> None:
+    """A key -> JSON table (keyed deletes, the catalog). Milvus needs a vector field in every collection: a 2-dim
+    dummy."""
+    if client.has_collection(name):
+        return
+    schema = client.create_schema(auto_id=False)
+    schema.add_field(key, DataType.VARCHAR, is_primary=True, max_length=MAX_KEY_CHARS * UTF8_MAX)
+    schema.add_field(value, DataType.JSON)
+    schema.add_field("unused", DataType.FLOAT_VECTOR, dim=2)
+    index = client.prepare_index_params()
+    index.add_index("unused", index_type="FLAT", metric_type="L2")
+    client.create_collection(name, schema=schema, consistency_level="Strong")
+    create_indexes(client, name, index)
+
+
+@dataclass(frozen=True)
+class Described:
+    """What an existing item collection holds."""
+
+    dim: int
+    model_sha256: str | None
+    auto_id: bool  # Milvus numbers its items
+    has_source: bool  # made before items had a source: its items have none
+
+
+def describe(client: MilvusClient, name: str, location: str) -> Described:
+    """Read an item collection's schema; refuse one that is not a corinfomax index."""
+    described = client.describe_collection(name)
+    fields = {field["name"]: field for field in described["fields"]}
+    missing = ITEM_FIELDS - set(fields)
+    if missing:
+        raise IndexMismatch(f"collection {name!r} at {location} is not a corinfomax index "
+                            f"(no field {', '.join(sorted(missing))}); use another collection")
+    return Described(int(fields["vector"]["params"]["dim"]),
+                     described.get("properties", {}).get(MODEL_PROPERTY) or None,
+                     bool(described.get("auto_id", True)), "source" in fields)
