@@ -33,7 +33,7 @@ from corinfomax.serving.api.envelope import call, http_errors, unwrap
 from corinfomax.serving.api.http import GuardMiddleware, JsonErrors
 from corinfomax.serving.api.index_owner import IndexOwner
 from corinfomax.serving.api.inputs import ImageInputs
-from corinfomax.serving.api.metrics import observe_batch
+from corinfomax.serving.api.metrics import StageTimer, model_wait, observe_batch
 from corinfomax.serving.embedder import Embedder
 from corinfomax.serving.index.backend import MAX_K, check_k, check_key, check_metadata, normalise
 
@@ -60,7 +60,7 @@ class CorInfoMax:
         self.inputs = ImageInputs(self.embedder, SETTINGS)
         bentoml_patches.keep_one_session(self.index)
         self.batcher = MicroBatcher(self.embedder.embed_arrays, SETTINGS.batch_size, SETTINGS.batch_wait_ms,
-                                    on_batch=observe_batch)
+                                    on_batch=observe_batch, on_request=model_wait)
         probe_path = SETTINGS.probe_path(self.bundle)
         self.probe = LinearProbe.load(probe_path) if probe_path else None
         if self.probe is not None and self.probe.dim != self.dim:
@@ -71,12 +71,13 @@ class CorInfoMax:
     @bentoml.on_shutdown
     def close(self) -> None:
         self.batcher.close()
+        self.inputs.close()
 
     # -- helpers ----------------------------------------------------------------------------------
 
     async def _embed(self, raw: list[bytes]) -> np.ndarray:
-        # Decoding in a thread keeps the event loop free; the model call is shared with concurrent requests.
-        return await self.batcher(await asyncio.to_thread(self.inputs.pixels, raw))
+        # Decoding (inline or in parallel parts: inputs.py); the model call is shared with concurrent requests.
+        return await self.batcher(await self.inputs.pixels(raw))
 
     async def _embed_request(self, images: Optional[list[Path]], urls: Optional[list[str]],
                              images_b64: Optional[list[str]]) -> np.ndarray:
@@ -218,3 +219,5 @@ CorInfoMax.add_asgi_middleware(web.FrontDoor)  # outermost: the redirect from / 
 CorInfoMax.add_asgi_middleware(JsonErrors)  # outside the guard: it also reshapes the guard's answers
 CorInfoMax.add_asgi_middleware(GuardMiddleware, api_key=SETTINGS.api_key, max_bytes=SETTINGS.max_request_bytes,
                                body_seconds=SETTINGS.body_seconds)
+ROUTES = {f"/{name}": name for name in CorInfoMax.apis}
+CorInfoMax.add_asgi_middleware(StageTimer, routes=ROUTES)  # stage metrics (metrics.py)
