@@ -26,6 +26,7 @@ import numpy as np
 
 from corinfomax.core.errors import BadInput
 from corinfomax.serving.api import bentoml_patches, limits, web
+from corinfomax.serving.api.admission import AdmissionGate
 from corinfomax.serving.api.batcher import MicroBatcher
 from corinfomax.serving.api.classify import knn_vote, probe_predictions
 from corinfomax.serving.api.config import settings
@@ -210,7 +211,7 @@ class CorInfoMax:
                 "limits": {"max_images": SETTINGS.max_images, "max_request_bytes": SETTINGS.max_request_bytes,
                            "body_timeout_s": SETTINGS.body_seconds,
                            "max_pixels": SETTINGS.max_pixels, "max_request_pixels": SETTINGS.max_request_pixels,
-                           "max_k": MAX_K, **limits.PUBLIC}}
+                           "max_k": MAX_K, "max_queue_ms": SETTINGS.max_queue_ms, **limits.PUBLIC}}
 
 
 web.mount(CorInfoMax)
@@ -220,4 +221,5 @@ CorInfoMax.add_asgi_middleware(JsonErrors)  # outside the guard: it also reshape
 CorInfoMax.add_asgi_middleware(GuardMiddleware, api_key=SETTINGS.api_key, max_bytes=SETTINGS.max_request_bytes,
                                body_seconds=SETTINGS.body_seconds)
 ROUTES = {f"/{name}": name for name in CorInfoMax.apis}
+CorInfoMax.add_asgi_middleware(AdmissionGate, routes=ROUTES, max_wait_ms=SETTINGS.max_queue_ms)  # 503 when overloaded
 CorInfoMax.add_asgi_middleware(StageTimer, routes=ROUTES)  # stage metrics (metrics.py)
