@@ -16,7 +16,7 @@ import binascii
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -53,14 +53,15 @@ class ImageInputs:
         self.decoders = decoders or os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(self.decoders, thread_name_prefix="decode")
 
-    async def collect(self, images: Optional[list[Path]], urls: Optional[list[str]],
+    async def collect(self, images: Optional[Sequence[Path | bytes]], urls: Optional[list[str]],
                       images_b64: Optional[list[str]]) -> list[bytes]:
-        """Raw bytes from the three ways an image can arrive; the count is checked before any work."""
+        """Raw bytes from the three ways an image can arrive; the count is checked before any work. Uploaded
+        files come as their bytes (``direct``) or as paths of BentoML's temporary files."""
         settings = self.settings
         count = len(images or []) + len(urls or []) + len(images_b64 or [])
         if count > settings.max_images:
             raise BadInput(f"{count} images in one request; the limit is {settings.max_images}")
-        raw = [Path(p).read_bytes() for p in images or []]
+        raw = [p if isinstance(p, bytes) else Path(p).read_bytes() for p in images or []]
         raw += [decode_b64(text, i) for i, text in enumerate(images_b64 or [])]
         max_bytes = settings.max_request_bytes
         raw += await asyncio.gather(*(fetch_url(str(u), max_bytes, allow_private=settings.allow_private_urls)

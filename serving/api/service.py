@@ -30,6 +30,7 @@ from corinfomax.serving.api.admission import AdmissionGate
 from corinfomax.serving.api.batcher import MicroBatcher
 from corinfomax.serving.api.classify import knn_vote, probe_predictions
 from corinfomax.serving.api.config import settings
+from corinfomax.serving.api.direct import DirectApis
 from corinfomax.serving.api.envelope import call, http_errors, unwrap
 from corinfomax.serving.api.http import GuardMiddleware, JsonErrors
 from corinfomax.serving.api.index_owner import IndexOwner
@@ -223,3 +224,5 @@ CorInfoMax.add_asgi_middleware(GuardMiddleware, api_key=SETTINGS.api_key, max_by
 ROUTES = {f"/{name}": name for name in CorInfoMax.apis}
 CorInfoMax.add_asgi_middleware(AdmissionGate, routes=ROUTES, max_wait_ms=SETTINGS.max_queue_ms)  # 503 when overloaded
 CorInfoMax.add_asgi_middleware(StageTimer, routes=ROUTES)  # stage metrics (metrics.py)
+if SETTINGS.direct_apis:  # innermost: the APIs past BentoML's per-request machinery (direct.py)
+    CorInfoMax.add_asgi_middleware(DirectApis, service=CorInfoMax)
