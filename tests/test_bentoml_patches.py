@@ -242,3 +242,26 @@ def test_bentoml_serves_its_docs_page_at_the_root() -> None:
     assert {"index_page", "openapi_spec_view"} <= code_names(ServiceAppFactory.__call__)
     page = (Path(inspect.getfile(ServiceAppFactory)).parent / "main-openapi.html").read_text()
     assert "./static_content/swagger-initializer.js" in page
+
+
+def test_route_calls() -> None:
+    """The dependency proxy's calls reach the route (the index channel), BentoML's own call as its fallback."""
+    from _bentoml_impl.client import RemoteProxy
+    from _bentoml_impl.client.base import AbstractClient, ClientEndpoint
+
+    assert "call" in code_names(AbstractClient._make_method), "BentoML's client methods no longer go through call"
+    proxy = RemoteProxy("http://127.0.0.1:9")  # no server: nothing is sent over HTTP here
+    routed: list[tuple[str, dict[str, Any], Any]] = []
+
+    async def route(name: str, kwargs: dict[str, Any], fallback: Any) -> Any:
+        routed.append((name, kwargs, fallback))
+        return {"ok": []}
+
+    bentoml_patches.route_calls(proxy, route)
+    bentoml_patches.route_calls(proxy, route)  # once only
+    client = proxy.to_async
+    client.endpoints["search"] = ClientEndpoint(name="search", route="/search")
+    search = client._make_method("search")  # what BentoML makes of each endpoint when it opens the proxy
+    assert asyncio.run(search(ids=[1], k=2)) == {"ok": []}
+    assert [(name, kwargs) for name, kwargs, _ in routed] == [("search", {"ids": [1], "k": 2})]
+    assert getattr(routed[0][2], "__self__", None) is client  # BentoML's own call, bound

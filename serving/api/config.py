@@ -110,6 +110,7 @@ class Settings:
     allow_private_urls: bool  # only for tests and closed networks
     access_log: bool  # BentoML's per-request access log line (CORINFOMAX_ACCESS_LOG=0 saves CPU per request)
     direct_apis: bool  # answer the APIs past BentoML's per-request machinery (direct.py; CORINFOMAX_DIRECT_APIS=0: not)
+    index_channel: bool  # call IndexOwner over a Unix socket of ours (channel.py; CORINFOMAX_INDEX_CHANNEL=0: not)
     demo_dir: Path | None  # images indexed on first start when the index is empty ("" disables)
     thumbnail_side: int  # side of the thumbnail stored with each added image, in pixels (0: none)
 
@@ -135,6 +136,7 @@ class Settings:
             allow_private_urls=os.environ.get("CORINFOMAX_ALLOW_PRIVATE_URLS") == "1",
             access_log=os.environ.get("CORINFOMAX_ACCESS_LOG", "1") != "0",
             direct_apis=os.environ.get("CORINFOMAX_DIRECT_APIS", "1") != "0",
+            index_channel=os.environ.get("CORINFOMAX_INDEX_CHANNEL", "1") != "0",
             demo_dir=_demo_dir(os.environ.get("CORINFOMAX_DEMO_DIR")),
             thumbnail_side=_thumbnail_side(_int("CORINFOMAX_THUMBNAIL_PX", DEFAULT_SIDE)),
         )

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse
 
 from corinfomax.core.errors import BadInput
 from corinfomax.serving.api import metrics
+from corinfomax.serving.api.channel import ChannelDropped
 
 log = logging.getLogger("corinfomax.service")
 
@@ -59,15 +60,16 @@ async def call(method: Callable[..., Awaitable[Any]], **kwargs: Any) -> Any:
     """
     import aiohttp
 
+    dropped = (aiohttp.ClientConnectionError, ChannelDropped)
     try:
         with metrics.timed("index"):
             return await method(**kwargs)
-    except aiohttp.ClientConnectionError as err:
+    except dropped as err:
         log.warning("retrying %s after %s", getattr(method, "__name__", method), type(err).__name__)
     try:
         with metrics.timed("index"):
             return await method(**kwargs)
-    except aiohttp.ClientConnectionError as err:
+    except dropped as err:
         raise Unavailable(f"the index service is unreachable ({type(err).__name__}); retry the request "
                           "(with the same idempotency_key for a write)") from err
 

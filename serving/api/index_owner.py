@@ -21,6 +21,7 @@ from corinfomax.core.bundle import read_card
 from corinfomax.core.errors import BadInput
 from corinfomax.core.images import walk_images
 from corinfomax.core.thumbnails import make_thumbnail
+from corinfomax.serving.api.channel import ChannelServer, socket_path
 from corinfomax.serving.api.config import settings
 from corinfomax.serving.api.envelope import envelope
 from corinfomax.serving.api.metrics import INDEX_ITEMS
@@ -76,6 +77,19 @@ class IndexOwner:
     @bentoml.on_shutdown
     def close(self) -> None:
         self.store.close()
+
+    @bentoml.on_startup
+    async def open_channel(self) -> None:
+        """The API's workers on this machine call this worker over a Unix socket (channel.py)."""
+        self.channel: Optional[ChannelServer] = None
+        if SETTINGS.index_channel:
+            path = socket_path(bentoml.server_context.worker_index or 1)
+            self.channel = await ChannelServer(self, IndexOwner, path).start()
+
+    @bentoml.on_shutdown
+    async def close_channel(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
 
     @bentoml.api
     @envelope

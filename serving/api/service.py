@@ -28,12 +28,13 @@ from corinfomax.core.errors import BadInput
 from corinfomax.serving.api import bentoml_patches, limits, web
 from corinfomax.serving.api.admission import AdmissionGate
 from corinfomax.serving.api.batcher import MicroBatcher
+from corinfomax.serving.api.channel import IndexChannel
 from corinfomax.serving.api.classify import knn_vote, probe_predictions
 from corinfomax.serving.api.config import settings
 from corinfomax.serving.api.direct import DirectApis
 from corinfomax.serving.api.envelope import call, http_errors, unwrap
 from corinfomax.serving.api.http import GuardMiddleware, JsonErrors
-from corinfomax.serving.api.index_owner import IndexOwner
+from corinfomax.serving.api.index_owner import IndexOwner, index_workers
 from corinfomax.serving.api.inputs import ImageInputs
 from corinfomax.serving.api.metrics import StageTimer, model_wait, observe_batch
 from corinfomax.serving.embedder import Embedder
@@ -61,6 +62,10 @@ class CorInfoMax:
         self.card, self.dim = self.embedder.card, self.embedder.dim
         self.inputs = ImageInputs(self.embedder, SETTINGS)
         bentoml_patches.keep_one_session(self.index)
+        if SETTINGS.index_channel:  # IndexOwner's calls over a Unix socket when it runs on this machine
+            channel = IndexChannel.for_worker(bentoml.server_context.worker_index or 1,
+                                              index_workers(SETTINGS.index, SETTINGS.workers))
+            bentoml_patches.route_calls(self.index, channel.call)
         self.batcher = MicroBatcher(self.embedder.embed_arrays, SETTINGS.batch_size, SETTINGS.batch_wait_ms,
                                     on_batch=observe_batch, on_request=model_wait)
         probe_path = SETTINGS.probe_path(self.bundle)
