@@ -72,7 +72,7 @@ async def _answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], by
 
 
 async def _load(url: str, shots: list[Shot], clients: int, seconds: float, timeout: float,
-                headers: dict[str, str]) -> LoadResult:
+                headers: dict[str, str], polite: bool) -> LoadResult:
     """The clients speak HTTP/1.1 over plain asyncio streams with requests encoded in advance: ~0.1 ms of CPU per
     request, where httpx took ~2 ms, which on a 2-core machine took CPU from the server it was measuring."""
     host = url.split("://", 1)[1].rstrip("/")
@@ -110,6 +110,8 @@ async def _load(url: str, shots: list[Shot], clients: int, seconds: float, timeo
             if answer_headers.get("connection", "").lower() == "close":
                 stream[1].close()
                 stream = None
+            if polite and status == 503 and answer_headers.get("retry-after", "").isdigit():
+                await asyncio.sleep(min(float(answer_headers["retry-after"]), deadline - loop.time()))
         if stream is not None:
             stream[1].close()
 
@@ -125,23 +127,25 @@ def _cpu_seconds() -> float:
 
 
 def _load_here(url: str, shots: list[Shot], clients: int, seconds: float, timeout: float,
-               headers: dict[str, str]) -> LoadResult:
+               headers: dict[str, str], polite: bool) -> LoadResult:
     cpu = _cpu_seconds()  # the child's imports are not the load's
     try:
         import uvloop  # the server's loop too; cheaper per request than asyncio's
 
-        result = uvloop.run(_load(url, shots, clients, seconds, timeout, headers))
+        result = uvloop.run(_load(url, shots, clients, seconds, timeout, headers, polite))
     except ImportError:
-        result = asyncio.run(_load(url, shots, clients, seconds, timeout, headers))
+        result = asyncio.run(_load(url, shots, clients, seconds, timeout, headers, polite))
     result.cpu_s = _cpu_seconds() - cpu
     return result
 
 
 def run_load(url: str, shots: list[Shot], clients: int, seconds: float, timeout: float = 60.0,
-             headers: Optional[dict[str, str]] = None) -> LoadResult:
-    """``clients`` closed-loop clients for ``seconds``, in a fresh child process (spawned: no inherited state)."""
+             headers: Optional[dict[str, str]] = None, polite: bool = False) -> LoadResult:
+    """``clients`` closed-loop clients for ``seconds``, in a fresh child process (spawned: no inherited state).
+    ``polite`` clients wait a 503's ``Retry-After`` before their next request, as HTTP asks; others send it at
+    once."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_load_here, (url, shots, clients, seconds, timeout, headers or {}))
+        return pool.apply(_load_here, (url, shots, clients, seconds, timeout, headers or {}, polite))
 
 
 def image_shots(path: str, jpegs: list[bytes], per_request: int, data: Optional[dict[str, str]] = None) -> list[Shot]:

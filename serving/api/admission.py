@@ -2,11 +2,13 @@
 ``CORINFOMAX_MAX_QUEUE_MS``, instead of queueing it behind the others.
 
 The expected wait of a new request is the work already admitted and not yet answered, plus its own, at the pace
-this worker answers while it is busy: ``(in_flight + 1) x seconds per answer``. The pace is an exponentially
+this worker answers while it is busy: ``(in_flight + 1) x seconds per answer``; a request is refused when that
+mean is over half the bound (``HEADROOM``), which keeps the slow tail within it. The pace is an exponentially
 weighted mean of the intervals between answers, counted only while requests are in flight (an idle worker's
-pauses are not its speed), so it follows what the worker does now: a bigger model, bigger requests, a busier
-machine. A worker with nothing in flight always admits (a request slower than the bound alone must still be
-served), and so does one that has not answered anything yet.
+pauses are not its speed), each interval capped at a few times the pace so far, so it follows what the worker
+does now (a bigger model, bigger requests, a busier machine) without one outlier deciding. A worker with
+nothing in flight always admits (a request slower than the bound alone must still be served), and so does one
+that has not answered anything yet.
 
 The check runs before the body is read, so a refusal costs the worker almost nothing: the body is drained
 (keeping the connection open for the client's retry) and ``{"error"}`` is answered with status 503.
@@ -25,8 +27,14 @@ from corinfomax.serving.api.http import Receive, Scope, Send, send_error
 REFUSED = bentoml.metrics.Counter(
     name="corinfomax_admission_refused", documentation="Requests answered 503 because the expected wait was over "
     "CORINFOMAX_MAX_QUEUE_MS", labelnames=["endpoint"])
-# Weight of the newest interval between answers in the mean pace: about the last 20 answers count.
-PACE_WEIGHT = 0.05
+# The gate keeps the mean expected wait within 1/HEADROOM of the bound, so that the slow tail stays within it: at
+# saturation, p99 waits ran up to ~2x the median (bench/serve_backpressure.py --sweep, 1 to 64 clients).
+HEADROOM = 2.0
+# Weight of the newest interval between answers in the mean pace (about the last 5 answers count), and the most
+# one interval may count for, as a multiple of the pace so far: one slow answer (a cold start, a stalled core)
+# must not refuse everything for the next dozens of answers, while a lasting slowdown is followed in a few.
+PACE_WEIGHT = 0.2
+OUTLIER = 4.0
 
 
 class Admission:
@@ -44,7 +52,7 @@ class Admission:
 
     def admit(self) -> bool:
         """Admit (and count) a request, or refuse it."""
-        if self.in_flight and self.pace_s is not None and self.expected_wait() > self.max_wait_s:
+        if self.in_flight and self.pace_s is not None and HEADROOM * self.expected_wait() > self.max_wait_s:
             return False
         if self.in_flight == 0:
             self._last = self.clock()
@@ -55,12 +63,15 @@ class Admission:
         """An admitted request has been answered."""
         now = self.clock()
         interval, self._last = now - self._last, now
-        self.pace_s = interval if self.pace_s is None else self.pace_s + PACE_WEIGHT * (interval - self.pace_s)
+        if self.pace_s is None:
+            self.pace_s = interval
+        else:
+            self.pace_s += PACE_WEIGHT * (min(interval, OUTLIER * self.pace_s) - self.pace_s)
         self.in_flight -= 1
 
     def retry_after(self) -> int:
         """Whole seconds a refused client should wait (the header's unit), at least 1."""
-        return max(1, math.ceil(self.expected_wait() - self.max_wait_s))
+        return max(1, math.ceil(self.expected_wait() - self.max_wait_s / HEADROOM))
 
 
 class AdmissionGate:
@@ -90,6 +101,6 @@ class AdmissionGate:
         retry = self.admission.retry_after()
         while (await receive()).get("more_body", False):  # the guard outside bounds its size and time
             pass
-        await send_error(send, 503, f"overloaded: a request now would wait about {wait_ms:.0f} ms, over the limit "
-                         f"of {limit_ms:.0f} ms (CORINFOMAX_MAX_QUEUE_MS); retry in {retry} s",
+        await send_error(send, 503, f"overloaded: a request now would wait about {wait_ms:.0f} ms, and the limit is "
+                         f"{limit_ms:.0f} ms for the slowest (CORINFOMAX_MAX_QUEUE_MS); retry in {retry} s",
                          [(b"retry-after", str(retry).encode())])
