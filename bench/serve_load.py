@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads per worker, for the service and raw alike (0: the service's default)")
     parser.add_argument("--max-batch", type=int, default=64, help="the service's CORINFOMAX_BATCH_SIZE")
+    parser.add_argument("--checkout", type=Path, default=None,
+                        help="serve another checkout's code (a `git archive` of an earlier commit): before/after")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for the server, e.g. CORINFOMAX_ACCESS_LOG=0 (repeatable)")
     args = parser.parse_args()
@@ -146,8 +148,9 @@ def main() -> None:
                "CORINFOMAX_INDEX": f"{tmp}/index", "CORINFOMAX_WORKERS": str(args.workers),
                "CORINFOMAX_THREADS": str(threads), "CORINFOMAX_BATCH_SIZE": str(args.max_batch),
                "BENTOML_HOME": f"{tmp}/bentoml", "BENTOML_DO_NOT_TRACK": "True",
-               **dict(kv.split("=", 1) for kv in args.env)}
-        server = Server(env, Path(tmp) / "server.log").start()
+               **dict(kv.split("=", 1) for kv in args.env),
+               **({"PYTHONPATH": str(args.checkout.resolve())} if args.checkout else {})}
+        server = Server(env, Path(tmp) / "server.log", cwd=args.checkout).start()
         try:
             run_load(server.url, image_shots("/embed", jpegs, args.max_batch), args.workers * 2, 3)  # warm-up
             runs = {n: service_run(server, jpegs, n, args.clients, args.seconds) for n in args.per_request}

@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--py-spy", type=Path, default=None, metavar="OUT_DIR")
+    parser.add_argument("--checkout", type=Path, default=None,
+                        help="serve another checkout's code (a `git archive` of an earlier commit): before/after")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
 
@@ -116,8 +118,9 @@ def main() -> None:
         env = {**os.environ, "CORINFOMAX_MODEL": str(args.bundle), "CORINFOMAX_DEMO_DIR": "",
                "CORINFOMAX_INDEX": f"{tmp}/index", "CORINFOMAX_WORKERS": str(args.workers),
                "BENTOML_HOME": f"{tmp}/bentoml", "BENTOML_DO_NOT_TRACK": "True",
-               **dict(kv.split("=", 1) for kv in args.env)}
-        server = Server(env, Path(tmp) / "server.log").start()
+               **dict(kv.split("=", 1) for kv in args.env),
+               **({"PYTHONPATH": str(args.checkout.resolve())} if args.checkout else {})}
+        server = Server(env, Path(tmp) / "server.log", cwd=args.checkout).start()
         try:
             for start in range(0, 64, 16):  # something to find
                 parts = [("images", ("x.jpg", j, "image/jpeg")) for j in jpegs[start:start + 16]]
