@@ -70,7 +70,8 @@ def test_use_guarded_parsers(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ALL_SERDE["multipart/form-data"] is ALL_SERDE["application/x-www-form-urlencoded"] is GuardedMultipartSerde
 
 
-def _request(body: bytes, content_type: str) -> Request:
+def request_with_body(body: bytes, content_type: str) -> Request:
+    """A Starlette request of one POST body (the parsers' input), without a server."""
     sent = [{"type": "http.request", "body": body, "more_body": False}]
 
     async def receive() -> dict[str, Any]:
@@ -103,7 +104,7 @@ def test_guarded_parsers_on_bentoml_parsers_internals(tiny: Any) -> None:
         asyncio.run(GuardedMultipartSerde.ensure_file("http://example.com/a.jpg"))
 
     async def parse(serde: Any, body: bytes, content_type: str) -> Any:
-        request = _request(body, content_type)
+        request = request_with_body(body, content_type)
         with tiny.context.in_request(request):  # as BentoML's ContextMiddleware: uploaded files need it
             return await serde.parse_request(request, spec)
 
@@ -220,7 +221,7 @@ def test_log_tracebacks_for_5xx_only(monkeypatch: pytest.MonkeyPatch, caplog: py
     assert list(inspect.signature(app.log_exception).parameters) == ["request", "exc_info"]
     monkeypatch.setattr(app, "log_exception", app.log_exception)  # restored after the test
     bentoml_patches.log_tracebacks_for_5xx_only()
-    request = _request(b"", "application/json")
+    request = request_with_body(b"", "application/json")
     errors: list[Exception] = [RequestError("bad form"), NotFound("no such thing"), BentoMLException("broken")]
     try:
         pydantic.TypeAdapter(int).validate_python("x")

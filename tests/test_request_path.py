@@ -18,7 +18,7 @@ import pydantic
 import pytest
 from bentoml.exceptions import BentoMLException
 from PIL import Image
-from starlette.requests import Request
+from test_bentoml_patches import request_with_body
 
 from corinfomax.core.errors import BadInput
 from corinfomax.core.images import ResizeRule, load_image, model_input, to_model_input
@@ -223,16 +223,6 @@ def test_decoded_sizes_name_the_images_original_size(tmp_path: Path) -> None:
     assert pixels is not None and pixels.shape == (32, 32, 3) and (record.width, record.height) == (2000, 1500)
 
 
-def _request(body: bytes, content_type: str) -> Request:
-    sent = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive() -> dict[str, Any]:
-        return sent.pop(0) if sent else {"type": "http.disconnect"}
-
-    headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
-    return Request({"type": "http", "method": "POST", "path": "/search", "headers": headers}, receive)
-
-
 def test_the_direct_path_reads_requests_as_bentomls_parsers_do_with_uploads_as_bytes() -> None:
     @bentoml.service
     class Tiny:
@@ -251,9 +241,9 @@ def test_the_direct_path_reads_requests_as_bentomls_parsers_do_with_uploads_as_b
     spec = service.apis["search"].input_spec
     form = (b'--zz\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\n\r\n\xff\xd8\r\n'
             b'--zz\r\nContent-Disposition: form-data; name="k"\r\n\r\n3\r\n--zz--\r\n')
-    parsed = asyncio.run(arguments(spec, _request(form, "multipart/form-data; boundary=zz")))
+    parsed = asyncio.run(arguments(spec, request_with_body(form, "multipart/form-data; boundary=zz")))
     assert parsed == {"images": [b"\xff\xd8"], "ids": None, "k": 3}
-    assert asyncio.run(arguments(spec, _request(b'{"ids": [1]}', "application/x-weird")))["ids"] == [1]
+    assert asyncio.run(arguments(spec, request_with_body(b'{"ids": [1]}', "application/x-weird")))["ids"] == [1]
     for body, content_type, error in [(b'{"ids": [true]}', "application/json", pydantic.ValidationError),
                                       (b'{"fitler": 1}', "application/json", pydantic.ValidationError),
                                       (b"k=3&fitler=1", "application/x-www-form-urlencoded", pydantic.ValidationError),
@@ -261,7 +251,7 @@ def test_the_direct_path_reads_requests_as_bentomls_parsers_do_with_uploads_as_b
                                       (b"\x80\x04N.", "application/vnd.bentoml+pickle", BentoMLException),
                                       (b"--x\r\n", "multipart/form-data", RequestError)]:
         with pytest.raises(error):
-            asyncio.run(arguments(spec, _request(body, content_type)))
+            asyncio.run(arguments(spec, request_with_body(body, content_type)))
 
 
 class _Owner:
