@@ -4,7 +4,10 @@
    batched tensor augmentation vs PIL workers, bf16 vs fp32, channels_last vs contiguous, torch.compile;
 2. realres: ResNet-18 with the ImageNet stem on a folder of large JPEGs (``--photos``, or generated ones) at
    128-224 px: training images/s, GPU busy %, and the loader alone, to say whether it keeps up;
-3. real run: ``--minutes`` of the cifar10 preset on the full ``--data`` with its kNN read-out on ``--val-data``.
+3. real run: ``--minutes`` of the cifar10 preset on the full ``--data`` with its kNN read-out on ``--val-data``;
+4. serve: the serving path on the GPU (bench/gpu_serve.py): onnxruntime's CUDA provider at batch 1-64 for a
+   ResNet-18 bundle in fp32 and fp16, the service's img/s with it, and extraction against raw inference, on
+   ``--serve-photos`` (default: ``--photos``, else ``--val-data``).
 
 Writes ``OUT/gpu_run.json``, ``OUT/gpu_run.log`` and the real run's model as ``OUT/model/`` (bf16 parts small
 enough to come back from the device machine; ``--join OUT/model RUN`` rebuilds a checkpoint here).
@@ -24,6 +27,7 @@ import logging
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -197,7 +201,8 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=10, help="warm-up steps not timed")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="PIL / loader workers")
     parser.add_argument("--sizes", default="128,160,224", help="real-resolution image sizes")
-    parser.add_argument("--stages", default="recipe,realres,run")
+    parser.add_argument("--serve-photos", help="image folder for the serve stage (default: --photos, else --val-data)")
+    parser.add_argument("--stages", default="recipe,realres,run,serve")
     parser.add_argument("--dry", action="store_true", help="every stage tiny on the CPU (a test runs this)")
     parser.add_argument("--join", nargs=2, metavar=("PARTS", "RUN"),
                         help="on this machine: rebuild RUN/checkpoint.pt from the real run's PARTS folder, then exit")
@@ -289,6 +294,12 @@ def main() -> None:
         save_model_parts(state, out / "model")  # OUT/model comes back; `--join OUT/model RUN` rebuilds the run
         (run_out / CHECKPOINT_FILE).unlink()  # 100+ MB with the optimizer: it would not come back
         log.info("real run -> %s", report["run"])
+
+    if "serve" in stages:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's bench package
+        from bench.gpu_serve import serve_stage
+
+        report["serve"] = serve_stage(Path(args.serve_photos or args.photos or args.val_data), args.dry)
 
     (out / "gpu_run.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -25,7 +25,7 @@ def make_thumbnail(source: ImageSource, side: int = DEFAULT_SIDE, max_pixels: in
     """WebP bytes of ``source`` shrunk to fit ``side`` x ``side`` (never enlarged)."""
     if not 1 <= side <= MAX_SIDE:
         raise BadInput(f"thumbnail side must be between 1 and {MAX_SIDE} pixels, got {side}")
-    image = load_image(source, max_pixels=max_pixels)
+    image = load_image(source, max_pixels=max_pixels, min_side=side)  # JPEGs at reduced size: 1/8 of a big photo
     image.thumbnail((side, side), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     image.save(buffer, "WEBP", quality=QUALITY, method=4)

@@ -38,8 +38,10 @@ def _register_extract(subparsers: Any) -> None:
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="dtype of the stored embeddings")
     p.add_argument("--batch-size", type=int, default=256, help="images per inference call")
     p.add_argument("--shard-rows", type=int, default=4096, help="files per shard (the unit of resuming)")
-    p.add_argument("--workers", type=int, default=None, help="decode threads (default: a few per core)")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="batches decoded and embedded at a time, one thread each (default: one per core)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="onnxruntime intra-op threads per batch (default 1: the workers already use every core)")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local: this machine; ray: a Ray cluster (needs the `ray` extra)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local instance)")

@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from corinfomax.core.bundle import MODEL_FILE, read_card
 from corinfomax.core.errors import BundleError
-from corinfomax.core.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, to_model_input
+from corinfomax.core.images import DEFAULT_MAX_PIXELS, ImageSource, model_input
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,9 @@ class Embedder:
                  ",".join(self.providers))
 
     def preprocess(self, source: ImageSource) -> np.ndarray:
-        """Decode one image and bring it to the model's input: uint8 ``[H, W, 3]``."""
-        return to_model_input(load_image(source, self.max_pixels), self.resize)
+        """Decode one image (JPEGs at reduced size: ``core.images.model_input``) and bring it to the model's input:
+        uint8 ``[H, W, 3]``."""
+        return model_input(source, self.resize, self.max_pixels)[0]
 
     def embed_arrays(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Embed preprocessed uint8 ``[N, H, W, 3]`` pixels; return float32 ``[N, D]``."""

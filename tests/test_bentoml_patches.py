@@ -70,7 +70,8 @@ def test_use_guarded_parsers(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ALL_SERDE["multipart/form-data"] is ALL_SERDE["application/x-www-form-urlencoded"] is GuardedMultipartSerde
 
 
-def _request(body: bytes, content_type: str) -> Request:
+def request_with_body(body: bytes, content_type: str) -> Request:
+    """A Starlette request of one POST body (the parsers' input), without a server."""
     sent = [{"type": "http.request", "body": body, "more_body": False}]
 
     async def receive() -> dict[str, Any]:
@@ -91,16 +92,19 @@ def _form(fields: list[tuple[str, str | None, bytes]]) -> tuple[bytes, str]:
 
 def test_guarded_parsers_on_bentoml_parsers_internals(tiny: Any) -> None:
     """The guarded parsers subclass BentoML's: a file part is parsed, text in a file field is refused, a JSON
-    body is parsed without a fetch."""
+    body is parsed without a fetch. The form parser relies on the input models naming their file parameters
+    (``multipart_fields``), and BentoML's own fetching ``ensure_file`` is replaced in case anything calls it."""
     from _bentoml_impl.serde import JSONSerde, MultipartSerde
 
     assert list(inspect.signature(JSONSerde.deserialize_model).parameters) == ["self", "payload", "cls"]
-    assert "ensure_file" in code_names(MultipartSerde.parse_request)
     assert isinstance(inspect.getattr_static(MultipartSerde, "ensure_file"), staticmethod)
     spec = tiny.apis["search"].input_spec
+    assert list(spec.multipart_fields) == ["images"]
+    with pytest.raises(RequestError, match="a file field got text"):
+        asyncio.run(GuardedMultipartSerde.ensure_file("http://example.com/a.jpg"))
 
     async def parse(serde: Any, body: bytes, content_type: str) -> Any:
-        request = _request(body, content_type)
+        request = request_with_body(body, content_type)
         with tiny.context.in_request(request):  # as BentoML's ContextMiddleware: uploaded files need it
             return await serde.parse_request(request, spec)
 
@@ -217,7 +221,7 @@ def test_log_tracebacks_for_5xx_only(monkeypatch: pytest.MonkeyPatch, caplog: py
     assert list(inspect.signature(app.log_exception).parameters) == ["request", "exc_info"]
     monkeypatch.setattr(app, "log_exception", app.log_exception)  # restored after the test
     bentoml_patches.log_tracebacks_for_5xx_only()
-    request = _request(b"", "application/json")
+    request = request_with_body(b"", "application/json")
     errors: list[Exception] = [RequestError("bad form"), NotFound("no such thing"), BentoMLException("broken")]
     try:
         pydantic.TypeAdapter(int).validate_python("x")
@@ -239,3 +243,26 @@ def test_bentoml_serves_its_docs_page_at_the_root() -> None:
     assert {"index_page", "openapi_spec_view"} <= code_names(ServiceAppFactory.__call__)
     page = (Path(inspect.getfile(ServiceAppFactory)).parent / "main-openapi.html").read_text()
     assert "./static_content/swagger-initializer.js" in page
+
+
+def test_route_calls() -> None:
+    """The dependency proxy's calls reach the route (the index channel), BentoML's own call as its fallback."""
+    from _bentoml_impl.client import RemoteProxy
+    from _bentoml_impl.client.base import AbstractClient, ClientEndpoint
+
+    assert "call" in code_names(AbstractClient._make_method), "BentoML's client methods no longer go through call"
+    proxy = RemoteProxy("http://127.0.0.1:9")  # no server: nothing is sent over HTTP here
+    routed: list[tuple[str, dict[str, Any], Any]] = []
+
+    async def route(name: str, kwargs: dict[str, Any], fallback: Any) -> Any:
+        routed.append((name, kwargs, fallback))
+        return {"ok": []}
+
+    bentoml_patches.route_calls(proxy, route)
+    bentoml_patches.route_calls(proxy, route)  # once only
+    client = proxy.to_async
+    client.endpoints["search"] = ClientEndpoint(name="search", route="/search")
+    search = client._make_method("search")  # what BentoML makes of each endpoint when it opens the proxy
+    assert asyncio.run(search(ids=[1], k=2)) == {"ok": []}
+    assert [(name, kwargs) for name, kwargs, _ in routed] == [("search", {"ids": [1], "k": 2})]
+    assert getattr(routed[0][2], "__self__", None) is client  # BentoML's own call, bound

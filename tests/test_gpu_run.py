@@ -36,6 +36,10 @@ def test_dry_run_measures_every_stage(cifar10: Path, tmp_path: Path) -> None:
     assert {"32px tensor", "32px pil"} == set(report["realres"])
     assert all(r["loader_images_per_s"] > 0 and isinstance(r["loader_keeps_up"], bool)
                for r in report["realres"].values())
+    serve = report["serve"]["fp32"]  # the serving path: onnxruntime by batch, the service, extraction
+    assert set(serve["onnxruntime_img_s"]) == {"1", "4"} and all(r > 0 for r in serve["onnxruntime_img_s"].values())
+    assert all(s["img_s"] > 0 and s["errors"] == 0 for s in serve["service"].values())
+    assert serve["extract"]["extract_img_s"] > 0
     run = report["run"]
     assert run["epochs"] == 2 and run["steps"] == 8 and 0 <= run["knn_top1"] <= 1
     assert not (tmp_path / "out" / "cifar10-run" / "checkpoint.pt").exists()

@@ -141,3 +141,29 @@ def test_search_finds_each_photo_among_the_others(photos: list[Path], client: ht
     for photo, item_id, hits in zip(photos, ids, results):
         assert hits[0]["id"] == item_id and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
         assert hits[0]["label"] == photo.parent.name and len(hits) == 3
+
+
+def test_big_photos_are_decoded_at_reduced_size_by_one_rule(run: Path, bundle: Path, photos: list[Path],
+                                                             client: httpx.Client, tmp_path: Path) -> None:
+    """3000-px photos: the service and the extractor decode them the same way (at reduced size, so the resize
+    starts from at least the card's shorter side), and land where the full decode does, far closer to it than
+    to any other photo."""
+    big = []
+    for path in photos[::2]:
+        image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+        scale = 3000 / max(image.size)
+        big.append(tmp_path / "big" / path.parent.name / path.name)
+        big[-1].parent.mkdir(parents=True, exist_ok=True)
+        image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC).save(
+            big[-1], quality=90)
+    served = np.asarray(ok(client.post("/embed", files=[("images", (p.name, p.read_bytes(), "image/jpeg"))
+                                                         for p in big]))["embeddings"], dtype=np.float64)
+    extract([str(tmp_path / "big")], bundle, tmp_path / "features", show_progress=False)
+    features = load_features(tmp_path / "features")
+    assert [Path(p).name for p in features.paths] == [p.name for p in big]
+    np.testing.assert_allclose(served, features.embeddings, atol=1e-5)
+    card = json.loads((bundle / "model.json").read_text())
+    full = reference(run, card, np.stack([card_pixels(p, card) for p in big]))
+    off = np.linalg.norm(served - full, axis=1)
+    apart = min(np.linalg.norm(full[i] - full[j]) for i in range(len(big)) for j in range(i + 1, len(big)))
+    assert off.max() < apart / 4, (off, apart)

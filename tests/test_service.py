@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import signal
 import threading
 import time
@@ -171,6 +172,30 @@ def test_metrics_report_index_size_and_latency(client: httpx.Client) -> None:
     assert "corinfomax_index_items" in text and "bentoml_service_request_duration_seconds" in text
 
 
+def test_metrics_time_each_stage_of_a_request(client: httpx.Client, cifar10: Path) -> None:
+    """Every request to an API is timed stage by stage (serving/api/metrics.py), under bounded labels."""
+    paths = [p for _, p in jpegs(cifar10, 1)[:2]]
+    ok(client.post("/embed", files=files(paths)))
+    ok(client.post("/search", files=files(paths[:1]), data={"k": "2"}))
+    text = client.get("/metrics").text
+    counted = {(endpoint, stage) for endpoint, stage, count in re.findall(
+        r'corinfomax_stage_seconds_count{endpoint="(\w+)",stage="(\w+)"} (\S+)', text) if float(count) > 0}
+    assert {("embed", stage) for stage in ("parse", "decode", "queue", "inference", "respond")} <= counted
+    assert ("search", "index") in counted and ("embed", "index") not in counted
+    assert {endpoint for endpoint, _ in counted} <= {"embed", "search", "classify", "add", "delete", "get", "stats",
+                                                     "info"}
+
+
+def post_retrying(http: httpx.Client, path: str, **kwargs: Any) -> httpx.Response:
+    """POST as a well-behaved client: a 503 (the service is overloaded) is retried after its Retry-After."""
+    for _ in range(20):
+        resp = http.post(path, **kwargs)
+        if resp.status_code != 503:
+            return resp
+        time.sleep(float(resp.headers["retry-after"]))
+    return resp
+
+
 def test_eight_concurrent_clients(server: Server, cifar10: Path) -> None:
     errors: list[str] = []
 
@@ -178,12 +203,12 @@ def test_eight_concurrent_clients(server: Server, cifar10: Path) -> None:
         with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=60) as http:
             for round_ in range(3):
                 path = cifar10 / "test" / CLASSES[worker] / f"{10 + round_:04d}.jpg"
-                resp = http.post("/add", files=files([path]), data={"labels": f'["{CLASSES[worker]}"]'})
+                resp = post_retrying(http, "/add", files=files([path]), data={"labels": f'["{CLASSES[worker]}"]'})
                 if resp.status_code != 200:
                     errors.append(f"add {resp.status_code} {resp.text[:200]}")
                     continue
                 new_id = resp.json()["ids"][0]
-                hits = http.post("/search", files=files([path]), data={"k": "1"})
+                hits = post_retrying(http, "/search", files=files([path]), data={"k": "1"})
                 if hits.status_code != 200 or hits.json()["results"][0][0]["id"] != new_id:
                     errors.append(f"search {hits.status_code} {hits.text[:200]}")
 

@@ -13,11 +13,23 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 
 Model = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class _Pending:
+    """One request's rows waiting for the model, and when (perf_counter) they were queued and their call ran."""
+
+    pixels: np.ndarray
+    future: asyncio.Future
+    queued: float = field(default_factory=time.perf_counter)
+    started: float = 0.0
+    seconds: float = 0.0
 
 
 class MicroBatcher:
@@ -29,14 +41,17 @@ class MicroBatcher:
         max_batch: most rows per model call (one request larger than this runs alone).
         wait_ms: extra time to wait for more requests before a call that is not full (0: none).
         on_batch: called with ``(rows, seconds)`` after each model call, e.g. for metrics.
+        on_request: called in each request's own context with ``(seconds queued, seconds of its model call)``.
     """
 
     def __init__(self, model: Model, max_batch: int, wait_ms: float = 0.0,
-                 on_batch: Optional[Callable[[int, float], None]] = None) -> None:
+                 on_batch: Optional[Callable[[int, float], None]] = None,
+                 on_request: Optional[Callable[[float, float], None]] = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.max_batch, self.wait_s, self.on_batch = model, max_batch, wait_ms / 1000, on_batch
-        self._pending: list[tuple[np.ndarray, asyncio.Future]] = []
+        self.on_request = on_request
+        self._pending: list[_Pending] = []
         self._wake: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="model")
@@ -46,29 +61,32 @@ class MicroBatcher:
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._run_forever())
-        future: asyncio.Future = loop.create_future()
-        self._pending.append((pixels, future))
+        item = _Pending(pixels, loop.create_future())
+        self._pending.append(item)
         assert self._wake is not None
         self._wake.set()
-        return await future
+        out = await item.future
+        if self.on_request is not None:
+            self.on_request(item.started - item.queued, item.seconds)
+        return out
 
-    def _take(self) -> list[tuple[np.ndarray, asyncio.Future]]:
+    def _take(self) -> list[_Pending]:
         """Pending requests (skipping cancelled ones) up to ``max_batch`` rows; at least one."""
-        taken: list[tuple[np.ndarray, asyncio.Future]] = []
+        taken: list[_Pending] = []
         rows = 0
         while self._pending:
-            pixels, future = self._pending[0]
-            if future.done():  # the client went away
+            item = self._pending[0]
+            if item.future.done():  # the client went away
                 self._pending.pop(0)
                 continue
-            if taken and rows + len(pixels) > self.max_batch:
+            if taken and rows + len(item.pixels) > self.max_batch:
                 break
             taken.append(self._pending.pop(0))
-            rows += len(pixels)
+            rows += len(item.pixels)
         return taken
 
     def _pending_rows(self) -> int:
-        return sum(len(p) for p, f in self._pending if not f.done())
+        return sum(len(item.pixels) for item in self._pending if not item.future.done())
 
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -79,22 +97,24 @@ class MicroBatcher:
             if self.wait_s and self._pending_rows() < self.max_batch:
                 await asyncio.sleep(self.wait_s)
             while taken := self._take():
-                batch = np.concatenate([p for p, _ in taken]) if len(taken) > 1 else taken[0][0]
+                batch = np.concatenate([item.pixels for item in taken]) if len(taken) > 1 else taken[0].pixels
                 started = time.perf_counter()
                 try:
                     out = await loop.run_in_executor(self._thread, self.model, batch)
                 except Exception as err:  # every waiting request gets the model's error
-                    for _, future in taken:
-                        if not future.done():
-                            future.set_exception(err)
+                    for item in taken:
+                        if not item.future.done():
+                            item.future.set_exception(err)
                     continue
+                seconds = time.perf_counter() - started
                 if self.on_batch is not None:
-                    self.on_batch(len(batch), time.perf_counter() - started)
+                    self.on_batch(len(batch), seconds)
                 start = 0
-                for pixels, future in taken:
-                    if not future.done():
-                        future.set_result(out[start : start + len(pixels)])
-                    start += len(pixels)
+                for item in taken:
+                    item.started, item.seconds = started, seconds
+                    if not item.future.done():
+                        item.future.set_result(out[start : start + len(item.pixels)])
+                    start += len(item.pixels)
 
     def close(self) -> None:
         if self._task is not None:

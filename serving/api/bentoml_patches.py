@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import sys
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from corinfomax.serving.api.http import Receive, Scope, Send, send_error
 from corinfomax.serving.api.serde import GuardedJSONSerde, GuardedMultipartSerde
@@ -172,3 +172,29 @@ def free_timeout_timers() -> None:
 
     call.frees_timer = True  # type: ignore[attr-defined]
     TimeoutMiddleware.__call__ = call  # type: ignore[method-assign,assignment]
+
+
+Route = Callable[[str, dict[str, Any], Callable[..., Awaitable[Any]]], Awaitable[Any]]
+
+
+def route_calls(proxy: Any, route: Route) -> None:
+    """Send the calls made through a dependency proxy's ``to_async`` to ``route(name, kwargs, fallback)`` (the
+    index channel: ``channel.IndexChannel.call``), ``fallback`` being BentoML's own ``call``.
+
+    The proxy stays BentoML's, so BentoML still opens it and checks the dependency's readiness.
+    Relies on: ``proxy.to_async`` (``_bentoml_impl.client.proxy2.AsyncClient``), whose endpoint methods, made by
+    ``_bentoml_impl.client.base.AbstractClient._make_method`` when it is opened, each call ``self.call(name,
+    *args, **kwargs)``, an attribute an instance may shadow.
+    """
+    client = proxy.to_async
+    original = client.call
+    if getattr(original, "routed", False):
+        return
+
+    async def call(name: str, /, *args: Any, **kwargs: Any) -> Any:
+        if args:  # BentoML's own positional form: left to BentoML
+            return await original(name, *args, **kwargs)
+        return await route(name, kwargs, original)
+
+    call.routed = True  # type: ignore[attr-defined]
+    client.call = call

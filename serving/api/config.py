@@ -93,6 +93,11 @@ def model_threads(workers: int) -> int:
     return max(1, cpu_threads_per_worker(workers) - 1)
 
 
+# The longest expected wait a request is admitted with (admission.py). Measured with bench/serve_backpressure.py:
+# see docs/LIMITS.md "Backpressure".
+DEFAULT_MAX_QUEUE_MS = 500
+
+
 @dataclass(frozen=True)
 class Settings:
     model: str  # bundle folder or BentoML model tag
@@ -108,8 +113,11 @@ class Settings:
     threads: int  # onnxruntime intra-op threads per worker (default: model_threads)
     batch_size: int  # most images per model call when concurrent requests are merged
     batch_wait_ms: int  # extra wait for more requests before a model call that is not full (0: none)
+    max_queue_ms: int  # a request expected to wait longer is answered 503 at once (admission.py; 0: never)
     allow_private_urls: bool  # only for tests and closed networks
     access_log: bool  # BentoML's per-request access log line (CORINFOMAX_ACCESS_LOG=0 saves CPU per request)
+    direct_apis: bool  # answer the APIs past BentoML's per-request machinery (direct.py; CORINFOMAX_DIRECT_APIS=0: not)
+    index_channel: bool  # call IndexOwner over a Unix socket of ours (channel.py; CORINFOMAX_INDEX_CHANNEL=0: not)
     demo_dir: Path | None  # images indexed on first start when the index is empty ("" disables)
     thumbnail_side: int  # side of the thumbnail stored with each added image, in pixels (0: none)
     models_dir: Path | None  # every bundle directly under it is loaded (CORINFOMAX_MODELS; "" for none)
@@ -134,8 +142,11 @@ class Settings:
             body_seconds=max(1, _int("CORINFOMAX_BODY_TIMEOUT_S", 30)),
             batch_size=max(1, _int("CORINFOMAX_BATCH_SIZE", 64)),
             batch_wait_ms=max(0, _int("CORINFOMAX_BATCH_WAIT_MS", 0)),
+            max_queue_ms=max(0, _int("CORINFOMAX_MAX_QUEUE_MS", DEFAULT_MAX_QUEUE_MS)),
             allow_private_urls=os.environ.get("CORINFOMAX_ALLOW_PRIVATE_URLS") == "1",
             access_log=os.environ.get("CORINFOMAX_ACCESS_LOG", "1") != "0",
+            direct_apis=os.environ.get("CORINFOMAX_DIRECT_APIS", "1") != "0",
+            index_channel=os.environ.get("CORINFOMAX_INDEX_CHANNEL", "1") != "0",
             demo_dir=_demo_dir(os.environ.get("CORINFOMAX_DEMO_DIR")),
             thumbnail_side=_thumbnail_side(_int("CORINFOMAX_THUMBNAIL_PX", DEFAULT_SIDE)),
             models_dir=_models_dir(os.environ.get("CORINFOMAX_MODELS")),

@@ -17,6 +17,8 @@ from typing import Any, Awaitable, Callable
 from starlette.responses import JSONResponse
 
 from corinfomax.core.errors import BadInput
+from corinfomax.serving.api import metrics
+from corinfomax.serving.api.channel import ChannelDropped
 from corinfomax.serving.index.catalog import StaleRoute
 
 log = logging.getLogger("corinfomax.service")
@@ -60,25 +62,32 @@ async def call(method: Callable[..., Awaitable[Any]], **kwargs: Any) -> Any:
     """
     import aiohttp
 
+    dropped = (aiohttp.ClientConnectionError, ChannelDropped)
     try:
-        return await method(**kwargs)
-    except aiohttp.ClientConnectionError as err:
+        with metrics.timed("index"):
+            return await method(**kwargs)
+    except dropped as err:
         log.warning("retrying %s after %s", getattr(method, "__name__", method), type(err).__name__)
     try:
-        return await method(**kwargs)
-    except aiohttp.ClientConnectionError as err:
+        with metrics.timed("index"):
+            return await method(**kwargs)
+    except dropped as err:
         raise Unavailable(f"the index service is unreachable ({type(err).__name__}); retry the request "
                           "(with the same idempotency_key for a write)") from err
 
 
 def http_errors(api: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Answer BadInput (and subclasses) with its 4xx status and ``{"error": message}``."""
+    """Answer BadInput (and subclasses) with its 4xx status and ``{"error": message}``; mark the handler's start
+    and end for the stage metrics (``metrics``: what precedes is ``parse``, what follows ``respond``)."""
 
     @functools.wraps(api)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        metrics.handler_started()
         try:
             return await api(*args, **kwargs)
         except BadInput as err:
             return JSONResponse({"error": str(err)}, status_code=err.status)
+        finally:
+            metrics.handler_finished()
 
     return wrapper

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any, Optional
@@ -23,6 +24,7 @@ from corinfomax.core.bundle import read_card
 from corinfomax.core.errors import BadInput, NotFound
 from corinfomax.core.images import walk_images
 from corinfomax.core.thumbnails import make_thumbnail
+from corinfomax.serving.api.channel import ChannelServer, socket_path
 from corinfomax.serving.api.config import settings
 from corinfomax.serving.api.envelope import envelope
 from corinfomax.serving.api.metrics import INDEX_ITEMS
@@ -66,15 +68,29 @@ class ModelEmbedders:
             return self._loaded[key]
 
 
+def one_openmp_thread() -> None:
+    """Run FAISS (the embedded index, and Milvus Lite, which searches with FAISS) on one OpenMP thread in every
+    thread of this process: one query per request, and OpenMP teams only spin-wait against the model workers
+    (bench/index_scale.py).
+
+    ``faiss.omp_set_num_threads(1)`` holds only for the thread that calls it, and BentoML runs each call in a
+    thread of its pool, where OpenMP still started a team of every core: a one-query search cost ~3 ms of CPU
+    (bench/serve_profile.py, /search: IndexOwner 8.9 -> 2.5 ms of CPU per request with this). Every thread's
+    default comes from ``OMP_NUM_THREADS``, read once when the OpenMP runtime loads (with FAISS), so it is set
+    before that, and the calling thread is set too in case the runtime is already loaded.
+    """
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+
+
 @bentoml.service(workers=index_workers(SETTINGS.index, SETTINGS.workers), traffic={"timeout": 600})
 class IndexOwner:
     """Opens the collections (``serving.index.factory.open_layout``); all workers of the entry service call it."""
 
     def __init__(self) -> None:
-        import faiss
-
-        # One query per request: OpenMP threads only spin-wait against the model workers (bench/index_scale.py).
-        faiss.omp_set_num_threads(1)
+        one_openmp_thread()
         bundle = SETTINGS.bundle_dir()
         default = card_record(read_card(bundle), bundle)
         self.embedders = ModelEmbedders(default)
@@ -106,6 +122,19 @@ class IndexOwner:
     def _count_items(self, collection: Optional[str]) -> None:
         if collection in (None, DEFAULT):
             INDEX_ITEMS.set(self.collections.stats(None)["count"])
+
+    @bentoml.on_startup
+    async def open_channel(self) -> None:
+        """The API's workers on this machine call this worker over a Unix socket (channel.py)."""
+        self.channel: Optional[ChannelServer] = None
+        if SETTINGS.index_channel:
+            path = socket_path(bentoml.server_context.worker_index or 1)
+            self.channel = await ChannelServer(self, IndexOwner, path).start()
+
+    @bentoml.on_shutdown
+    async def close_channel(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
 
     @bentoml.api
     @envelope

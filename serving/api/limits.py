@@ -33,23 +33,28 @@ def check_hits(queries: int, k: int, name: str = "k") -> None:
                        "per request: split the queries or lower k")
 
 
-def check_request_pixels(raw: list[bytes], limit: int) -> None:
-    """Refuse a request whose images declare more than ``limit`` pixels together, before decoding any.
+def check_request_pixels(raw: list[bytes], limit: int) -> list[int]:
+    """Refuse a request whose images declare more than ``limit`` pixels together, before decoding any; return
+    the pixels each image declares (0 for one whose header is unreadable).
 
     Decoding runs at roughly 100 Mpx/s per core, so this bounds the CPU time one request can take. Only
     the image headers are read here; an image without a readable header is left to the decoder to name.
     """
+    declared: list[int] = []
     total = 0
     for data in raw:
         try:
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
         except Exception:  # any unreadable header: the decoder reports it, with the image's number
+            declared.append(0)
             continue
+        declared.append(width * height)
         total += width * height
         if total > limit:
             raise ImageTooLarge(f"the images of this request declare more than {limit} pixels together (the limit); "
                                 "send fewer or smaller images per request")
+    return declared
 
 
 def public_card(card: dict[str, Any]) -> dict[str, Any]:

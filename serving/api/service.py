@@ -27,15 +27,18 @@ import numpy as np
 
 from corinfomax.core.errors import BadInput
 from corinfomax.serving.api import bentoml_patches, limits, web
+from corinfomax.serving.api.admission import AdmissionGate
 from corinfomax.serving.api.batcher import MicroBatcher
+from corinfomax.serving.api.channel import IndexChannel
 from corinfomax.serving.api.classify import knn_vote, probe_predictions
 from corinfomax.serving.api.config import settings
+from corinfomax.serving.api.direct import DirectApis
 from corinfomax.serving.api.envelope import call, http_errors, unwrap
 from corinfomax.serving.api.http import GuardMiddleware, JsonErrors
-from corinfomax.serving.api.index_owner import IndexOwner
+from corinfomax.serving.api.index_owner import IndexOwner, index_workers
 from corinfomax.serving.api.inputs import ImageInputs
 from corinfomax.serving.api.manage import Management
-from corinfomax.serving.api.metrics import observe_batch
+from corinfomax.serving.api.metrics import StageTimer, model_wait, observe_batch
 from corinfomax.serving.api.routes import Routes
 from corinfomax.serving.index.backend import MAX_K, check_k, check_key, check_metadata, normalise
 from corinfomax.serving.index.catalog import StaleRoute
@@ -63,6 +66,10 @@ class CorInfoMax(Management):
         self.inputs = ImageInputs(SETTINGS)
         self.batchers: dict[str, MicroBatcher] = {}
         bentoml_patches.keep_one_session(self.index)
+        if SETTINGS.index_channel:  # IndexOwner's calls over a Unix socket when it runs on this machine
+            channel = IndexChannel.for_worker(bentoml.server_context.worker_index or 1,
+                                              index_workers(SETTINGS.index, SETTINGS.workers))
+            bentoml_patches.route_calls(self.index, channel.call)
         default = self.registry.get(self.registry.default_key)
         log.info("serving %s on %s (%d intra-op threads, batches of <= %d), probe %s; models: %s", default.key,
                  default.embedder.providers[0], SETTINGS.threads, SETTINGS.batch_size,
@@ -73,16 +80,17 @@ class CorInfoMax(Management):
     def close(self) -> None:
         for batcher in self.batchers.values():
             batcher.close()
+        self.inputs.close()
 
     # -- helpers ----------------------------------------------------------------------------------
 
     async def _embed(self, raw: list[bytes], model: LoadedModel) -> np.ndarray:
-        # Decoding in a thread keeps the event loop free; the model call is shared with concurrent requests.
+        # Decoding (inline or in parallel parts: inputs.py); the model call is shared with concurrent requests.
         if model.key not in self.batchers:
             self.batchers[model.key] = MicroBatcher(model.embedder.embed_arrays, SETTINGS.batch_size,
-                                                    SETTINGS.batch_wait_ms, on_batch=observe_batch)
-        pixels = await asyncio.to_thread(self.inputs.pixels, raw, model.embedder)
-        return await self.batchers[model.key](pixels)
+                                                    SETTINGS.batch_wait_ms, on_batch=observe_batch,
+                                                    on_request=model_wait)
+        return await self.batchers[model.key](await self.inputs.pixels(raw, model.embedder))
 
     def _as_query(self, vectors: list[list[float]], route: dict[str, Any]) -> np.ndarray:
         """Client vectors checked against the collection's dimension (stale when the routes may be)."""
@@ -260,7 +268,7 @@ class CorInfoMax(Management):
                 "limits": {"max_images": SETTINGS.max_images, "max_request_bytes": SETTINGS.max_request_bytes,
                            "body_timeout_s": SETTINGS.body_seconds,
                            "max_pixels": SETTINGS.max_pixels, "max_request_pixels": SETTINGS.max_request_pixels,
-                           "max_k": MAX_K, **limits.PUBLIC},
+                           "max_k": MAX_K, "max_queue_ms": SETTINGS.max_queue_ms, **limits.PUBLIC},
                 "models": [public(record) for record in sorted(self.routes.records.values(),
                                                                key=lambda record: record["key"])]}
 
@@ -287,3 +295,8 @@ CorInfoMax.add_asgi_middleware(web.FrontDoor)  # outermost: the redirect from / 
 CorInfoMax.add_asgi_middleware(JsonErrors)  # outside the guard: it also reshapes the guard's answers
 CorInfoMax.add_asgi_middleware(GuardMiddleware, api_key=SETTINGS.api_key, max_bytes=SETTINGS.max_request_bytes,
                                body_seconds=SETTINGS.body_seconds)
+ROUTES = {f"/{name}": name for name in CorInfoMax.apis}
+CorInfoMax.add_asgi_middleware(AdmissionGate, routes=ROUTES, max_wait_ms=SETTINGS.max_queue_ms)  # 503 when overloaded
+CorInfoMax.add_asgi_middleware(StageTimer, routes=ROUTES)  # stage metrics (metrics.py)
+if SETTINGS.direct_apis:  # innermost: the APIs past BentoML's per-request machinery (direct.py)
+    CorInfoMax.add_asgi_middleware(DirectApis, service=CorInfoMax)

@@ -3,8 +3,8 @@
 The input listing (``inputs``) is sorted and cut into fixed shards, so a killed run restarted with the same
 command skips the shards the manifest lists and ends with the same bytes as an uninterrupted run.
 Bad files never stop a run: each is recorded with its error in the shard's Parquet metadata.
-The local engine decodes in a thread pool (PIL releases the GIL) while onnxruntime runs the
-previous batch; `--engine ray` (``ray_engine``) does the same on a Ray cluster.
+The local engine decodes and embeds whole batches in parallel threads (PIL and onnxruntime release the GIL);
+`--engine ray` (``ray_engine``) decodes and embeds in two stages on a Ray cluster.
 """
 
 from __future__ import annotations
@@ -40,7 +40,14 @@ def local_shards(
     workers: int,
     progress: Callable[[int], None],
 ) -> Iterator[ShardResult]:
-    """Embed the given shards on this machine: decode ``prefetch`` batches ahead in a thread pool."""
+    """Embed the given shards on this machine: ``workers`` batches at a time, each decoded and embedded in a thread
+    of its own (Pillow and onnxruntime release the GIL), taken back in order.
+
+    Whole batches per thread, and onnxruntime on one intra-op thread per call (``extract``'s default): every core
+    does the least work per image, with no hand-off per file and no intra-op threads spinning while they wait for
+    each other or for the decoders, so a run comes near the machine's limit, cores / (decode + inference CPU per
+    image) (bench/extract_throughput.py). With a GPU, the threads' decoding keeps the device fed.
+    """
     rule, max_pixels = embedder.resize, embedder.max_pixels
     # Batches never cross a shard boundary, so a resumed shard is computed exactly as before.
     parts = shard_slices(len(items), shard_rows)
@@ -49,29 +56,31 @@ def local_shards(
         for index in shards
         for start in range(parts[index].start, parts[index].stop, batch_size)
     ])
-    queue: deque[tuple[int, list[Future], bool]] = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+
+    def work(index: int, start: int, stop: int, last: bool) -> tuple[int, np.ndarray, list[Record], bool]:
+        decoded = [decode(items[i], rule, max_pixels) for i in range(start, stop)]
+        pixels = [array for array, _ in decoded if array is not None]
+        vectors = embedder.embed_arrays(np.stack(pixels), batch_size) if pixels else _concat([], embedder.dim)
+        return index, vectors, [record for _, record in decoded], last
+
+    queue: deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="extract") as pool:
 
         def submit_next() -> None:
             step = next(plan, None)
             if step is not None:
-                index, start, stop, last = step
-                queue.append((index, [pool.submit(decode, items[i], rule, max_pixels) for i in range(start, stop)],
-                              last))
+                queue.append(pool.submit(work, *step))
 
-        for _ in range(3):
+        for _ in range(workers + 1):  # one batch more than the threads: none waits for the next to be handed out
             submit_next()
         vectors: list[np.ndarray] = []
         records: list[Record] = []
         while queue:
-            index, futures, last = queue.popleft()
+            index, batch_vectors, batch_records, last = queue.popleft().result()
             submit_next()
-            decoded = [future.result() for future in futures]
-            pixels = [array for array, _ in decoded if array is not None]
-            if pixels:
-                vectors.append(embedder.embed_arrays(np.stack(pixels), batch_size))
-            records += [record for _, record in decoded]
-            progress(len(decoded))
+            vectors.append(batch_vectors)
+            records += batch_records
+            progress(len(batch_records))
             if last:
                 yield index, _concat(vectors, embedder.dim), records
                 vectors, records = [], []
@@ -82,8 +91,8 @@ def _concat(vectors: list[np.ndarray], dim: int) -> np.ndarray:
 
 
 def default_workers() -> int:
-    """Decode threads: enough to keep inference fed, without crowding onnxruntime's threads."""
-    return max(2, min(8, os.cpu_count() or 1))
+    """Batches in flight, one thread each: one per core."""
+    return os.cpu_count() or 1
 
 
 def extract(
@@ -111,7 +120,7 @@ def extract(
     items = list_inputs(sources)
     card = read_card(bundle)
     # Load the model before touching the output, so a bad bundle leaves no folder behind.
-    embedder = Embedder(bundle, threads=threads) if engine == "local" else None
+    embedder = Embedder(bundle, threads=threads or 1) if engine == "local" else None
     labels = {item.label for item in items if item.label is not None}
     writer = FeaturesWriter(out, card, dtype, sources, listing_sha256(items), shard_rows, sorted(labels) or None)
     slices = shard_slices(len(items), shard_rows)

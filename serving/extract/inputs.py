@@ -19,8 +19,7 @@ from corinfomax.core.images import (
     IMAGE_EXTENSIONS,
     ResizeRule,
     is_image_file,
-    load_image,
-    to_model_input,
+    model_input,
     walk_images,
 )
 from corinfomax.serving.extract.features import Record
@@ -118,9 +117,8 @@ def decode(item: InputFile, rule: ResizeRule, max_pixels: int = DEFAULT_MAX_PIXE
     try:
         with open(item.path, "rb") as handle:
             data = handle.read()
-        image = load_image(data, max_pixels)
-        record.width, record.height = image.size
-        return to_model_input(image, rule), record
+        pixels, (record.width, record.height) = model_input(data, rule, max_pixels)
+        return pixels, record
     except UserError as err:
         record.error = str(err)
     except OSError as err:
