@@ -19,6 +19,9 @@ import numpy as np
 from corinfomax.core.errors import BadInput
 from corinfomax.serving.index.backend import normalise
 
+# Measured (bench/duplicates_threshold.py, docs/RESULTS.md): with the default model, every JPEG-q50 and
+# half-size copy of 500 photos found at precision >= 0.996; lower finds more crops and flips, less precisely.
+DEFAULT_THRESHOLD = 0.95
 QUERY_BATCH = 256  # queries per range search: bounds the results held at once (<= 256 x N pairs)
 Batches = Iterable[tuple[np.ndarray, np.ndarray]]  # (int64 ids [n], unit vectors [n, D]) in scan order
 T = TypeVar("T")
