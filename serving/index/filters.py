@@ -42,7 +42,7 @@ MAX_DEPTH = 8  # nesting of filter objects (and/or elements, not)
 MAX_CONDITIONS = 64  # comparisons in one filter, each value of an `in` counting one
 MAX_STRING_BYTES = 1024  # per string literal, UTF-8
 MAX_PATH_DEPTH = 4  # metadata.a.b.c.d
-MAX_TEXT_BYTES = 256 << 10  # a filter sent as JSON text (a multipart form field)
+MAX_TEXT_BYTES = 512 << 10  # a filter as JSON text (a form field): 64 strings of 1 KiB, each byte escaped as \uXXXX
 MAX_INT = 2**63 - 1  # literals are 64-bit on every engine (-2**63 excluded: Milvus parses 2**63, then negates)
 SEGMENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # A day as an upper bound: every text that starts with the day ("2024-01-01", "2024-01-01T10:00:00Z", or with
