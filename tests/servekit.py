@@ -4,7 +4,11 @@ real-resolution tests start it the same way)."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from bench.launcher import Server
 
@@ -18,3 +22,13 @@ def start_service(root: Path, **settings: str) -> Server:
            "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(REPO),
            **{f"CORINFOMAX_{name.upper()}": value for name, value in settings.items()}}
     return Server(env, root / "server.log").start()
+
+
+def post_retrying(http: httpx.Client, path: str, **kwargs: Any) -> httpx.Response:
+    """POST as a well-behaved client: a 503 (the service is overloaded) is retried after its Retry-After."""
+    for _ in range(20):
+        resp = http.post(path, **kwargs)
+        if resp.status_code != 503:
+            return resp
+        time.sleep(float(resp.headers["retry-after"]))
+    return resp

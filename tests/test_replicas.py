@@ -14,7 +14,7 @@ from typing import Iterator
 import httpx
 import numpy as np
 import pytest
-from servekit import start_service
+from servekit import post_retrying, start_service
 
 from bench.launcher import Server, free_port
 
@@ -66,7 +66,7 @@ def test_replicas_share_one_collection(replicas: list[Server]) -> None:
 
     def work(client: httpx.Client) -> None:  # both replicas, all their workers, writing at once
         for _ in range(10):
-            resp = client.post("/add", json={"vectors": rng.normal(size=(1, 256)).tolist()})
+            resp = post_retrying(client, "/add", json={"vectors": rng.normal(size=(1, 256)).tolist()})
             if resp.status_code == 200:
                 added.extend(resp.json()["ids"])
             else:

@@ -315,8 +315,7 @@ def test_the_index_service_runs_faiss_on_one_openmp_thread_in_every_thread() -> 
     import subprocess
     import sys
 
-    code = ("from corinfomax.serving.api.index_owner import one_openmp_thread\n"
-            "one_openmp_thread()\n"
+    code = ("import corinfomax.serving.api.index_owner\n"
             "import faiss, threading\n"
             "seen = []\n"
             "thread = threading.Thread(target=lambda: seen.append(faiss.omp_get_max_threads()))\n"

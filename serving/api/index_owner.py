@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Any, Optional
@@ -68,29 +67,11 @@ class ModelEmbedders:
             return self._loaded[key]
 
 
-def one_openmp_thread() -> None:
-    """Run FAISS (the embedded index, and Milvus Lite, which searches with FAISS) on one OpenMP thread in every
-    thread of this process: one query per request, and OpenMP teams only spin-wait against the model workers
-    (bench/index_scale.py).
-
-    ``faiss.omp_set_num_threads(1)`` holds only for the thread that calls it, and BentoML runs each call in a
-    thread of its pool, where OpenMP still started a team of every core: a one-query search cost ~3 ms of CPU
-    (bench/serve_profile.py, /search: IndexOwner 8.9 -> 2.5 ms of CPU per request with this). Every thread's
-    default comes from ``OMP_NUM_THREADS``, read once when the OpenMP runtime loads (with FAISS), so it is set
-    before that, and the calling thread is set too in case the runtime is already loaded.
-    """
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import faiss
-
-    faiss.omp_set_num_threads(1)
-
-
 @bentoml.service(workers=index_workers(SETTINGS.index, SETTINGS.workers), traffic={"timeout": 600})
 class IndexOwner:
     """Opens the collections (``serving.index.factory.open_layout``); all workers of the entry service call it."""
 
     def __init__(self) -> None:
-        one_openmp_thread()
         bundle = SETTINGS.bundle_dir()
         default = card_record(read_card(bundle), bundle)
         self.embedders = ModelEmbedders(default)
