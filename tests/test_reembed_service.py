@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import httpx
 import numpy as np
 import pytest
-from servekit import start_service
+from servekit import post_retrying, start_service
 
 from bench.launcher import Server
 from corinfomax.core.bundle import CARD_FILE, MODEL_FILE, VERIFY_FILE, read_card
@@ -77,13 +77,13 @@ def images(cifar10: Path, count: int, offset: int = 0) -> list[Path]:
 
 def add(client: httpx.Client, paths: list[Path], collection: str = "walk", key: str | None = None) -> list[int]:
     data = {"collection": json.dumps(collection), **({"idempotency_key": json.dumps(key)} if key else {})}
-    return ok(client.post("/add", files=[("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths],
-                          data=data))["ids"]
+    return ok(post_retrying(client, "/add", files=[("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths],
+                            data=data))["ids"]
 
 
 def top(client: httpx.Client, path: Path, collection: str = "walk") -> dict[str, Any]:
-    return ok(client.post("/search", files=[("images", (path.name, path.read_bytes(), "image/jpeg"))],
-                          data={"k": "1", "collection": json.dumps(collection)}))["results"][0][0]
+    return ok(post_retrying(client, "/search", files=[("images", (path.name, path.read_bytes(), "image/jpeg"))],
+                            data={"k": "1", "collection": json.dumps(collection)}))["results"][0][0]
 
 
 def collection(client: httpx.Client, name: str = "walk") -> dict[str, Any]:
@@ -194,7 +194,7 @@ class Writers:
                 mine.append(new)
                 if n % 3 == 2:
                     victim = mine.pop(0)
-                    ok(http.post("/delete", json={"ids": [victim], "collection": "walk"}))
+                    ok(post_retrying(http, "/delete", json={"ids": [victim], "collection": "walk"}))
                     self.deleted.append(victim)
 
 
