@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from servekit import start_service
 from test_collections import MODELS, add_images, ids_of, opened, record
+from test_formats import section, table_keys
 
 from corinfomax.core.errors import UserError
 from corinfomax.serving.index.factory import open_index
@@ -59,6 +60,7 @@ def test_a_folder_snapshot_restores_every_collection_generation_and_original(tmp
     assert {n: g["count"] for n, g in manifest["collections"]["default"]["generations"].items()} == {"1": 10, "2": 10}
     assert manifest["missing_originals"] == [] and (tmp_path / "snap" / MANIFEST).is_file()
     assert not [entry for entry in manifest["files"] if entry["path"].endswith(("-wal", "-shm"))]  # one file each
+    assert set(manifest) in table_keys(section("5. Index"))  # docs/FORMATS.md section 5d lists every field
     restored = str(tmp_path / "restored")
     assert restore(tmp_path / "snap", restored, progress=False)["items"] == 16
     again, _ = opened(restored)
