@@ -152,7 +152,10 @@ def _into_folder(source: Path, manifest: dict[str, Any], target: Path, force: bo
     elif target.exists():
         target.rmdir()
     staging.rename(target)
-    shutil.rmtree(replaced, ignore_errors=True)
+    if replaced.is_dir():
+        shutil.rmtree(replaced, ignore_errors=True)
+    else:
+        replaced.unlink(missing_ok=True)
 
 
 def _into_milvus(source: Path, manifest: dict[str, Any], location: str, force: bool, id_map: str | Path | None,

@@ -60,10 +60,14 @@ def snapshot(location: str, to: str | Path, progress: bool = True) -> dict[str, 
     dest.mkdir(parents=True, exist_ok=True)
     started = time.time()
     missing: list[str] = []
-    if is_milvus(location):
-        collections = _from_milvus(location, dest, progress)
-    else:
-        collections, missing = _from_folder(Path(location), dest, progress)
+    try:
+        if is_milvus(location):
+            collections = _from_milvus(location, dest, progress)
+        else:
+            collections, missing = _from_folder(Path(location), dest, progress)
+    except Exception:  # refused or failed: leave no partial copy in the way of the next try (a kill leaves one)
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
     files = [describe(dest, path) for path in tqdm(sorted(_files(dest)), desc="checksums", unit="file",
                                                    disable=not progress)]
     manifest = {"format": FORMAT, "version": VERSION, "source": str(location),
@@ -162,7 +166,7 @@ def _reading(path: Path) -> closing[sqlite3.Connection]:
 def _copy_faiss(folder: Path, copy: Path) -> None:
     """Copy the FAISS cache's pair of files when it is whole; else leave it out (the restored store rebuilds it)."""
     try:
-        meta = (folder / FAISS_META).read_bytes()  # first: it vouches for the index file read after it
+        meta = (folder / FAISS_META).read_bytes()  # a pair read across a save of the cache does not match
         data = (folder / FAISS_FILE).read_bytes()
         whole = hashlib.sha256(data).hexdigest() == json.loads(meta).get("sha256")
     except (OSError, ValueError):
