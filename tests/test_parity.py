@@ -3,8 +3,6 @@ stored alike, or refused with the same 400; and a Milvus Lite file serves one se
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -12,11 +10,12 @@ import httpx
 import numpy as np
 import pytest
 from servekit import start_service
+from test_snapshots import corinfomax
 
 from bench.launcher import Server
 from corinfomax.serving.index.backend import MAX_METADATA_DEPTH
-
-REPO = Path(__file__).resolve().parents[1]
+from corinfomax.serving.index.snapshot import snapshot as take_snapshot
+from corinfomax.serving.index.store import IndexStore
 
 pytestmark = pytest.mark.slow  # subprocesses, servers, DDP jobs or model exports
 
@@ -117,10 +116,14 @@ def test_a_second_service_on_one_lite_file_refuses_to_start(server: tuple[Server
         pytest.skip("an index folder is shared by processes through SQLite")
     with pytest.raises(RuntimeError, match=f"Milvus Lite file {location} is in use by another process"):
         start_service(tmp_path, model=str(tiny_bundle), demo_dir="", index=str(location))
-    snapshot = subprocess.run([sys.executable, "-m", "corinfomax.cli", "index", "snapshot", "--index", str(location),
-                               "--to", str(tmp_path / "snap")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    snapshot = corinfomax("index", "snapshot", "--index", str(location), "--to", str(tmp_path / "snap"))
     assert snapshot.returncode == 2 and f"Milvus Lite file {location} is in use" in snapshot.stderr
     assert "Traceback" not in snapshot.stderr and not (tmp_path / "snap").exists()
+    with IndexStore(tmp_path / "other", dim=256) as other:
+        other.add([vector(4)])
+    take_snapshot(str(tmp_path / "other"), tmp_path / "snap", progress=False)
+    forced = corinfomax("index", "restore", "--from", str(tmp_path / "snap"), "--index", str(location), "--force")
+    assert forced.returncode == 2 and f"Milvus Lite file {location} is in use" in forced.stderr  # not replaced
     with httpx.Client(base_url=first.url, timeout=60) as http:  # the first keeps serving, reads and writes
         (item,) = http.post("/add", json={"vectors": [vector(3)]}).json()["ids"]
         assert http.post("/search", json={"vectors": [vector(3)], "k": 1}).json()["results"][0][0]["id"] == item

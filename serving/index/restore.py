@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from corinfomax.core.errors import UserError
 from corinfomax.core.files import make_temp_dir
+from corinfomax.serving.index import lite_lock
 from corinfomax.serving.index.catalog import DEFAULT
 from corinfomax.serving.index.factory import is_milvus
 from corinfomax.serving.index.migrate import migrate
@@ -174,6 +175,7 @@ def _into_milvus(source: Path, manifest: dict[str, Any], location: str, force: b
 def _clear_milvus(location: str, force: bool) -> None:
     """Refuse a Milvus target that exists (``force``: remove a Lite file)."""
     if location.endswith(".db"):
+        lite_lock.claim(location)  # a service that has the file open keeps it: refused, naming the file
         path = Path(location)
         if path.exists() and not force:
             raise UserError(f"{location} exists: restore into a new file, or give --force to replace it (stop the "
