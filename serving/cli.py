@@ -1,5 +1,5 @@
-"""Serving-side subcommands: `extract`, `index build`, `index migrate`, `probe fit`, `serve`, and `collection ...`
-(the service's collection verbs for a stopped service).
+"""Serving-side subcommands: `extract`, `index build`, `index migrate`, `index snapshot`, `index restore`,
+`probe fit`, `serve`, and `collection ...` (the service's collection verbs for a stopped service).
 
 Imports happen inside the handlers so that `corinfomax --help` stays fast and nothing here pulls in
 PyTorch (serving environments do not have it).
@@ -77,6 +77,29 @@ def _register_index(subparsers: Any) -> None:
     p.add_argument("--id-map", default=None, metavar="FILE", help="write {old id: new id} as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_index_migrate)
+    p = index_sub.add_parser("snapshot", help="copy an index, while it is served and written, into a checked folder",
+                             description="Copy an index folder as of one point in time (SQLite's online backup of "
+                                         "the catalog and every generation, their FAISS files, the originals they "
+                                         "name) into DIR, with a manifest of sizes and sha256 written last. A Milvus "
+                                         "index is copied into the same folder format through `index migrate`.")
+    p.add_argument("--index", required=True, metavar="LOCATION",
+                   help="index folder, Milvus Lite FILE.db or milvus://HOST:PORT/COLLECTION")
+    p.add_argument("--to", required=True, metavar="DIR", help="a new (or empty) folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_index_snapshot)
+    p = index_sub.add_parser("restore", help="check a snapshot and make it the index at a location",
+                             description="Check every file of a snapshot against its manifest (a partial or "
+                                         "changed snapshot is refused before anything is written), then restore "
+                                         "it: an index folder as a whole, a Milvus index through `index migrate` "
+                                         "(new ids; --id-map writes old -> new).")
+    p.add_argument("--from", dest="source", required=True, metavar="DIR", help="a folder `index snapshot` wrote")
+    p.add_argument("--index", required=True, metavar="LOCATION",
+                   help="index folder, Milvus Lite FILE.db or milvus://HOST:PORT/COLLECTION; must not hold an index")
+    p.add_argument("--force", action="store_true",
+                   help="replace the index folder or Milvus Lite file at LOCATION (stop its service first)")
+    p.add_argument("--id-map", default=None, metavar="FILE", help="Milvus: write {old id: new id} as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_index_restore)
 
 
 def _register_probe(subparsers: Any) -> None:
@@ -224,6 +247,30 @@ def _index_migrate(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2))
     print(f"copied {summary['copied']} items from {args.source} to {args.target} ({summary['target_count']} there "
           f"now); counts and {summary['verified_sample']} sampled items verified")
+    return 0
+
+
+def _index_snapshot(args: argparse.Namespace) -> int:
+    from corinfomax.serving.index.snapshot import snapshot
+
+    manifest = snapshot(args.index, args.to, progress=not args.no_progress)
+    items = sum(gen["count"] for entry in manifest["collections"].values() for gen in entry["generations"].values())
+    print(f"snapshot of {args.index} in {args.to}: {len(manifest['collections'])} collections, {items} items over "
+          f"every generation, {len(manifest['files'])} files; every write acknowledged before "
+          f"{manifest['started_at']} is in it")
+    if manifest["missing_originals"]:
+        print(f"{len(manifest['missing_originals'])} originals were deleted while it ran (their items cannot be "
+              "re-embedded)")
+    return 0
+
+
+def _index_restore(args: argparse.Namespace) -> int:
+    from corinfomax.serving.index.restore import restore
+
+    summary = restore(args.source, args.index, force=args.force, id_map=args.id_map, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    print(f"restored {args.source} (taken at {summary['snapshot_started_at']}) as {args.index}: "
+          f"{summary['items']} items")
     return 0
 
 

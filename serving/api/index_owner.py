@@ -28,7 +28,7 @@ from corinfomax.serving.api.config import settings
 from corinfomax.serving.api.envelope import envelope
 from corinfomax.serving.api.metrics import INDEX_ITEMS
 from corinfomax.serving.embedder import Embedder
-from corinfomax.serving.index import switch
+from corinfomax.serving.index import lite_lock, switch
 from corinfomax.serving.index.backend import Hit
 from corinfomax.serving.index.catalog import DEFAULT
 from corinfomax.serving.index.collections import Collections
@@ -39,6 +39,9 @@ from corinfomax.serving.models import card_record, load_embedder
 
 log = logging.getLogger("corinfomax.service")
 SETTINGS = settings()
+# A Milvus Lite file serves one service: `bentoml serve`'s main process locks it here, before any worker starts,
+# so a second service stops at its start, naming the file, and never touches the first one's index.
+lite_lock.claim(SETTINGS.index)
 
 
 def index_workers(location: str | Path, api_workers: int) -> int:

@@ -20,6 +20,7 @@ from corinfomax.core.thumbnails import MAX_BYTES as MAX_THUMBNAIL_BYTES
 
 MAX_K = 1000  # beyond this a "top-k" is a data dump, not a search
 MAX_ID = 2**63 - 1  # SQLite's INTEGER range and Milvus' INT64
+MIN_METADATA_INT = -(2**63)  # metadata integers: Milvus' JSON keeps int64 only, so both backends refuse more
 # Metadata is a small description of an item, not a document store: every search answer carries it.
 MAX_METADATA_BYTES = 16 << 10  # per item, as JSON text
 MAX_METADATA_DEPTH = 32
@@ -184,16 +185,26 @@ def normalise(vectors: Any, dim: int, what: str = "vectors") -> np.ndarray:
 
 
 def check_metadata(meta: Any, where: str) -> str:
-    """A metadata object as JSON text, refused if not an object, too deep or over MAX_METADATA_BYTES."""
+    """A metadata object as JSON text, refused if not an object, too deep, over MAX_METADATA_BYTES, or holding a
+    value one backend could not store as given (the error names its path, e.g. ``metadata[0]["a"][2]``)."""
     if not isinstance(meta, dict):
         raise BadInput(f"{where} must be a JSON object, got {type(meta).__name__}")
-    stack: list[tuple[Any, int]] = [(meta, 1)]
+    stack: list[tuple[Any, int, str]] = [(meta, 1, where)]
     while stack:  # iterative, so a hostile nesting cannot exhaust the interpreter's recursion limit
-        value, depth = stack.pop()
+        value, depth, path = stack.pop()
         if depth > MAX_METADATA_DEPTH:
             raise BadInput(f"{where} is nested deeper than {MAX_METADATA_DEPTH} levels")
-        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-        stack.extend((child, depth + 1) for child in children)
+        if isinstance(value, dict):
+            for key, child in value.items():
+                _check_text(key, f"{path} key {_shown(key)}")
+                stack.append((child, depth + 1, f"{path}[{_shown(key)}]"))
+        elif isinstance(value, list):
+            stack.extend((child, depth + 1, f"{path}[{i}]") for i, child in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, int) and not isinstance(value, bool) and not MIN_METADATA_INT <= value <= MAX_ID:
+            raise BadInput(f"{path}: an integer of {value.bit_length()} bits is outside the range [-2**63, 2**63-1] "
+                           "that every index backend stores; send it as a string")
     try:
         text = json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError) as err:
@@ -201,6 +212,21 @@ def check_metadata(meta: Any, where: str) -> str:
     if len(text.encode()) > MAX_METADATA_BYTES:
         raise BadInput(f"{where} is {len(text.encode())} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
     return text
+
+
+def _check_text(text: Any, path: str) -> None:
+    """A string must be Unicode text that UTF-8 can encode: JSON lets a client send a lone surrogate
+    (``"\\ud800"``), which SQLite keeps but Milvus refuses."""
+    if isinstance(text, str):
+        try:
+            text.encode()
+        except UnicodeEncodeError as err:
+            raise BadInput(f"{path}: a string with a lone UTF-16 surrogate at position {err.start} is not "
+                           "Unicode text") from err
+
+
+def _shown(key: Any) -> str:
+    return json.dumps(key)[:66]
 
 
 def check_key(key: Any) -> str | None:
@@ -251,6 +277,7 @@ def check_rows(vectors: np.ndarray, metadata: Sequence[dict] | None,
         if label is not None and (not isinstance(label, str) or not 1 <= len(label) <= MAX_LABEL_CHARS):
             raise BadInput(f"labels[{i}] must be a string of 1 to {MAX_LABEL_CHARS} characters or null, "
                            f"got {str(label)[:100]!r}")
+        _check_text(label, f"labels[{i}]")
         rows.append((vector, text, label))
     return rows
 

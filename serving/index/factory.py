@@ -26,7 +26,7 @@ def open_index(location: str | Path, dim: int | None = None, model_sha256: str |
     Opened to read (no ``dim``), a location whose ``default`` collection was re-embedded opens that collection's
     live generation, the index the service answers from. Each backend's client library (FAISS, pymilvus) is
     imported only when that backend is opened."""
-    if dim is None and _has_catalog(location):
+    if dim is None and has_catalog(location):
         layout = open_layout(location)
         doc = collection_doc(layout.catalog, DEFAULT)
         if doc.live != 1:
@@ -44,7 +44,8 @@ def open_index(location: str | Path, dim: int | None = None, model_sha256: str |
     return IndexStore(location, dim=dim, model_sha256=model_sha256)
 
 
-def _has_catalog(location: str | Path) -> bool:
+def has_catalog(location: str | Path) -> bool:
+    """Whether ``location`` has a catalog (an index made before collections has none until a service opens it)."""
     if not is_milvus(location):
         return (Path(location) / CATALOG_FILE).is_file()
     if str(location).endswith(".db") and not Path(location).exists():

@@ -31,6 +31,16 @@ COLLECTIONS = "collections"
 ORIGINALS = "originals"
 
 
+def generation_folder(folder: Path, name: str, number: int) -> Path:
+    """Where generation ``number`` of collection ``name`` lives in index folder ``folder``."""
+    return folder if (name, number) == (DEFAULT, 1) else folder / COLLECTIONS / name / f"g{number}"
+
+
+def originals_folder(folder: Path, name: str) -> Path:
+    """Where collection ``name`` keeps its originals in index folder ``folder``."""
+    return folder / COLLECTIONS / name / ORIGINALS
+
+
 class Layout(Protocol):
     """A backend's places for collections, and what its ids need at a switch."""
 
@@ -85,7 +95,7 @@ class FolderLayout:
         self.catalog: Catalog = FolderCatalog(self.folder / CATALOG_FILE)
 
     def _path(self, name: str, number: int) -> Path:
-        return self.folder if (name, number) == (DEFAULT, 1) else self.folder / COLLECTIONS / name / f"g{number}"
+        return generation_folder(self.folder, name, number)
 
     def exists(self, name: str, number: int) -> bool:
         return (self._path(name, number) / DB_FILE).is_file()
@@ -106,7 +116,7 @@ class FolderLayout:
         shutil.rmtree(self.folder / COLLECTIONS / name, ignore_errors=True)
 
     def originals_folder(self, name: str) -> Path:
-        return self.folder / COLLECTIONS / name / ORIGINALS
+        return originals_folder(self.folder, name)
 
     def allocate(self, doc: CollectionDoc, n: int) -> list[int] | None:
         return None

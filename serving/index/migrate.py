@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from corinfomax.core.errors import UserError
 from corinfomax.core.files import atomic_write_text
-from corinfomax.serving.index.factory import open_index
+from corinfomax.serving.index.factory import is_milvus, open_index
 from corinfomax.serving.index.store import IndexStore
 
 log = logging.getLogger(__name__)
@@ -31,13 +31,17 @@ SAMPLE = 100  # items whose vectors, metadata and labels are compared after the 
 
 
 def migrate(source: str, target: str, *, batch: int = BATCH, sample: int = SAMPLE, id_map: str | Path | None = None,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, keep_ids: bool = False) -> dict[str, Any]:
     """Copy ``source`` into ``target`` (created with the source's dim and model if missing); return a summary.
 
+    ``keep_ids``: the target keeps the source's ids (an index folder only: its sequence follows the ids given,
+    while a Milvus collection that numbers its items could hand a kept id out again).
     Raises UserError when the target refuses the source (other dim or model) or the verification fails.
     """
     if source == target:
         raise UserError("--from and --to name the same index")
+    if keep_ids and is_milvus(target):
+        raise UserError(f"{target}: only an index folder can keep the source's ids")
     origin = hashlib.sha256(source.encode()).hexdigest()[:16]
     mapping: dict[int, int] = {}
     with open_index(source) as src, open_index(target, dim=src.dim, model_sha256=src.model_sha256) as dst:
@@ -45,9 +49,10 @@ def migrate(source: str, target: str, *, batch: int = BATCH, sample: int = SAMPL
         for chunk in tqdm(src.items(batch), total=math.ceil(total / batch), unit="batch", desc="migrate",
                           disable=not progress):
             items = [item for item, _ in chunk]
-            new = dst.add(np.stack([item.vector for item in items]), [item.metadata for item in items],
-                          [item.label for item in items], [thumb for _, thumb in chunk],
-                          key=f"migrate:{origin}:{items[0].id}-{items[-1].id}")
+            row = (np.stack([item.vector for item in items]), [item.metadata for item in items],
+                   [item.label for item in items], [thumb for _, thumb in chunk])
+            key = f"migrate:{origin}:{items[0].id}-{items[-1].id}"
+            new = (dst.add_at([item.id for item in items], *row, key=key) if keep_ids else dst.add(*row, key=key))
             mapping.update(zip((item.id for item in items), new))
         _verify(src, dst, mapping, total, sample)
         if isinstance(dst, IndexStore):

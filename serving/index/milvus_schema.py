@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from pymilvus import DataType, MilvusClient, MilvusException
 
 from corinfomax.core.errors import BadInput
+from corinfomax.serving.index import lite_lock
 from corinfomax.serving.index.backend import (
     MAX_KEY_CHARS,
     MAX_LABEL_CHARS,
@@ -61,6 +62,7 @@ def connection(location: str) -> tuple[str, str | None, str]:
 def open_client(location: str) -> MilvusClient:
     """A client for ``location`` (one per process for a Milvus Lite file)."""
     uri, token, _ = connection(location)
+    lite_lock.claim(location)
     try:
         return MilvusClient(uri=uri, token=token or "")
     except MilvusException as err:
