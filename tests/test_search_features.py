@@ -31,6 +31,8 @@ FILTERS: list[dict[str, Any]] = [
     {"or": [{"metadata.year": 2001}, {"metadata.camera.iso": {"gt": 1600}}]},
     {"not": {"metadata.kind": {"ne": "scan"}}},
     {"metadata.year": 2003, "metadata.kind": "photo"},  # one item in 60
+    {"or": [{"metadata.kind": '" or 1==1 or "'}, {"label": "a\\\" or label != \"x"}]},  # match nothing
+    {"metadata.kind": {"ne": "photo\n\u00e9\u4e2d"}},
 ]
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -32,6 +32,7 @@ EXACT_MAX = 20_000  # expected passing items up to which they are scored exactly
 SAMPLE_ROWS = 2_000  # rows in the selectivity sample: a fraction of 1% is seen ~20 times
 WIDEN = 4  # growth of the FAISS fetch per round
 FETCH_MAX = 1 << 16  # per query; beyond it the exact way is cheaper than another round
+SCORES_MAX = 1 << 22  # scores held at once (queries x rows), 16 MiB of float32, whatever the request's shape
 LABELLED = "label IS NOT NULL"
 
 
@@ -68,35 +69,44 @@ def nearest_where(cache: FaissCache, db: Database, selectivity: Selectivity, que
 
 
 def exact(db: Database, dim: int, queries: np.ndarray, k: int, where: str, params: Sequence[Any]) -> Ranked:
-    """Exact top-``k`` over the rows where ``where`` holds, streamed from SQLite."""
-    scores, ids = exact_top(queries, db.scan(dim, where, params), k)
+    """Exact top-``k`` over the rows where ``where`` holds, streamed from SQLite in batches sized so that one batch's
+    scores for every query stay within ``SCORES_MAX``."""
+    batch = max(256, SCORES_MAX // len(queries))
+    scores, ids = exact_top(queries, db.scan(dim, where, params, batch), k)
     return [[(int(i), float(s)) for s, i in zip(srow, irow)] for srow, irow in zip(scores, ids)]
 
 
 def widening(cache: FaissCache, db: Database, queries: np.ndarray, k: int, where: str, params: Sequence[Any],
              fraction: float) -> Ranked:
     """FAISS search with a post-filter, widened until each query has ``k`` passing hits or FAISS is exhausted."""
-    index = cache.current()
-    total = int(index.ntotal)
+    total = int(cache.current().ntotal)
     fetch = min(total, max(2 * k, math.ceil(2 * k / max(fraction, 1e-9))))
-    breadth = search_params(cache.meta, None)
     rows: list[list[tuple[int, float]] | None] = [None] * len(queries)
-    while True:
-        pending = [q for q, row in enumerate(rows) if row is None]
-        if not pending:
-            return [row or [] for row in rows]
-        batch = queries[pending]
-        scores, ids = index.search(batch, fetch, params=breadth) if breadth else index.search(batch, fetch)
-        passing = db.passing({int(i) for i in ids.ravel() if i >= 0}, where, params)  # deleted rows fail too
-        exhausted = fetch >= total or fetch >= FETCH_MAX
+    while pending := [q for q, row in enumerate(rows) if row is None]:
+        exhausted = fetch >= min(total, FETCH_MAX)
         short = []
-        for q, srow, irow in zip(pending, scores, ids):
-            row = [(int(i), float(s)) for s, i in zip(srow, irow) if int(i) in passing][:k]
-            if len(row) == k:
-                rows[q] = row
-            elif exhausted or (irow < 0).any():
-                short.append(q)
+        step = max(1, SCORES_MAX // fetch)  # queries per FAISS call: its answer is queries x fetch
+        for start in range(0, len(pending), step):
+            chunk = pending[start : start + step]
+            for q, row, complete in _post_filtered(cache, db, queries[chunk], k, fetch, where, params, chunk):
+                if len(row) == k:
+                    rows[q] = row
+                elif exhausted or not complete:
+                    short.append(q)
         if short:  # FAISS has no more to give these queries: rank their passing items exactly
             for q, row in zip(short, exact(db, cache.dim, queries[short], k, where, params)):
                 rows[q] = row
         fetch = min(total, FETCH_MAX, fetch * WIDEN)
+    return [row or [] for row in rows]
+
+
+def _post_filtered(cache: FaissCache, db: Database, queries: np.ndarray, k: int, fetch: int, where: str,
+                   params: Sequence[Any], numbers: list[int]) -> Iterator[tuple[int, list[tuple[int, float]], bool]]:
+    """Per query (its number): the passing hits among FAISS's top ``fetch``, at most ``k``, and whether FAISS gave
+    all ``fetch`` (an IVF index whose probed lists ran out gives fewer)."""
+    breadth = search_params(cache.meta, None)
+    index = cache.current()
+    scores, ids = index.search(queries, fetch, params=breadth) if breadth else index.search(queries, fetch)
+    passing = db.passing({int(i) for i in ids.ravel() if i >= 0}, where, params)  # deleted rows fail too
+    for q, srow, irow in zip(numbers, scores, ids):
+        yield q, [(int(i), float(s)) for s, i in zip(srow, irow) if int(i) in passing][:k], bool((irow >= 0).all())

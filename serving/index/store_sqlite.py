@@ -228,13 +228,14 @@ class Database:
         """(id, vector bytes, label) of every labelled item, in id order."""
         return self.rows("SELECT id, vector, label FROM items WHERE label IS NOT NULL ORDER BY id")
 
-    def scan(self, dim: int, where: str = "1", params: Sequence[Any] = ()) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """All (ids, vectors) in id order, READ_BATCH rows at a time; only rows where ``where`` holds (a condition of
+    def scan(self, dim: int, where: str = "1", params: Sequence[Any] = (),
+             batch: int = READ_BATCH) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All (ids, vectors) in id order, ``batch`` rows at a time; only rows where ``where`` holds (a condition of
         ``filter_compile.to_sql``, with its ``params``)."""
         last = 0
         while True:
             rows = self.rows(f"SELECT id, vector FROM items WHERE id > ? AND ({where}) ORDER BY id LIMIT ?",
-                             (last, *params, READ_BATCH))
+                             (last, *params, batch))
             if not rows:
                 return
             ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
