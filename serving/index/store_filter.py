@@ -5,7 +5,7 @@ SQLite says which items pass (``filter_compile.to_sql``; an expression index on 
 a lookup, ``IndexStore.index_field``). Two ways to rank them, chosen by how many are expected to pass:
 - few (at most ``EXACT_MAX``): read the passing rows' vectors from SQLite and score them exactly. A FAISS id
   selector on an HNSW or IVF index would walk a graph or lists where almost nothing is allowed, and lose
-  recall just where the set is smallest; scoring 20,000 vectors of 256 dims costs a few ms.
+  recall just where the set is smallest.
 - many: a FAISS search with ``fetch`` results per query, sized from the expected fraction, the ids checked
   against the filter in SQLite, widened ``WIDEN``-fold until every query has k passing hits or FAISS has no
   more to give. A query still short then (an IVF index whose probed lists ran out, or ``FETCH_MAX`` reached)
@@ -28,11 +28,16 @@ from corinfomax.serving.index.store_faiss import FaissCache, exact_top
 from corinfomax.serving.index.store_search import Ranked, search_params
 from corinfomax.serving.index.store_sqlite import Database
 
-EXACT_MAX = 20_000  # expected passing items up to which they are scored exactly
+# Expected passing items up to which they are scored exactly. Where the two ways cross (bench/filter_scale.py,
+# 100k HNSW items of 128 dims, a busy shared machine, so only the order of magnitude): 1,000 passing items
+# took 2.6 ms exactly vs 4.6 ms widening, 10,000 took 56 ms vs 12 ms.
+EXACT_MAX = 4_000
 SAMPLE_ROWS = 2_000  # rows in the selectivity sample: a fraction of 1% is seen ~20 times
+OVERFETCH = 4  # the first FAISS fetch: this many times the k passing hits the expected fraction gives
 WIDEN = 4  # growth of the FAISS fetch per round
 FETCH_MAX = 1 << 16  # per query; beyond it the exact way is cheaper than another round
 SCORES_MAX = 1 << 22  # scores held at once (queries x rows), 16 MiB of float32, whatever the request's shape
+KNOWN_FILTERS = 1024  # estimates kept (then forgotten all at once)
 LABELLED = "label IS NOT NULL"
 
 
@@ -42,13 +47,19 @@ class Selectivity:
     def __init__(self) -> None:
         self.rows: list[tuple[int, str | None, dict[str, Any]]] = []
         self.count = -1
+        self.known: dict[Filter, float] = {}  # per filter: evaluating it on the sample costs ~1 ms
 
     def fraction(self, db: Database, flt: Filter, count: int) -> float:
         if abs(count - self.count) * 10 > max(self.count, 1):
             self.rows = [(i, label, json.loads(meta)) for i, label, meta in db.sample_rows(SAMPLE_ROWS)]
             self.count = count
-        matched, sampled = estimate_fraction(flt, self.rows)
-        return matched / sampled if sampled else 0.0
+            self.known.clear()
+        if flt not in self.known:
+            if len(self.known) >= KNOWN_FILTERS:
+                self.known.clear()
+            matched, sampled = estimate_fraction(flt, self.rows)
+            self.known[flt] = matched / sampled if sampled else 0.0
+        return self.known[flt]
 
 
 def condition(flt: Filter | None, labelled_only: bool) -> tuple[str, list[Any]]:
@@ -72,7 +83,7 @@ def exact(db: Database, dim: int, queries: np.ndarray, k: int, where: str, param
     """Exact top-``k`` over the rows where ``where`` holds, streamed from SQLite in batches sized so that one batch's
     scores for every query stay within ``SCORES_MAX``."""
     batch = max(256, SCORES_MAX // len(queries))
-    scores, ids = exact_top(queries, db.scan(dim, where, params, batch), k)
+    scores, ids = exact_top(queries, db.matching(dim, where, params, batch), k)
     return [[(int(i), float(s)) for s, i in zip(srow, irow)] for srow, irow in zip(scores, ids)]
 
 
@@ -80,7 +91,7 @@ def widening(cache: FaissCache, db: Database, queries: np.ndarray, k: int, where
              fraction: float) -> Ranked:
     """FAISS search with a post-filter, widened until each query has ``k`` passing hits or FAISS is exhausted."""
     total = int(cache.current().ntotal)
-    fetch = min(total, max(2 * k, math.ceil(2 * k / max(fraction, 1e-9))))
+    fetch = min(total, math.ceil(OVERFETCH * k / max(fraction, 1e-9)))
     rows: list[list[tuple[int, float]] | None] = [None] * len(queries)
     while pending := [q for q, row in enumerate(rows) if row is None]:
         exhausted = fetch >= min(total, FETCH_MAX)

@@ -228,20 +228,28 @@ class Database:
         """(id, vector bytes, label) of every labelled item, in id order."""
         return self.rows("SELECT id, vector, label FROM items WHERE label IS NOT NULL ORDER BY id")
 
-    def scan(self, dim: int, where: str = "1", params: Sequence[Any] = (),
-             batch: int = READ_BATCH) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """All (ids, vectors) in id order, ``batch`` rows at a time; only rows where ``where`` holds (a condition of
-        ``filter_compile.to_sql``, with its ``params``)."""
+    def scan(self, dim: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All (ids, vectors) in id order, READ_BATCH rows at a time."""
         last = 0
         while True:
-            rows = self.rows(f"SELECT id, vector FROM items WHERE id > ? AND ({where}) ORDER BY id LIMIT ?",
-                             (last, *params, batch))
+            rows = self.rows("SELECT id, vector FROM items WHERE id > ? ORDER BY id LIMIT ?", (last, READ_BATCH))
             if not rows:
                 return
             ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
             vectors = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), dim)
             last = int(ids[-1])
             yield ids, vectors
+
+    def matching(self, dim: int, where: str, params: Sequence[Any], batch: int) -> Iterator[tuple[np.ndarray,
+                                                                                              np.ndarray]]:
+        """(ids, vectors) of the rows where ``where`` holds, ``batch`` rows at a time, in no set order: without an
+        ORDER BY, SQLite may find them through an index on a field the condition reads (ranges included), where
+        paging by id would walk the whole table. Holds the lock until the last batch is read."""
+        with self.lock:
+            cursor = self._db.execute(f"SELECT id, vector FROM items WHERE {where}", params)
+            while rows := cursor.fetchmany(batch):
+                yield (np.fromiter((r[0] for r in rows), np.int64, len(rows)),
+                       np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), dim))
 
     def passing(self, ids: set[int], where: str, params: Sequence[Any]) -> set[int]:
         """Those of ``ids`` whose rows satisfy ``where``."""
