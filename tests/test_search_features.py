@@ -6,13 +6,13 @@ search paths at selectivities from one item to all, without a server."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from servekit import start_service
-from test_service import API_KEY, files, ok
+import test_service
+from test_service import files, ok
 
 from bench.launcher import Server
 from corinfomax.serving.index import store_filter
@@ -20,6 +20,7 @@ from corinfomax.serving.index.filters import Filter, parse_filter
 from corinfomax.serving.index.recommend import best_scores
 from corinfomax.serving.index.store import IndexStore
 
+server, client = test_service.server, test_service.client  # a served index per backend, for this module too
 DIM = 256  # the tiny bundle's
 KINDS = ["photo", "scan", "drawing"]
 FILTERS: list[dict[str, Any]] = [
@@ -64,22 +65,6 @@ def sample_items(n: int, seed: int = 0) -> tuple[np.ndarray, list[str | None], l
                  **({"camera": {"iso": 100 * (i % 40)}} if i % 2 else {})} for i in range(n)]
     labels = [["a", "b", None][i % 3] if i % 4 else None for i in range(n)]
     return unit(rng.normal(size=(n, DIM))), labels, metadata
-
-
-@pytest.fixture(scope="module", params=["index", "index.db"], ids=["folder", "milvus-lite"])
-def server(request: pytest.FixtureRequest, tiny_bundle: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("features")
-    srv = start_service(root, model=str(tiny_bundle), demo_dir="", api_key=API_KEY, workers="1",
-                        index=str(root / request.param))
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=60) as http:
-        yield http
 
 
 @pytest.fixture(scope="module")
