@@ -106,6 +106,8 @@ def test_a_filter_in_a_form_and_labelled_knn(client: httpx.Client, items: Items,
     knn = ok(client.post("/classify", files=files([image]),
                          data={"method": "knn", "k": "2", "neighbours": "9", "filter": '{"label": "b"}'}))
     assert [p["label"] for p in knn["predictions"][0]] == ["b"]
+    by_probe = client.post("/classify", files=files([image]), data={"filter": '{"label": "b"}'})  # auto: the probe
+    assert by_probe.status_code == 400 and "kNN" in by_probe.json()["error"]
 
 
 @pytest.mark.slow
