@@ -216,8 +216,7 @@ class IndexOwner:
     @bentoml.api
     @envelope
     def index_field(self, field: str, collection: Optional[str] = None) -> dict[str, Any]:
-        self.collections.index_field(collection, metadata_field(field))
-        return {"field": field, "indexed_fields": self.collections.stats(collection)["indexed_fields"]}
+        return self.collections.index_field(collection, metadata_field(field))
 
     @bentoml.api
     @envelope

@@ -249,12 +249,14 @@ class Collections:
                 except Exception as err:  # committed in the live generation: the switch copies the live rows
                     log.warning("collection %s: generation %d missed an update (%s)", state.doc.name, number, err)
 
-    def index_field(self, name: Any, field: Field) -> None:
-        """Index a metadata field for filters in every generation of the collection."""
+    def index_field(self, name: Any, field: Field) -> dict[str, Any]:
+        """Index a metadata field for filters in every generation of the collection; the field and the live
+        generation's indexed fields (none on Milvus Lite)."""
         with self.lock:
             state = self.state(name, fresh=True)
             for handle in state.handles.values():
                 handle.store.index_field(field)
+            return {"field": field.name, "indexed_fields": state.live.stats()["indexed_fields"]}
 
     def release(self, state: Open, sources: set[str]) -> None:
         """Delete the originals of ``sources`` that no generation references any more (under the lock)."""
