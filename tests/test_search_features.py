@@ -145,6 +145,9 @@ def test_bad_filters_are_400s_naming_the_part(client: httpx.Client, body: dict[s
         assert resp.status_code == 400 and named in str(resp.json()), (route, resp.text)
     resp = client.post("/list", json={"filter": {"metadata.x..y": 1}})
     assert resp.status_code == 400 and "bad field" in resp.json()["error"]
+    deep = '{"label": {"eq": ' + "[" * 900 + "]" * 900 + "}}"  # as deep as a form field's JSON parser goes
+    resp = client.post("/list", data={"filter": deep})
+    assert resp.status_code == 400 and "got a list" in resp.json()["error"]
 
 
 @pytest.mark.slow
@@ -169,6 +172,9 @@ def test_recommend_from_ids_and_vectors(client: httpx.Client, items: Items, stra
     assert no_examples.status_code == 400 and "positive" in no_examples.text
     unknown = client.post("/recommend", json={"positive": [10**12]})
     assert unknown.status_code == 404
+    for bad in ([[[0.5] * DIM]], [True], [0.5], "1", [1] * 65, [[0.5] * 3]):
+        resp = client.post("/recommend", json={"positive": bad})
+        assert resp.status_code == 400 and "positive" in resp.json()["error"], (bad, resp.text)
 
 
 @pytest.mark.slow

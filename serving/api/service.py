@@ -43,7 +43,7 @@ from corinfomax.serving.api.routes import Routes
 from corinfomax.serving.index.backend import MAX_K, check_k, check_key, check_metadata, normalise
 from corinfomax.serving.index.catalog import StaleRoute
 from corinfomax.serving.index.filters import metadata_field, parse_filter
-from corinfomax.serving.index.reads import DEFAULT_PAGE, check_limit
+from corinfomax.serving.index.reads import DEFAULT_PAGE, check_examples, check_limit
 from corinfomax.serving.index.recommend import check_threshold
 from corinfomax.serving.models import LoadedModel, ModelRegistry, public
 
@@ -168,6 +168,8 @@ class CorInfoMax(Management):
         """Items like the ``positive`` examples and unlike the ``negative`` ones (stored ids or vectors), by
         ``strategy`` ``average_vector`` or ``best_score``; the examples themselves are left out. /search's answer."""
         check_k(k)
+        check_examples(positive, "positive")
+        check_examples(negative, "negative")
         options = search_options(filter, score_threshold)
         return {"results": unwrap(await call(self.index.to_async.recommend, positive=positive, negative=negative,
                                              strategy=strategy, k=k, collection=collection, **options))}

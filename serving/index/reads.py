@@ -52,18 +52,30 @@ def recommend_hits(store: VectorIndex, positive: list[Any], negative: list[Any] 
 
 def examples(store: VectorIndex, values: Any, where: str) -> tuple[np.ndarray, list[int]]:
     """Examples given as stored ids or vectors, as unit vectors ``[N, D]`` (in the order given) and the ids."""
-    if not isinstance(values, list):
-        raise BadInput(f"{where}: a list of stored ids or vectors, got {type(values).__name__}")
-    if len(values) > MAX_EXAMPLES:
-        raise BadInput(f"{where}: {len(values)} examples; the limit is {MAX_EXAMPLES}")
+    check_examples(values, where)
     if not values:
         return np.zeros((0, store.dim), np.float32), []
     ids = check_ids([v for v in values if not isinstance(v, list)]) if not all(isinstance(v, list) for v in values) \
         else []
     stored = dict(zip(ids, store.vectors(ids))) if ids else {}
-    rows = [normalise(v, store.dim, f"{where}[{i}]")[0] if isinstance(v, list) else stored[v]
+    rows = [normalise([v], store.dim, f"{where}[{i}]")[0] if isinstance(v, list) else stored[v]
             for i, v in enumerate(values)]
     return np.stack(rows), ids
+
+
+def check_examples(values: Any, where: str) -> None:
+    """A list of at most MAX_EXAMPLES stored ids or flat vectors (checked before it crosses to the index service:
+    a client's nesting never reaches pickle)."""
+    if values is None:
+        return
+    if not isinstance(values, list):
+        raise BadInput(f"{where}: a list of stored ids or vectors, got {type(values).__name__}")
+    if len(values) > MAX_EXAMPLES:
+        raise BadInput(f"{where}: {len(values)} examples; the limit is {MAX_EXAMPLES}")
+    for i, value in enumerate(values):
+        flat = isinstance(value, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
+        if not (flat or isinstance(value, int) and not isinstance(value, bool)):
+            raise BadInput(f"{where}[{i}]: a stored item's id or a vector (a list of numbers)")
 
 
 def page(store: VectorIndex, filter: Any = None, limit: Any = DEFAULT_PAGE, cursor: Any = None) -> dict[str, Any]:
