@@ -174,11 +174,17 @@ class MilvusStore:
                 entity["id"] = ids[i]
             if self.has_source:
                 entity["source"] = sources[i]
-        if ids is not None and not self._explicit_allowed:  # a server refuses given ids in an auto_id collection
-            self._client.alter_collection_properties(self.collection, {"allow_insert_auto_id": "true"})
-            self._explicit_allowed = True
+        if ids is not None:
+            self._allow_given_ids()
         answer = self._client.insert(self.collection, entities)
         return [int(i) for i in answer["ids"]]
+
+    def _allow_given_ids(self) -> None:
+        """A server refuses given ids in an auto_id collection (and an upsert there gives the row a new id) unless
+        the collection allows them."""
+        if not self._explicit_allowed:
+            self._client.alter_collection_properties(self.collection, {"allow_insert_auto_id": "true"})
+            self._explicit_allowed = True
 
     @answers_503
     def put_rows(self, rows: Sequence[StoredRow], vectors: np.ndarray) -> None:
@@ -341,7 +347,10 @@ class MilvusStore:
         row = {"id": item_id, **{name: rows[0][name] for name in fields}}
         row["metadata"] = metadata if metadata is not None else row["metadata"]
         row["label"] = label if set_label else row["label"]
-        self._client.upsert(self.collection, [row])
+        self._allow_given_ids()
+        kept = [int(i) for i in self._client.upsert(self.collection, [row])["ids"]]
+        if kept != [item_id]:  # checked on Milvus Lite only: a server that renumbers must not do so silently
+            raise RuntimeError(f"Milvus at {self.location} stored the update of item {item_id} as item {kept}")
         return True
 
     def index_field(self, field: Field) -> None:
