@@ -15,6 +15,7 @@ import test_service
 from test_service import files, ok
 
 from bench.launcher import Server
+from corinfomax.core.errors import BadInput
 from corinfomax.serving.index import store_filter
 from corinfomax.serving.index.filters import Filter, parse_filter
 from corinfomax.serving.index.recommend import best_scores
@@ -274,3 +275,36 @@ def test_filtered_recall_from_one_item_to_all(tmp_path: Path, monkeypatch: pytes
     recalls = {name: recall(parse_filter(flt)) for name, flt in SELECTIVITIES}
     assert min(recalls.values()) >= floor, recalls
     store.close()
+
+
+@pytest.mark.parametrize("name", ["index", "index.db"], ids=["folder", "milvus-lite"])
+def test_the_read_requests_on_each_store(tmp_path: Path, name: str) -> None:
+    """reads.py on the stores themselves (the quick lane's share of the HTTP tests above)."""
+    from corinfomax.serving.index import reads
+    from corinfomax.serving.index.factory import open_index
+
+    vectors, labels, metadata = sample_items(60)
+    with open_index(str(tmp_path / name), dim=DIM) as store:
+        items = Items(store.add(vectors, metadata, labels), vectors, labels, metadata)
+        q = queries(1)
+        flt = {"metadata.kind": {"in": ["photo", "scan"]}}
+        (expected,) = items.exact(q, 5, parse_filter(flt))
+        scores = sorted((q @ items.vectors[np.isin(items.ids, expected)].T)[0], reverse=True)
+        (row,) = reads.search(store, q, 5, filter=flt, score_threshold=(scores[2] + scores[3]) / 2)
+        assert [hit.id for hit in row] == expected[:3]
+        pages, cursor = [], None
+        while True:
+            page = reads.page(store, {"label": "a"}, 4, cursor)
+            pages += [item["id"] for item in page["items"]]
+            if (cursor := page["cursor"]) is None:
+                break
+        assert pages == items.ids[items.passing(parse_filter({"label": "a"}))].tolist()
+        assert store.update(int(items.ids[0]), {"kind": "new"}, "c", set_label=True)
+        assert reads.page(store, {"label": "c"}, 10)["items"] == [{"id": int(items.ids[0]), "label": "c",
+                                                                    "metadata": {"kind": "new"}}]
+        assert int(items.ids[0]) in store.labelled().ids.tolist()
+        hits = reads.recommend_hits(store, [int(items.ids[1])], None, "average_vector", 3)
+        assert int(items.ids[1]) not in [hit.id for hit in hits] and len(hits) == 3
+        for cursor in ("", "YWZ0ZXI6", reads.encode_cursor(5) + "=", "x" * 80, 7):
+            with pytest.raises(BadInput, match="cursor"):
+                reads.decode_cursor(cursor)

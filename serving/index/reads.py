@@ -55,8 +55,8 @@ def examples(store: VectorIndex, values: Any, where: str) -> tuple[np.ndarray, l
     check_examples(values, where)
     if not values:
         return np.zeros((0, store.dim), np.float32), []
-    ids = check_ids([v for v in values if not isinstance(v, list)]) if not all(isinstance(v, list) for v in values) \
-        else []
+    given = [v for v in values if not isinstance(v, list)]
+    ids = check_ids(given) if given else []
     stored = dict(zip(ids, store.vectors(ids))) if ids else {}
     rows = [normalise([v], store.dim, f"{where}[{i}]")[0] if isinstance(v, list) else stored[v]
             for i, v in enumerate(values)]
