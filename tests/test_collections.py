@@ -260,3 +260,23 @@ def test_updates_and_field_indexes_reach_every_generation(location: str, jpegs: 
     with pytest.raises(NotFound):
         collections.update(None, 10**9, None, "x", set_label=True)
     collections.close()
+
+
+def test_an_update_racing_a_reembed_copy_reaches_the_new_generation(location: str, jpegs: list[bytes],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from corinfomax.serving.index import switch
+
+    collections, jobs = opened(location)
+    ids = add_images(collections, jpegs[:6])
+    copy = switch.copy
+
+    def racing(*args: Any) -> list[int]:  # the update lands after the batch was read, before it is written
+        collections.update(None, ids[0], {"n": "late"}, "dog", set_label=True)
+        return copy(*args)
+
+    monkeypatch.setattr(switch, "copy", racing)
+    assert jobs.start(None, record("b@1"), background=False).state == "done"
+    with collections.reading(None) as store:
+        item = store.get(ids[0])
+    assert (item.label, item.metadata) == ("dog", {"n": "late"})
+    collections.close()

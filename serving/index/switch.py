@@ -103,6 +103,9 @@ def finish(collections: Collections, job: JobDoc) -> JobDoc:
         state = pending(collections, job)
         old, new = state.live, state.store(job.generation)
         missing = sync(old, new, collections.encoders(job.model), state.originals)
+        for row in old.stored(sorted(state.updated)):  # updates the copy may have read too early
+            new.update(row.id, row.metadata, row.label, set_label=True)
+        state.updated.clear()
         if missing and not job.allow_missing:
             raise Conflict(f"{len(missing)} items cannot be embedded with {job.model}: ids {listed(missing)} (added "
                            "as vectors, or their original is gone); rerun with allow_missing to leave them out")
