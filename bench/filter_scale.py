@@ -36,10 +36,12 @@ def mixture(rng: np.random.Generator, centres: np.ndarray, n: int, spread: float
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def fill(folder: Path, vectors: np.ndarray, buckets: np.ndarray, batch: int = 10_000) -> IndexStore:
+def fill(folder: Path, vectors: np.ndarray, buckets: np.ndarray, kind: str | None,
+         batch: int = 10_000) -> IndexStore:
     store = IndexStore(folder, dim=vectors.shape[1])
     store.add_many(((vectors[i : i + batch], [{"b": int(b)} for b in buckets[i : i + batch]], None)
-                    for i in range(0, len(vectors), batch)))
+                    for i in range(0, len(vectors), batch)), rebuild=False)
+    store.rebuild(kind)
     field = parse_filter({"metadata.b": 0})
     assert field is not None and hasattr(field.root, "field")
     store.index_field(field.root.field)
@@ -76,6 +78,7 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=1000)
     parser.add_argument("--spread", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kind", default=None, help="FAISS index kind (default: as `index build` picks it)")
     parser.add_argument("--exact-max", type=int, nargs="+", default=[store_filter.EXACT_MAX],
                         help="expected passing items up to which they are scored exactly (store_filter.EXACT_MAX); "
                              "several: one table each, to choose the default from")
@@ -87,7 +90,7 @@ def main() -> None:
     queries = mixture(rng, centres, args.queries, args.spread)
     buckets = rng.integers(0, BUCKETS, args.size)
     with tempfile.TemporaryDirectory() as folder:
-        store = fill(Path(folder) / "index", vectors, buckets)
+        store = fill(Path(folder) / "index", vectors, buckets, args.kind)
         ids = store.id_list()
         stats = store.stats()
         print(f"{args.size} vectors of {args.dim} dims, kind {stats['kind']}, recall@10 (its sample) "
