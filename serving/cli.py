@@ -151,7 +151,8 @@ def _register_collection(subparsers: Any) -> None:
                        ("drop", "drop a collection, its generations and originals"),
                        ("reembed", "build a new generation with --model, then switch to it (resumes a stopped job)"),
                        ("rollback", "make the previous generation live again"),
-                       ("drop-generation", "free the previous generation")):
+                       ("drop-generation", "free the previous generation"),
+                       ("field-index", "index a metadata field that filters read (as POST /index_field does)")):
         p = verbs.add_parser(verb, help=text, description=text[0].upper() + text[1:] + ".")
         if verb != "list":
             p.add_argument("name", metavar="COLLECTION")
@@ -170,12 +171,15 @@ def _register_collection(subparsers: Any) -> None:
             p.add_argument("--keep-originals", action="store_true", help="keep the images added over HTTP")
         if verb == "reembed":
             p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if verb == "field-index":
+            p.add_argument("--field", required=True, help="metadata.<path>, as filters name it")
         p.set_defaults(handler=_collection)
 
 
 def _collection(args: argparse.Namespace) -> int:
     from corinfomax.serving.admin import Admin
     from corinfomax.serving.api.config import Settings
+    from corinfomax.serving.index.filters import metadata_field
 
     settings = Settings.from_env()
     models = Path(args.models) if args.models else settings.models_dir
@@ -194,6 +198,8 @@ def _collection(args: argparse.Namespace) -> int:
             answer = admin.reembed(args.name, args.model, args.allow_missing, not args.no_progress).public()
         elif verb == "rollback":
             answer = admin.rollback(args.name, args.allow_missing)
+        elif verb == "field-index":
+            answer = admin.collections.index_field(args.name, metadata_field(args.field))
         else:
             answer = admin.drop_generation(args.name)
     finally:

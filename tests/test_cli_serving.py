@@ -166,6 +166,8 @@ def test_collection_verbs_for_a_stopped_service(tiny_bundle: Path, cifar10: Path
     listed = json.loads(corinfomax("collection", "list", *where).stdout)
     assert [(c["name"], c["version"], c["generation"], c["count"]) for c in listed] == [
         ("default", card["version"], 1, 0), ("pets", "v2", 2, 5)]
+    indexed = corinfomax("collection", "field-index", "pets", "--field", "metadata.year", *where)
+    assert json.loads(indexed.stdout)["indexed_fields"] == ["metadata.year"], indexed.stderr
     rolled = corinfomax("collection", "rollback", "pets", *where)
     assert rolled.returncode == 0 and json.loads(rolled.stdout)["generation"] == 1, rolled.stderr
     freed = corinfomax("collection", "drop-generation", "pets", *where)

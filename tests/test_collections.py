@@ -241,3 +241,42 @@ def _crash_is_caught(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
     monkeypatch.setattr(Jobs, "run", run)
     yield
+
+
+def test_updates_and_field_indexes_reach_every_generation(location: str, jpegs: list[bytes]) -> None:
+    from corinfomax.serving.index.filters import metadata_field
+
+    collections, jobs = opened(location)
+    ids = add_images(collections, jpegs[:6])
+    collections.index_field(None, metadata_field("metadata.n"))
+    assert jobs.start(None, record("b@1"), background=False).state == "done"
+    fields = [] if location.endswith(".db") else ["metadata.n"]  # Milvus Lite indexes no JSON paths
+    assert collections.stats(None)["indexed_fields"] == fields  # the new generation got the index too
+    collections.update(None, ids[0], {"n": 99}, "cat", set_label=True)
+    collections_rollback(collections)  # the previous generation took the update as well
+    with collections.reading(None) as store:
+        item = store.get(ids[0])
+    assert (item.label, item.metadata) == ("cat", {"n": 99})
+    with pytest.raises(NotFound):
+        collections.update(None, 10**9, None, "x", set_label=True)
+    collections.close()
+
+
+def test_an_update_racing_a_reembed_copy_reaches_the_new_generation(location: str, jpegs: list[bytes],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from corinfomax.serving.index import switch
+
+    collections, jobs = opened(location)
+    ids = add_images(collections, jpegs[:6])
+    copy = switch.copy
+
+    def racing(*args: Any) -> list[int]:  # the update lands after the batch was read, before it is written
+        collections.update(None, ids[0], {"n": "late"}, "dog", set_label=True)
+        return copy(*args)
+
+    monkeypatch.setattr(switch, "copy", racing)
+    assert jobs.start(None, record("b@1"), background=False).state == "done"
+    with collections.reading(None) as store:
+        item = store.get(ids[0])
+    assert (item.label, item.metadata) == ("dog", {"n": "late"})
+    collections.close()

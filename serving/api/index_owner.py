@@ -28,11 +28,12 @@ from corinfomax.serving.api.config import settings
 from corinfomax.serving.api.envelope import envelope
 from corinfomax.serving.api.metrics import INDEX_ITEMS
 from corinfomax.serving.embedder import Embedder
-from corinfomax.serving.index import lite_lock, switch
+from corinfomax.serving.index import lite_lock, reads, switch
 from corinfomax.serving.index.backend import Hit
 from corinfomax.serving.index.catalog import DEFAULT
 from corinfomax.serving.index.collections import Collections
 from corinfomax.serving.index.factory import is_milvus, open_layout
+from corinfomax.serving.index.filters import metadata_field
 from corinfomax.serving.index.originals import Budget
 from corinfomax.serving.index.reembed import Jobs
 from corinfomax.serving.models import card_record, load_embedder
@@ -163,12 +164,43 @@ class IndexOwner:
     @envelope
     def search(self, vectors: Optional[np.ndarray] = None, k: int = 10, labelled_only: bool = False,
                collection: Optional[str] = None, model: Optional[str] = None,
-               ids: Optional[list[int]] = None) -> list[list[dict[str, Any]]]:
+               ids: Optional[list[int]] = None, filter: Optional[Any] = None,
+               score_threshold: Optional[float] = None) -> list[list[dict[str, Any]]]:
         """Top-k per query vector (embedded with ``model``, when by the API), or per stored item of ``ids`` (read
-        from the same generation it is searched in)."""
+        from the same generation it is searched in), among the items ``filter`` passes, none below
+        ``score_threshold``."""
         with self.collections.reading(collection, model) as store:
             queries = store.vectors(ids) if ids is not None else vectors
-            return _hits(store.search(queries, k, labelled_only=labelled_only))
+            return _hits(reads.search(store, queries, k, labelled_only, filter, score_threshold))
+
+    @bentoml.api
+    @envelope
+    def recommend(self, positive: list[Any], negative: Optional[list[Any]] = None, strategy: str = "average_vector",
+                  k: int = 10, filter: Optional[Any] = None, score_threshold: Optional[float] = None,
+                  collection: Optional[str] = None) -> list[list[dict[str, Any]]]:
+        with self.collections.reading(collection) as store:
+            return _hits([reads.recommend_hits(store, positive, negative, strategy, k, filter, score_threshold)])
+
+    @bentoml.api
+    @envelope
+    def list_items(self, filter: Optional[Any] = None, limit: int = reads.DEFAULT_PAGE,
+                   cursor: Optional[str] = None, collection: Optional[str] = None) -> dict[str, Any]:
+        with self.collections.reading(collection) as store:
+            return reads.page(store, filter, limit, cursor)
+
+    @bentoml.api
+    @envelope
+    def update(self, id: int, metadata: Optional[dict[str, Any]] = None, label: Optional[str] = None,
+               set_label: bool = False, collection: Optional[str] = None) -> dict[str, Any]:
+        self.collections.update(collection, id, metadata, label, set_label)
+        with self.collections.reading(collection) as store:
+            item = store.get(id)
+        return {"id": item.id, "metadata": item.metadata, "label": item.label}
+
+    @bentoml.api
+    @envelope
+    def index_field(self, field: str, collection: Optional[str] = None) -> dict[str, Any]:
+        return self.collections.index_field(collection, metadata_field(field))
 
     @bentoml.api
     @envelope

@@ -42,6 +42,9 @@ from corinfomax.serving.api.metrics import StageTimer, model_wait, observe_batch
 from corinfomax.serving.api.routes import Routes
 from corinfomax.serving.index.backend import MAX_K, check_k, check_key, check_metadata, normalise
 from corinfomax.serving.index.catalog import StaleRoute
+from corinfomax.serving.index.filters import metadata_field, parse_filter
+from corinfomax.serving.index.reads import DEFAULT_PAGE, check_examples, check_limit
+from corinfomax.serving.index.recommend import check_threshold
 from corinfomax.serving.models import LoadedModel, ModelRegistry, public
 
 log = logging.getLogger("corinfomax.service")
@@ -148,23 +151,73 @@ class CorInfoMax(Management):
     @http_errors
     async def search(self, images: list[Path] = [], urls: Optional[list[str]] = None,
                      images_b64: Optional[list[str]] = None, vectors: Optional[list[list[float]]] = None,
-                     ids: Optional[list[int]] = None, k: int = 10, collection: Optional[str] = None) -> dict[str, Any]:
-        """Top-k stored items per query (image, vector or stored id), with scores, metadata and labels."""
+                     ids: Optional[list[int]] = None, k: int = 10, collection: Optional[str] = None,
+                     filter: Optional[Any] = None, score_threshold: Optional[float] = None) -> dict[str, Any]:
+        """Top-k stored items per query (image, vector or stored id), with scores, metadata and labels; only items
+        that ``filter`` passes (a JSON object, or its text in a form) and score at least ``score_threshold``."""
         check_k(k)
         limits.check_hits(limits.query_count(images, urls, images_b64, vectors, ids), k)
-        return {"results": await self._search(images, urls, images_b64, vectors, ids, collection, k=k)}
+        options = search_options(filter, score_threshold)
+        return {"results": await self._search(images, urls, images_b64, vectors, ids, collection, k=k, **options)}
+
+    @bentoml.api
+    @http_errors
+    async def recommend(self, positive: list[Any], negative: Optional[list[Any]] = None,
+                        strategy: str = "average_vector", k: int = 10, filter: Optional[Any] = None,
+                        score_threshold: Optional[float] = None, collection: Optional[str] = None) -> dict[str, Any]:
+        """Items like the ``positive`` examples and unlike the ``negative`` ones (stored ids or vectors), by
+        ``strategy`` ``average_vector`` or ``best_score``; the examples themselves are left out. /search's answer."""
+        check_k(k)
+        check_examples(positive, "positive")
+        check_examples(negative, "negative")
+        options = search_options(filter, score_threshold)
+        return {"results": unwrap(await call(self.index.to_async.recommend, positive=positive, negative=negative,
+                                             strategy=strategy, k=k, collection=collection, **options))}
+
+    @bentoml.api(route="/list")
+    @http_errors
+    async def list_items(self, filter: Optional[Any] = None, limit: int = DEFAULT_PAGE, cursor: Optional[str] = None,
+                         collection: Optional[str] = None) -> dict[str, Any]:
+        """Stored items (id, label, metadata) in id order that ``filter`` passes, ``limit`` a page; ``cursor``: the
+        previous page's, for the next (null after the last)."""
+        check_limit(limit)
+        return unwrap(await call(self.index.to_async.list_items, limit=limit, cursor=cursor, collection=collection,
+                                 **search_options(filter, None)))
+
+    @bentoml.api
+    @http_errors
+    async def update(self, id: int, metadata: Optional[dict[str, Any]] = None, label: Optional[str] = None,
+                     collection: Optional[str] = None) -> dict[str, Any]:
+        """Replace a stored item's metadata and/or label (``""`` removes it) without embedding it again, in every
+        generation of the collection; the item as now stored."""
+        if metadata is not None:
+            check_metadata(metadata, "metadata")
+        return unwrap(await call(self.index.to_async.update, id=id, metadata=metadata, label=label or None,
+                                 set_label=label is not None, collection=collection))
+
+    @bentoml.api
+    @http_errors
+    async def index_field(self, field: str, collection: Optional[str] = None) -> dict[str, Any]:
+        """Index a metadata field (``metadata.<path>``) for filters (folder index: an SQLite expression index; Milvus
+        Lite: none); the collection's indexed fields."""
+        metadata_field(field)
+        return unwrap(await call(self.index.to_async.index_field, field=field, collection=collection))
 
     @bentoml.api
     @http_errors
     async def classify(self, images: list[Path] = [], urls: Optional[list[str]] = None,
                        images_b64: Optional[list[str]] = None, k: int = 5, method: str = "auto",
-                       neighbours: int = 20, collection: Optional[str] = None) -> dict[str, Any]:
+                       neighbours: int = 20, collection: Optional[str] = None,
+                       filter: Optional[Any] = None) -> dict[str, Any]:
         """Top-k labels per image, by the collection's model's linear probe or by a weighted kNN vote over its
-        labelled items."""
+        labelled items (those ``filter`` passes)."""
         check_k(k)
+        options = search_options(filter, None)
         if method not in ("auto", "probe", "knn"):
             raise BadInput(f"method must be 'auto', 'probe' or 'knn', got {method!r}")
         method = self._classify_method(method, await self.routes.model((await self.routes.get(collection))["model"]))
+        if method == "probe" and options:
+            raise BadInput("filter: applies to kNN classification only (method 'knn')")
         if method == "knn" and not 1 <= neighbours <= MAX_K:
             raise BadInput(f"neighbours must be between 1 and {MAX_K}, got {neighbours}")
         if method == "knn":
@@ -172,7 +225,7 @@ class CorInfoMax(Management):
         raw = await self.inputs.collect(images, urls, images_b64)
         if method == "probe":
             return await self.routes.serve(collection, self._probe_work(raw, k))
-        rows = await self._search_images(raw, collection, k=neighbours, labelled_only=True)
+        rows = await self._search_images(raw, collection, k=neighbours, labelled_only=True, **options)
         if not any(rows):
             raise BadInput("kNN classification needs labelled items in the index; add some with labels first")
         return {"method": method, "predictions": [knn_vote(row, k) for row in rows]}
@@ -282,6 +335,17 @@ def check_one_query(images: Optional[list[Path]], urls: Optional[list[str]], ima
                        + (f"; got {', '.join(given)}" if given else ""))
 
 
+def search_options(flt: Any, score_threshold: Optional[float]) -> dict[str, Any]:
+    """A search's optional filter and threshold, checked before any work (the index service parses the filter
+    again from its JSON: only JSON crosses to it); absent ones are not sent, so old requests travel as before."""
+    options: dict[str, Any] = {}
+    if parse_filter(flt) is not None:
+        options["filter"] = flt
+    if check_threshold(score_threshold) is not None:
+        options["score_threshold"] = score_threshold
+    return options
+
+
 def unwrap_stale(answer: dict[str, Any]) -> dict[str, Any]:
     """Raise a stale answer (so ``Routes.serve`` retries with the collection's new model); pass others on."""
     if answer.get("stale"):
@@ -290,12 +354,13 @@ def unwrap_stale(answer: dict[str, Any]) -> dict[str, Any]:
 
 
 web.mount(CorInfoMax)
-bentoml_patches.apply(CorInfoMax, routes=frozenset(f"/{name}" for name in [*CorInfoMax.apis, *IndexOwner.apis]))
+bentoml_patches.apply(CorInfoMax, routes=frozenset(api.route for api in [*CorInfoMax.apis.values(),
+                                                                            *IndexOwner.apis.values()]))
 CorInfoMax.add_asgi_middleware(web.FrontDoor)  # outermost: the redirect from / needs no key
 CorInfoMax.add_asgi_middleware(JsonErrors)  # outside the guard: it also reshapes the guard's answers
 CorInfoMax.add_asgi_middleware(GuardMiddleware, api_key=SETTINGS.api_key, max_bytes=SETTINGS.max_request_bytes,
                                body_seconds=SETTINGS.body_seconds)
-ROUTES = {f"/{name}": name for name in CorInfoMax.apis}
+ROUTES = {api.route: name for name, api in CorInfoMax.apis.items()}
 CorInfoMax.add_asgi_middleware(AdmissionGate, routes=ROUTES, max_wait_ms=SETTINGS.max_queue_ms)  # 503 when overloaded
 CorInfoMax.add_asgi_middleware(StageTimer, routes=ROUTES)  # stage metrics (metrics.py)
 if SETTINGS.direct_apis:  # innermost: the APIs past BentoML's per-request machinery (direct.py)

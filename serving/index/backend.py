@@ -17,6 +17,7 @@ import numpy as np
 
 from corinfomax.core.errors import BadInput
 from corinfomax.core.thumbnails import MAX_BYTES as MAX_THUMBNAIL_BYTES
+from corinfomax.serving.index.filters import Field, Filter
 
 MAX_K = 1000  # beyond this a "top-k" is a data dump, not a search
 MAX_ID = 2**63 - 1  # SQLite's INTEGER range and Milvus' INT64
@@ -111,7 +112,23 @@ class VectorIndex(Protocol):
 
     def vectors(self, ids: Sequence[int]) -> np.ndarray: ...
 
-    def search(self, queries: Any, k: int, labelled_only: bool = False) -> list[list[Hit]]: ...
+    def search(self, queries: Any, k: int, labelled_only: bool = False,
+               where: Filter | None = None) -> list[list[Hit]]:
+        """Top-k per query among the items ``where`` passes (and labelled ones only, if asked)."""
+        ...
+
+    def page(self, after: int, limit: int, where: Filter | None = None) -> list[tuple[int, dict[str, Any], str | None]]:
+        """Up to ``limit`` items (id, metadata, label) with ids above ``after`` that ``where`` passes, by id."""
+        ...
+
+    def update(self, item_id: int, metadata: dict[str, Any] | None = None, label: str | None = None,
+               set_label: bool = False) -> bool:
+        """Replace an item's metadata (unless None) and, with ``set_label``, its label; whether it exists here."""
+        ...
+
+    def index_field(self, field: Field) -> None:
+        """Index a metadata field for filters (where the backend can)."""
+        ...
 
     def labelled(self) -> Labelled: ...
 
@@ -273,13 +290,17 @@ def check_rows(vectors: np.ndarray, metadata: Sequence[dict] | None,
         raise BadInput(f"{n} vectors but {len(metadata)} metadata objects and {len(labels)} labels")
     rows = []
     for i, (vector, meta, label) in enumerate(zip(vectors, metadata, labels)):
-        text = check_metadata(meta, f"metadata[{i}]")
-        if label is not None and (not isinstance(label, str) or not 1 <= len(label) <= MAX_LABEL_CHARS):
-            raise BadInput(f"labels[{i}] must be a string of 1 to {MAX_LABEL_CHARS} characters or null, "
-                           f"got {str(label)[:100]!r}")
-        _check_text(label, f"labels[{i}]")
-        rows.append((vector, text, label))
+        rows.append((vector, check_metadata(meta, f"metadata[{i}]"), check_label(label, f"labels[{i}]")))
     return rows
+
+
+def check_label(label: Any, where: str) -> str | None:
+    """A label: a string of 1 to MAX_LABEL_CHARS characters, or None."""
+    if label is not None and (not isinstance(label, str) or not 1 <= len(label) <= MAX_LABEL_CHARS):
+        raise BadInput(f"{where} must be a string of 1 to {MAX_LABEL_CHARS} characters or null, "
+                       f"got {str(label)[:100]!r}")
+    _check_text(label, where)
+    return label
 
 
 def check_thumbnails(thumbnails: Sequence[bytes | None] | None, n: int) -> list[bytes | None]:

@@ -30,6 +30,7 @@ from corinfomax.serving.index.catalog import (
     StaleRoute,
     check_name,
 )
+from corinfomax.serving.index.filters import Field
 from corinfomax.serving.index.generations import Encoders, Handle, Open, encode_rows, rows_of
 from corinfomax.serving.index.layout import Layout
 from corinfomax.serving.index.originals import SHA, Budget, Originals
@@ -89,7 +90,7 @@ class Collections:
         originals = known.originals if known is not None else None
         if doc.keep_originals and originals is None:
             originals = Originals(self.layout.originals_folder(doc.name), self.budget)
-        self._open[doc.name] = opened = Open(doc, handles, originals)
+        self._open[doc.name] = opened = Open(doc, handles, originals, known.updated if known is not None else set())
         return opened
 
     def state(self, name: Any, fresh: bool = False) -> Open:
@@ -233,6 +234,31 @@ class Collections:
                     log.warning("collection %s: generation %d missed a delete (%s)", state.doc.name, number, err)
             self.release(state, kept)
         return deleted
+
+    def update(self, name: Any, item_id: int, metadata: dict[str, Any] | None = None, label: str | None = None,
+               set_label: bool = False) -> None:
+        """Replace an item's metadata and/or label in the live generation (NotFound if it has no such item), then in
+        the others, like a delete; nothing is embedded again."""
+        with self.lock:
+            state = self.state(name, fresh=True)
+            if not state.live.update(item_id, metadata, label, set_label):
+                raise NotFound(f"no item with id {item_id}")
+            if state.doc.pending is not None:
+                state.updated.add(item_id)
+            for number in state.doc.others():
+                try:
+                    state.store(number).update(item_id, metadata, label, set_label)
+                except Exception as err:  # committed in the live generation: never fail it for this
+                    log.warning("collection %s: generation %d missed an update (%s)", state.doc.name, number, err)
+
+    def index_field(self, name: Any, field: Field) -> dict[str, Any]:
+        """Index a metadata field for filters in every generation of the collection; the field and the live
+        generation's indexed fields (none on Milvus Lite)."""
+        with self.lock:
+            state = self.state(name, fresh=True)
+            for handle in state.handles.values():
+                handle.store.index_field(field)
+            return {"field": field.name, "indexed_fields": state.live.stats()["indexed_fields"]}
 
     def release(self, state: Open, sources: set[str]) -> None:
         """Delete the originals of ``sources`` that no generation references any more (under the lock)."""

@@ -312,16 +312,18 @@ def _string(text: str, where: str) -> str:
 
 
 def _kind(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), _show(value))
+    """What a value is, for a message; never the text of a container (a form's JSON may nest as deep as Python's
+    parser goes, deeper than ``json.dumps`` can then write it back)."""
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds[type(value)] if type(value) in kinds else _show(value)
 
 
 def _show(value: Any) -> str:
     """A client's value in a message: JSON, cut short."""
     try:
         text = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        text = repr(value)
+    except (TypeError, ValueError, RecursionError):
+        text = type(value).__name__
     return text if len(text) <= 60 else text[:57] + "..."
 
 

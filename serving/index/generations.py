@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -69,6 +69,9 @@ class Open:
     doc: CollectionDoc
     handles: dict[int, Handle]
     originals: Originals | None
+    # Ids updated while a generation is pending: a re-embed may have read one before the update and write it
+    # after, so its switch writes their live metadata and labels into the new generation again.
+    updated: set[int] = field(default_factory=set)
 
     def store(self, number: int) -> VectorIndex:
         return self.handles[number].store

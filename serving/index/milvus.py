@@ -44,12 +44,16 @@ from corinfomax.serving.index.backend import (
     check_ids,
     check_k,
     check_key,
+    check_label,
+    check_metadata,
     check_new_ids,
     check_rows,
     check_sources,
     check_thumbnails,
     normalise,
 )
+from corinfomax.serving.index.filter_compile import to_milvus
+from corinfomax.serving.index.filters import Field, Filter
 from corinfomax.serving.index.milvus_schema import (
     answers_503,
     connection,
@@ -170,11 +174,17 @@ class MilvusStore:
                 entity["id"] = ids[i]
             if self.has_source:
                 entity["source"] = sources[i]
-        if ids is not None and not self._explicit_allowed:  # a server refuses given ids in an auto_id collection
-            self._client.alter_collection_properties(self.collection, {"allow_insert_auto_id": "true"})
-            self._explicit_allowed = True
+        if ids is not None:
+            self._allow_given_ids()
         answer = self._client.insert(self.collection, entities)
         return [int(i) for i in answer["ids"]]
+
+    def _allow_given_ids(self) -> None:
+        """A server refuses given ids in an auto_id collection (and an upsert there gives the row a new id) unless
+        the collection allows them."""
+        if not self._explicit_allowed:
+            self._client.alter_collection_properties(self.collection, {"allow_insert_auto_id": "true"})
+            self._explicit_allowed = True
 
     @answers_503
     def put_rows(self, rows: Sequence[StoredRow], vectors: np.ndarray) -> None:
@@ -297,18 +307,55 @@ class MilvusStore:
         return np.asarray([rows[i] for i in wanted], dtype=np.float32)
 
     @answers_503
-    def search(self, queries: Any, k: int, labelled_only: bool = False) -> list[list[Hit]]:
-        """Top-``k`` stored items by inner product of unit vectors, per query (fewer if the index is smaller)."""
+    def search(self, queries: Any, k: int, labelled_only: bool = False,
+               where: Filter | None = None) -> list[list[Hit]]:
+        """Top-``k`` stored items by inner product of unit vectors, per query (fewer if the index is smaller), among
+        those ``where`` passes (Milvus filters during the search itself)."""
         queries = normalise(queries, self.dim, "query vectors")
         k = check_k(k)
         answer = self._client.search(
-            self.collection, data=list(queries), limit=k, filter="label IS NOT NULL" if labelled_only else "",
+            self.collection, data=list(queries), limit=k, filter=_expression(where, labelled_only),
             output_fields=["metadata", "label"],
             search_params={"metric_type": "IP", "params": {"ef": max(k, EF_SEARCH)}})
         texts = {int(hit["id"]): json.dumps(hit["entity"]["metadata"]) for row in answer for hit in row}
         check_answer_size(sum(len(texts[int(hit["id"])]) for row in answer for hit in row))
         return [[Hit(int(hit["id"]), float(hit["distance"]), hit["entity"]["metadata"], hit["entity"]["label"])
                  for hit in row] for row in answer]
+
+    @answers_503
+    def page(self, after: int, limit: int, where: Filter | None = None) -> list[tuple[int, dict[str, Any], str | None]]:
+        """Up to ``limit`` items (id, metadata, label) with ids above ``after`` that ``where`` passes, by id (a query
+        with a limit answers the lowest primary keys, as pymilvus' own query iterator relies on; sorted here)."""
+        condition = f"id > {int(after)}" + (f" and {to_milvus(where)}" if where is not None else "")
+        rows = self._client.query(self.collection, filter=condition, output_fields=["id", "metadata", "label"],
+                                  limit=limit)
+        return sorted((int(row["id"]), row["metadata"], row["label"]) for row in rows)
+
+    @answers_503
+    def update(self, item_id: int, metadata: dict[str, Any] | None = None, label: str | None = None,
+               set_label: bool = False) -> bool:
+        """Replace an item's metadata (unless None) and, with ``set_label``, its label, keeping its vector and every
+        other field: one upsert of the whole row (Milvus replaces a row by its primary key)."""
+        (item_id,) = check_ids([item_id])
+        if metadata is not None:
+            check_metadata(metadata, "metadata")
+        check_label(label, "label")
+        fields = ["vector", *ROW_FIELDS] + (["source"] if self.has_source else [])
+        rows = self._client.get(self.collection, ids=[item_id], output_fields=fields)
+        if not rows:
+            return False
+        row = {"id": item_id, **{name: rows[0][name] for name in fields}}
+        row["metadata"] = metadata if metadata is not None else row["metadata"]
+        row["label"] = label if set_label else row["label"]
+        self._allow_given_ids()
+        kept = [int(i) for i in self._client.upsert(self.collection, [row])["ids"]]
+        if kept != [item_id]:  # checked on Milvus Lite only: a server that renumbers must not do so silently
+            raise RuntimeError(f"Milvus at {self.location} stored the update of item {item_id} as item {kept}")
+        return True
+
+    def index_field(self, field: Field) -> None:
+        """Nothing: Milvus Lite indexes no JSON paths (its filters scan; a server's operator may add a JSON path
+        index with Milvus' tools)."""
 
     @answers_503
     def labelled(self) -> Labelled:
@@ -383,6 +430,7 @@ class MilvusStore:
             "collection": self.collection,
             "kind": f"Milvus {index.get('index_type')}",
             "recall_at_10": None,  # Milvus does not measure it; bench/ does
+            "indexed_fields": [],
         }
 
     def drop(self) -> None:
@@ -398,6 +446,13 @@ class MilvusStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _expression(where: Filter | None, labelled_only: bool) -> str:
+    """The search's filter expression (``filter_compile.to_milvus``), with ``labelled_only`` a condition on the
+    label; "" for none."""
+    terms = ([to_milvus(where)] if where is not None else []) + (["label IS NOT NULL"] if labelled_only else [])
+    return " and ".join(terms)
 
 
 def _item(row: dict[str, Any]) -> Item:

@@ -47,7 +47,7 @@ def recommend(positive: np.ndarray, negative: np.ndarray | None, k: int, search:
         raise BadInput(f"strategy must be one of {', '.join(STRATEGIES)}, got {str(strategy)[:40]!r}")
     pos, neg = _examples(positive, negative)
     k = check_k(k)
-    threshold = _threshold(score_threshold)
+    threshold = check_threshold(score_threshold)
     excluded = set(exclude)
     if strategy == "average_vector":
         fetch = min(k + len(excluded), max_fetch)
@@ -105,7 +105,8 @@ def _examples(positive: np.ndarray, negative: np.ndarray | None) -> tuple[np.nda
     return pos, normalise(negative, pos.shape[1], "negative examples").astype(np.float64)
 
 
-def _threshold(value: object) -> float | None:
+def check_threshold(value: object) -> float | None:
+    """A score threshold: None or a finite number."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

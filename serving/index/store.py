@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from corinfomax.core.errors import BadInput, NotFound
-from corinfomax.serving.index import store_search
+from corinfomax.serving.index import store_filter, store_search
 from corinfomax.serving.index.backend import (
     Hit,
     IndexMismatch,
@@ -29,12 +29,16 @@ from corinfomax.serving.index.backend import (
     check_ids,
     check_k,
     check_key,
+    check_label,
+    check_metadata,
     check_new_ids,
     check_rows,
     check_sources,
     check_thumbnails,
     normalise,
 )
+from corinfomax.serving.index.filter_compile import sql_field
+from corinfomax.serving.index.filters import Field, Filter
 from corinfomax.serving.index.store_faiss import FaissCache
 from corinfomax.serving.index.store_sqlite import DB_FILE, Database, Row
 
@@ -65,6 +69,7 @@ class IndexStore:
         self._check_info(self._db.create(dim, model_sha256), dim, model_sha256)
         self._cache = FaissCache(self.folder, self._db, self.dim)
         self._labelled: tuple[int, Labelled] | None = None
+        self._selectivity = store_filter.Selectivity()
         self._cache.load()
 
     def _check_info(self, info: dict[str, str], dim: int | None, model_sha256: str | None) -> None:
@@ -196,6 +201,26 @@ class IndexStore:
             self._cache.after_write(generation, lambda index: self._cache.remove(index, present))
         return present
 
+    def update(self, item_id: int, metadata: dict[str, Any] | None = None, label: str | None = None,
+               set_label: bool = False) -> bool:
+        """Replace an item's metadata (unless None) and, with ``set_label``, its label (None: unlabelled), keeping
+        its vector; whether it exists here. The kNN vote's cache of labelled items goes with the generation."""
+        (item_id,) = check_ids([item_id])
+        text = check_metadata(metadata, "metadata") if metadata is not None else None
+        check_label(label, "label")
+        with self._lock:
+            with self._db.write():
+                if not self._db.update(item_id, text, label, set_label):
+                    return False
+                generation = self._db.bump()
+            self._cache.after_write(generation, lambda index: None)  # the vectors did not change
+        return True
+
+    def index_field(self, field: Field) -> None:
+        """An SQLite expression index on a metadata field, read exactly as the compiled filters read it."""
+        with self._lock, self._db.write():
+            self._db.index_field(field.name, sql_field(field))
+
     def next_id(self) -> int:
         """The id the next add gets (above every id this generation handed out or was given)."""
         with self._lock:
@@ -234,14 +259,25 @@ class IndexStore:
         """Stored unit vectors of ``ids`` (NotFound if any is unknown), float32 ``[N, D]``."""
         return np.stack([self.get(i).vector for i in check_ids(ids)])
 
-    def search(self, queries: Any, k: int, labelled_only: bool = False) -> list[list[Hit]]:
-        """Top-``k`` stored items by inner product of unit vectors, per query (fewer if the index is smaller)."""
+    def search(self, queries: Any, k: int, labelled_only: bool = False, where: Filter | None = None) -> list[list[Hit]]:
+        """Top-``k`` stored items by inner product of unit vectors, per query (fewer if the index is smaller), among
+        those ``where`` passes (``store_filter``)."""
         queries = normalise(queries, self.dim, "query vectors")
         k = check_k(k)
         with self._lock:
-            allowed = self.labelled().ids if labelled_only else None
-            ranked, texts = store_search.nearest(self._cache, self._db, queries, k, allowed)
+            if where is None:
+                allowed = self.labelled().ids if labelled_only else None
+                ranked, texts = store_search.nearest(self._cache, self._db, queries, k, allowed)
+            else:
+                ranked = store_filter.nearest_where(self._cache, self._db, self._selectivity, queries, k, where,
+                                                    labelled_only)
+                texts = self._db.texts({i for row in ranked for i, _ in row})
         return store_search.hits(ranked, texts)
+
+    def page(self, after: int, limit: int, where: Filter | None = None) -> list[tuple[int, dict[str, Any], str | None]]:
+        """Up to ``limit`` items (id, metadata, label) with ids above ``after`` that ``where`` passes, by id."""
+        condition, params = store_filter.condition(where, False)
+        return [(i, json.loads(meta), label) for i, meta, label in self._db.page(after, limit, condition, params)]
 
     def items(self, batch: int) -> Iterator[list[tuple[Item, bytes | None]]]:
         """Every item with its thumbnail (or None), in id order, ``batch`` at a time (for `index migrate`)."""
@@ -303,6 +339,7 @@ class IndexStore:
                 "ef_search": meta.get("ef_search"),
                 "faiss_ntotal": int(index.ntotal),
                 "pending_deletes": len(self._cache.tombstones),
+                "indexed_fields": self._db.indexed_fields(),
             }
 
     # -- the FAISS cache, files -------------------------------------------------------------------

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import faiss
 import numpy as np
@@ -149,14 +149,7 @@ class FaissCache:
 
     def _exact_top(self, queries: np.ndarray, k: int) -> np.ndarray:
         """Exact top-k ids by streaming SQLite (no second full copy of the vectors in memory)."""
-        best_scores = np.full((len(queries), 0), -np.inf, np.float32)
-        best_ids = np.zeros((len(queries), 0), np.int64)
-        for ids, vectors in self.db.scan(self.dim):
-            scores = np.concatenate([best_scores, queries @ vectors.T], axis=1)
-            all_ids = np.concatenate([best_ids, np.broadcast_to(ids, (len(queries), len(ids)))], axis=1)
-            keep = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-            best_scores, best_ids = np.take_along_axis(scores, keep, 1), np.take_along_axis(all_ids, keep, 1)
-        return best_ids
+        return exact_top(queries, self.db.scan(self.dim), k)[1]
 
     def save(self) -> None:
         """Write faiss.index then faiss.json, each atomically (json last: it vouches for the index)."""
@@ -168,3 +161,17 @@ class FaissCache:
             # The checksum lets the next open tell a damaged file (same size, other bytes) from a good one.
             meta = {**self.meta, "sha256": hashlib.sha256(data).hexdigest()}
             atomic_write_text(self.folder / FAISS_META, json.dumps(meta, indent=2))
+
+
+def exact_top(queries: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarray]],
+              k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids), each ``[Q, <=k]``, of the exact top-k by inner product over ``batches`` of (ids, vectors),
+    keeping only k per query between batches."""
+    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+    best_ids = np.zeros((len(queries), 0), np.int64)
+    for ids, vectors in batches:
+        scores = np.concatenate([best_scores, queries @ vectors.T], axis=1)
+        all_ids = np.concatenate([best_ids, np.broadcast_to(ids, (len(queries), len(ids)))], axis=1)
+        keep = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        best_scores, best_ids = np.take_along_axis(scores, keep, 1), np.take_along_axis(all_ids, keep, 1)
+    return best_scores, best_ids

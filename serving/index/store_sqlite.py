@@ -24,6 +24,7 @@ from corinfomax.core.errors import BadInput
 DB_FILE = "index.sqlite"
 READ_BATCH = 50_000
 KEY_TTL_S = 24 * 3600  # a retried write is recognised for a day
+FIELD_INDEX = "field:"  # the name of an expression index on a metadata field: this, then the field's name
 
 # One stored row as written: vector bytes (float32), metadata as JSON text, label.
 Row = tuple[bytes, str, str | None]
@@ -238,6 +239,54 @@ class Database:
             vectors = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), dim)
             last = int(ids[-1])
             yield ids, vectors
+
+    def matching(self, dim: int, where: str, params: Sequence[Any], batch: int) -> Iterator[tuple[np.ndarray,
+                                                                                              np.ndarray]]:
+        """(ids, vectors) of the rows where ``where`` holds, ``batch`` rows at a time, in no set order: without an
+        ORDER BY, SQLite may find them through an index on a field the condition reads (ranges included), where
+        paging by id would walk the whole table. Holds the lock until the last batch is read."""
+        with self.lock:
+            cursor = self._db.execute(f"SELECT id, vector FROM items WHERE {where}", params)
+            while rows := cursor.fetchmany(batch):
+                yield (np.fromiter((r[0] for r in rows), np.int64, len(rows)),
+                       np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), dim))
+
+    def passing(self, ids: set[int], where: str, params: Sequence[Any]) -> set[int]:
+        """Those of ``ids`` whose rows satisfy ``where``."""
+        found: set[int] = set()
+        for chunk in _chunks(sorted(ids), 900):
+            marks = ",".join("?" * len(chunk))
+            found.update(r[0] for r in self.rows(f"SELECT id FROM items WHERE id IN ({marks}) AND ({where})",
+                                                 (*chunk, *params)))
+        return found
+
+    def page(self, after: int, limit: int, where: str = "1",
+             params: Sequence[Any] = ()) -> list[tuple[int, str, str | None]]:
+        """(id, metadata text, label) of up to ``limit`` rows with ids above ``after`` where ``where`` holds, by id."""
+        return self.rows(f"SELECT id, metadata, label FROM items WHERE id > ? AND ({where}) ORDER BY id LIMIT ?",
+                         (after, *params, limit))
+
+    def sample_rows(self, n: int) -> list[tuple[int, str | None, str]]:
+        """(id, label, metadata text) of ``n`` random rows (fewer if there are fewer)."""
+        return self.rows("SELECT id, label, metadata FROM items ORDER BY RANDOM() LIMIT ?", (n,))
+
+    def update(self, item_id: int, metadata: str | None, label: str | None, set_label: bool) -> bool:
+        """Set an item's metadata (JSON text; None keeps it) and, if ``set_label``, its label (inside ``write()``);
+        whether the item exists."""
+        cursor = self._db.execute("UPDATE items SET metadata = coalesce(?, metadata), "
+                                  "label = CASE WHEN ? THEN ? ELSE label END WHERE id = ?",
+                                  (metadata, set_label, label, item_id))
+        return cursor.rowcount > 0
+
+    def index_field(self, name: str, expression: str) -> None:
+        """An expression index on ``expression`` (how the compiled filters read metadata field ``name``; both
+        validated), named after the field so ``indexed_fields`` can list it (inside ``write()``)."""
+        self._db.execute(f'CREATE INDEX IF NOT EXISTS "{FIELD_INDEX}{name}" ON items({expression})')
+
+    def indexed_fields(self) -> list[str]:
+        rows = self.rows("SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE ? ORDER BY name",
+                         (FIELD_INDEX + "%",))
+        return [r[0][len(FIELD_INDEX):] for r in rows]
 
     def sample(self, dim: int, n: int) -> np.ndarray:
         """``n`` random stored vectors (fewer if there are fewer)."""

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from corinfomax.core.errors import NotFound
 from corinfomax.serving.index.catalog import CollectionDoc, Conflict, GenerationDoc, JobDoc
 from corinfomax.serving.index.collections import Collections, model_record_key
+from corinfomax.serving.index.filters import metadata_field
 from corinfomax.serving.index.generations import Decoded, Open, decode_rows, sync
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ def begin(collections: Collections, name: Any, model: dict[str, Any], allow_miss
         doc.pending, doc.job, doc.generations[number] = number, job.id, generation
         collections.commit(doc, {f"job/{job.id}": dataclasses.asdict(job), model_record_key(model["key"]): model})
         store = collections.layout.open(doc.name, number, generation, create=True)
+        for field in state.live.stats()["indexed_fields"]:  # the new generation answers filters as fast
+            store.index_field(metadata_field(field))
         collections.load(doc, {number: store})
     log.info("re-embed job %s: collection %s, generation %d with model %s", job.id, doc.name, number, job.model)
     return job
@@ -100,6 +103,9 @@ def finish(collections: Collections, job: JobDoc) -> JobDoc:
         state = pending(collections, job)
         old, new = state.live, state.store(job.generation)
         missing = sync(old, new, collections.encoders(job.model), state.originals)
+        for row in old.stored(sorted(state.updated)):  # updates the copy may have read too early
+            new.update(row.id, row.metadata, row.label, set_label=True)
+        state.updated.clear()
         if missing and not job.allow_missing:
             raise Conflict(f"{len(missing)} items cannot be embedded with {job.model}: ids {listed(missing)} (added "
                            "as vectors, or their original is gone); rerun with allow_missing to leave them out")
