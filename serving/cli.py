@@ -1,5 +1,5 @@
-"""Serving-side subcommands: `extract`, `index build`, `index migrate`, `probe fit`, `serve`, and `collection ...`
-(the service's collection verbs for a stopped service).
+"""Serving-side subcommands: `extract`, `index build`, `index migrate`, `index duplicates`, `probe fit`, `serve`,
+and `collection ...` (the service's collection verbs for a stopped service).
 
 Imports happen inside the handlers so that `corinfomax --help` stays fast and nothing here pulls in
 PyTorch (serving environments do not have it).
@@ -77,6 +77,20 @@ def _register_index(subparsers: Any) -> None:
     p.add_argument("--id-map", default=None, metavar="FILE", help="write {old id: new id} as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_index_migrate)
+    p = index_sub.add_parser("duplicates", help="group the near-duplicates of a whole collection into a report",
+                             description="Find every pair of items at or above --threshold cosine similarity in a "
+                                         "collection (exact range search over its stored vectors, read in batches), "
+                                         "group them, and write a JSON report (groups with ids and scores, and a "
+                                         "summary) or a CSV one (one row per group member), by --out's suffix.")
+    p.add_argument("--index", required=True, metavar="LOCATION",
+                   help="index folder, Milvus Lite FILE.db or milvus://HOST:PORT/COLLECTION")
+    p.add_argument("--collection", default=None, help="the collection to scan (default: default)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="similarity at or above which two items are duplicates, in (0, 1] (default: the measured "
+                        "default of POST /duplicates)")
+    p.add_argument("--out", required=True, metavar="REPORT", help="report.json or report.csv")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_index_duplicates)
 
 
 def _register_probe(subparsers: Any) -> None:
@@ -224,6 +238,18 @@ def _index_migrate(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2))
     print(f"copied {summary['copied']} items from {args.source} to {args.target} ({summary['target_count']} there "
           f"now); counts and {summary['verified_sample']} sampled items verified")
+    return 0
+
+
+def _index_duplicates(args: argparse.Namespace) -> int:
+    from corinfomax.serving.index.duplicates import DEFAULT_THRESHOLD
+    from corinfomax.serving.index.duplicates_report import report_duplicates
+
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    summary = report_duplicates(args.index, args.out, threshold, args.collection, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    print(f"{summary['groups']} groups of near-duplicates ({summary['items_in_groups']} of {summary['items']} items, "
+          f"similarity >= {summary['threshold']}) written to {args.out}")
     return 0
 
 

@@ -33,6 +33,7 @@ from corinfomax.serving.index import switch
 from corinfomax.serving.index.backend import Hit
 from corinfomax.serving.index.catalog import DEFAULT
 from corinfomax.serving.index.collections import Collections
+from corinfomax.serving.index.duplicates import search_folded
 from corinfomax.serving.index.factory import is_milvus, open_layout
 from corinfomax.serving.index.originals import Budget
 from corinfomax.serving.index.reembed import Jobs
@@ -179,12 +180,16 @@ class IndexOwner:
     @envelope
     def search(self, vectors: Optional[np.ndarray] = None, k: int = 10, labelled_only: bool = False,
                collection: Optional[str] = None, model: Optional[str] = None,
-               ids: Optional[list[int]] = None) -> list[list[dict[str, Any]]]:
+               ids: Optional[list[int]] = None, dedup: Optional[float] = None) -> list[list[dict[str, Any]]]:
         """Top-k per query vector (embedded with ``model``, when by the API), or per stored item of ``ids`` (read
-        from the same generation it is searched in)."""
+        from the same generation it is searched in); with ``dedup`` (a similarity threshold), near-identical hits
+        folded into the best ranked one, listed as its ``duplicates``."""
         with self.collections.reading(collection, model) as store:
             queries = store.vectors(ids) if ids is not None else vectors
-            return _hits(store.search(queries, k, labelled_only=labelled_only))
+            if dedup is None:
+                return _hits(store.search(queries, k, labelled_only=labelled_only))
+            rows = search_folded(store, queries, k, dedup, labelled_only=labelled_only)
+            return [[{**_hit(kept), "duplicates": [hit.id for hit in folded]} for kept, folded in row] for row in rows]
 
     @bentoml.api
     @envelope
@@ -254,8 +259,11 @@ class IndexOwner:
 
 
 def _hits(rows: list[list[Hit]]) -> list[list[dict[str, Any]]]:
-    return [[{"id": h.id, "score": round(h.score, 6), "metadata": h.metadata, "label": h.label} for h in row]
-            for row in rows]
+    return [[_hit(hit) for hit in row] for row in rows]
+
+
+def _hit(hit: Hit) -> dict[str, Any]:
+    return {"id": hit.id, "score": round(hit.score, 6), "metadata": hit.metadata, "label": hit.label}
 
 
 def seed_collection(collections: Collections, embedder: Embedder, folder: str | Path, batch: int = 64,

@@ -11,13 +11,13 @@ pairs whatever the method: raise it (``bench/duplicates_threshold.py`` measures 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import faiss
 import numpy as np
 
 from corinfomax.core.errors import BadInput
-from corinfomax.serving.index.backend import normalise
+from corinfomax.serving.index.backend import MAX_K, Hit, VectorIndex, normalise
 
 # Measured (bench/duplicates_threshold.py, docs/RESULTS.md): with the default model, every JPEG-q50 and
 # half-size copy of 500 photos found at precision >= 0.996; lower finds more crops and flips, less precisely.
@@ -52,10 +52,10 @@ class Report:
     groups: list[Group]  # ordered by their first id
 
 
-def check_threshold(threshold: object) -> float:
-    """A similarity threshold for duplicates: a number in (0, 1]."""
+def check_threshold(threshold: object, name: str = "threshold") -> float:
+    """A similarity threshold for duplicates: a number in (0, 1] (``name``: the request field, for the 400)."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
-        raise BadInput(f"threshold must be a number in (0, 1], got {str(threshold)[:40]}")
+        raise BadInput(f"{name} must be a number in (0, 1], got {str(threshold)[:40]}")
     return float(threshold)
 
 
@@ -123,6 +123,27 @@ def fold_duplicates(hits: Sequence[T], vectors: np.ndarray, threshold: float) ->
             kept.append(i)
             folded[i] = []
     return [(hits[i], folded[i]) for i in kept]
+
+
+def search_folded(store: VectorIndex, queries: Any, k: int, threshold: float,
+                  **options: Any) -> list[list[tuple[Hit, list[Hit]]]]:
+    """Top-``k`` per query with near-identical results folded (``fold_duplicates``): ``k`` kept hits per query
+    while the collection has them. Each query starts at 2k results and fetches 4x more while folding leaves fewer
+    than ``k`` kept and more results exist, up to MAX_K (a search's own bound); ``options`` go to ``search``."""
+    threshold = check_threshold(threshold)
+    queries = normalise(queries, store.dim, "query vectors")
+    answer: list[list[tuple[Hit, list[Hit]]]] = [[] for _ in queries]
+    pending, fetch = list(range(len(queries))), min(2 * k, MAX_K)
+    while pending:
+        rows = store.search(queries[pending], fetch, **options)
+        short = []
+        for at, row in zip(pending, rows):
+            vectors = store.vectors([hit.id for hit in row]) if row else np.zeros((0, store.dim), np.float32)
+            answer[at] = fold_duplicates(row, vectors, threshold)[:k]
+            if len(answer[at]) < k and len(row) == fetch < MAX_K:  # a full page: the collection may hold more
+                short.append(at)
+        pending, fetch = short, min(4 * fetch, MAX_K)
+    return answer
 
 
 class _Counted:

@@ -251,6 +251,10 @@ class IndexStore:
             yield [(Item(i, np.frombuffer(v, np.float32).copy(), json.loads(m), label),
                     bytes(image) if image is not None else None) for i, v, m, label, image in rows]
 
+    def scan(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every item's (ids, unit vectors) in id order, a SQLite read at a time (for `index duplicates`)."""
+        return self._db.scan(self.dim)
+
     def stored(self, ids: Sequence[int]) -> list[StoredRow]:
         """The rows of those of ``ids`` that exist, in id order (for copying them into another generation)."""
         rows = self._db.stored(sorted(set(check_ids(ids)))) if len(ids) else []
