@@ -64,6 +64,9 @@ def _register_index(subparsers: Any) -> None:
     p.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="memory the FAISS index may use, e.g. 512M, 4G (default: no limit)")
     p.add_argument("--kind", default=None, help="force a FAISS index kind (e.g. Flat, HNSW32, IVF1024,PQ32)")
+    p.add_argument("--thumbnail-px", type=int, default=None, metavar="PX",
+                   help="side of the thumbnails the search page shows, made from the image files (default: the "
+                        "service's, 128; 0: none)")
     p.set_defaults(handler=_index_build)
     p = index_sub.add_parser("migrate", help="copy an index to another backend (folder, .db, milvus://) and verify",
                              description="Copy every item (vector, metadata, label, thumbnail) from one index to "
@@ -215,15 +218,18 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _index_build(args: argparse.Namespace) -> int:
+    from corinfomax.core.thumbnails import DEFAULT_SIDE
     from corinfomax.serving.index.build import build_index, build_into, parse_size
 
+    side = DEFAULT_SIDE if args.thumbnail_px is None else args.thumbnail_px
     if args.to:
-        stats = build_into(args.features, args.to)
+        stats = build_into(args.features, args.to, side)
         print(json.dumps(stats, indent=2))
         print(f"index {args.to}: {stats['count']} vectors ({stats['labelled']} labelled), {stats['kind']}")
         return 0
     budget = parse_size(args.memory_budget) if args.memory_budget else None
-    report = build_index(args.features, args.out, memory_budget_bytes=budget, kind=args.kind)
+    report = build_index(args.features, args.out, memory_budget_bytes=budget, kind=args.kind,
+                         thumbnail_side=side)
     print(json.dumps(report, indent=2))
     recall = report.get("recall_at_10")
     recall_text = f"{recall:.4f}" if isinstance(recall, (int, float)) else "n/a"

@@ -146,17 +146,18 @@ class IndexStore:
     def add_many(self, batches: Iterable[tuple[Any, ...]], rebuild: bool = True) -> int:
         """Bulk path for `corinfomax index build`: one SQLite commit per batch, then one FAISS rebuild.
 
-        Each batch is ``(vectors [n, D], metadata or None, labels or None[, sources or None])``. Returns the rows
-        added.
+        Each batch is ``(vectors [n, D], metadata or None, labels or None[, sources or None[, thumbnails or
+        None]])``. Returns the rows added.
         """
         total = 0
         with self._lock:
-            for batch in batches:  # a fourth element: the batch's sources, when it has them
+            for batch in batches:
                 vectors, metadata, labels = batch[:3]
-                sources = batch[3] if len(batch) > 3 else None
+                sources, thumbnails = (*batch[3:5], None, None)[:2]  # optional: absent or None
                 rows = _rows(normalise(vectors, self.dim), metadata, labels)
+                thumbs = check_thumbnails(thumbnails, len(rows))
                 with self._db.write():
-                    self._db.insert(rows, check_sources(sources, len(rows)))
+                    self._db.insert_thumbnails(self._db.insert(rows, check_sources(sources, len(rows))), thumbs)
                     self._db.bump()
                 total += len(rows)
             self._cache.forget()
