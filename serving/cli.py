@@ -174,7 +174,8 @@ def _collection(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     models = Path(args.models) if args.models else settings.models_dir
     default = Path(args.default_model) if args.default_model else settings.bundle_dir()
-    admin = Admin(args.index, models, default, settings.originals_max_bytes, settings.keep_originals)
+    admin = Admin(args.index, models, default, settings.originals_max_bytes, settings.keep_originals,
+                  settings.thumbnail_side)
     try:
         verb = args.collection_command
         if verb == "list":

@@ -96,7 +96,7 @@ class IndexOwner:
         default = card_record(read_card(bundle), bundle)
         self.embedders = ModelEmbedders(default)
         self.collections = Collections(open_layout(SETTINGS.index), self.embedders,
-                                       Budget(SETTINGS.originals_max_bytes))
+                                       Budget(SETTINGS.originals_max_bytes), SETTINGS.thumbnail_side)
         self.embedders.collections = self.collections
         self.collections.open(default, SETTINGS.keep_originals)
         self.jobs = Jobs(self.collections)
