@@ -126,6 +126,7 @@ def test_search_folded_widens_until_k_are_kept(backend: str, tmp_path: Path) -> 
     near += [turned(near[0], 0.995, rng) for _ in range(29)]  # > 0.95 to the first, below it to the query
     others = [turned(query, cos, rng) for cos in (0.6, 0.5, 0.4, 0.3)]
     with open_index(str(tmp_path / backend), dim=DIM) as store:
+        assert search_folded(store, query[None], 3, THRESHOLD) == [[]]  # an empty collection
         ids = store.add(np.asarray(near + others, np.float32))
         (row,) = search_folded(store, query[None], 3, THRESHOLD)
     assert [hit.id for hit, _ in row[1:]] == ids[30:32] and row[1][1] == row[2][1] == []

@@ -146,8 +146,8 @@ def search_folded(store: VectorIndex, queries: Any, k: int, threshold: float,
             continue  # an item was deleted between the search and the read: search again
         short = []
         for at, row in zip(pending, rows):
-            folded = fold_duplicates(row, np.asarray([vectors[hit.id] for hit in row]).reshape(len(row), -1),
-                                     threshold)
+            stacked = np.asarray([vectors[hit.id] for hit in row], np.float32).reshape(len(row), store.dim)
+            folded = fold_duplicates(row, stacked, threshold)
             answer[at] = folded[:k]
             if len(folded) < k and len(row) == fetch < ceiling:  # a full page: the collection may hold more
                 short.append(at)
