@@ -21,7 +21,9 @@ from servekit import start_service
 from bench.launcher import Server
 from corinfomax.cli import main
 from corinfomax.serving.embedder import Embedder
-from corinfomax.serving.index.factory import open_index
+from corinfomax.serving.index.collections import Collections
+from corinfomax.serving.index.factory import open_index, open_layout
+from corinfomax.serving.index.originals import Budget
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "default"
@@ -159,3 +161,22 @@ def test_the_cli_reports_the_groups_of_a_collection(backend: str, photos: list[b
     errors = capsys.readouterr().err
     assert "error: --out" in errors and "'pets'" in errors and "threshold must be" in errors
     assert "Traceback" not in errors and not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("backend", ["index", "index.db"], ids=["folder", "milvus-lite"])
+def test_the_cli_reads_the_named_collection(backend: str, tmp_path: Path) -> None:
+    record = {"key": "m@1", "name": "m", "version": "1", "dim": 16, "checkpoint_sha256": "m", "path": "/nowhere"}
+    vectors = np.random.default_rng(0).normal(size=(20, 16)).astype(np.float32)
+    vectors[5] = vectors[2]
+    location = str(tmp_path / backend)
+    collections = Collections(open_layout(location), lambda key: None, Budget())  # vectors only: no model needed
+    collections.open(record, keep_originals=False)
+    collections.create("pets", record, keep_originals=False)
+    ids = collections.add("pets", vectors, model="m@1")
+    collections.add(None, vectors[:3], model="m@1")  # the default collection: no duplicates
+    collections.close()
+    out = tmp_path / "report.json"
+    for name, groups in (("pets", [[ids[2], ids[5]]]), (None, [])):
+        assert main(["index", "duplicates", "--index", location, "--out", str(out), "--no-progress",
+                     *(["--collection", name] if name else [])]) == 0
+        assert [group["ids"] for group in json.loads(out.read_text())["groups"]] == groups
