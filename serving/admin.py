@@ -16,6 +16,7 @@ from tqdm import tqdm
 from corinfomax.core.bundle import read_card
 from corinfomax.core.errors import BundleError, UserError
 from corinfomax.core.images import DEFAULT_MAX_PIXELS
+from corinfomax.core.thumbnails import DEFAULT_SIDE
 from corinfomax.serving.index import switch
 from corinfomax.serving.index.catalog import DEFAULT, JobDoc, job_doc
 from corinfomax.serving.index.collections import Collections
@@ -31,9 +32,10 @@ class Admin:
     """The collections at ``location``, with the bundles of ``models`` (a folder) to name models from."""
 
     def __init__(self, location: str, models: Path | None, default_bundle: Path | None,
-                 max_bytes: int = DEFAULT_MAX_BYTES, keep_originals: bool = True) -> None:
+                 max_bytes: int = DEFAULT_MAX_BYTES, keep_originals: bool = True,
+                 thumbnail_side: int = DEFAULT_SIDE) -> None:
         self.models = models
-        self.collections = Collections(open_layout(location), self._encoder, Budget(max_bytes))
+        self.collections = Collections(open_layout(location), self._encoder, Budget(max_bytes), thumbnail_side)
         self._embedders: dict[str, Any] = {}
         default = None
         if self.collections.catalog.get(f"collection/{DEFAULT}") is None:

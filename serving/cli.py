@@ -1,5 +1,5 @@
-"""Serving-side subcommands: `extract`, `index build`, `index migrate`, `index snapshot`, `index restore`,
-`probe fit`, `serve`, and `collection ...` (the service's collection verbs for a stopped service).
+"""Serving-side subcommands: `extract`, `index build`, `index migrate`, `index duplicates`, `index snapshot`,
+`index restore`, `probe fit`, `serve`, and `collection ...` (the service's collection verbs for a stopped service).
 
 Imports happen inside the handlers so that `corinfomax --help` stays fast and nothing here pulls in
 PyTorch (serving environments do not have it).
@@ -64,6 +64,9 @@ def _register_index(subparsers: Any) -> None:
     p.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="memory the FAISS index may use, e.g. 512M, 4G (default: no limit)")
     p.add_argument("--kind", default=None, help="force a FAISS index kind (e.g. Flat, HNSW32, IVF1024,PQ32)")
+    p.add_argument("--thumbnail-px", type=int, default=None, metavar="PX",
+                   help="side of the thumbnails the search page shows, made from the image files (default: the "
+                        "service's, 128; 0: none)")
     p.set_defaults(handler=_index_build)
     p = index_sub.add_parser("migrate", help="copy an index to another backend (folder, .db, milvus://) and verify",
                              description="Copy every item (vector, metadata, label, thumbnail) from one index to "
@@ -77,6 +80,20 @@ def _register_index(subparsers: Any) -> None:
     p.add_argument("--id-map", default=None, metavar="FILE", help="write {old id: new id} as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_index_migrate)
+    p = index_sub.add_parser("duplicates", help="group the near-duplicates of a whole collection into a report",
+                             description="Find every pair of items at or above --threshold cosine similarity in a "
+                                         "collection (exact range search over its stored vectors, read in batches), "
+                                         "group them, and write a JSON report (groups with ids and scores, and a "
+                                         "summary) or a CSV one (one row per group member), by --out's suffix.")
+    p.add_argument("--index", required=True, metavar="LOCATION",
+                   help="index folder, Milvus Lite FILE.db or milvus://HOST:PORT/COLLECTION")
+    p.add_argument("--collection", default=None, help="the collection to scan (default: default)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="similarity at or above which two items are duplicates, in (0, 1] (default: the measured "
+                        "default of POST /duplicates)")
+    p.add_argument("--out", required=True, metavar="REPORT", help="report.json or report.csv")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_index_duplicates)
     p = index_sub.add_parser("snapshot", help="copy an index, while it is served and written, into a checked folder",
                              description="Copy an index folder as of one point in time (SQLite's online backup of "
                                          "the catalog and every generation, their FAISS files, the originals they "
@@ -184,7 +201,8 @@ def _collection(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     models = Path(args.models) if args.models else settings.models_dir
     default = Path(args.default_model) if args.default_model else settings.bundle_dir()
-    admin = Admin(args.index, models, default, settings.originals_max_bytes, settings.keep_originals)
+    admin = Admin(args.index, models, default, settings.originals_max_bytes, settings.keep_originals,
+                  settings.thumbnail_side)
     try:
         verb = args.collection_command
         if verb == "list":
@@ -230,15 +248,18 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _index_build(args: argparse.Namespace) -> int:
+    from corinfomax.core.thumbnails import DEFAULT_SIDE
     from corinfomax.serving.index.build import build_index, build_into, parse_size
 
+    side = DEFAULT_SIDE if args.thumbnail_px is None else args.thumbnail_px
     if args.to:
-        stats = build_into(args.features, args.to)
+        stats = build_into(args.features, args.to, side)
         print(json.dumps(stats, indent=2))
         print(f"index {args.to}: {stats['count']} vectors ({stats['labelled']} labelled), {stats['kind']}")
         return 0
     budget = parse_size(args.memory_budget) if args.memory_budget else None
-    report = build_index(args.features, args.out, memory_budget_bytes=budget, kind=args.kind)
+    report = build_index(args.features, args.out, memory_budget_bytes=budget, kind=args.kind,
+                         thumbnail_side=side)
     print(json.dumps(report, indent=2))
     recall = report.get("recall_at_10")
     recall_text = f"{recall:.4f}" if isinstance(recall, (int, float)) else "n/a"
@@ -277,6 +298,18 @@ def _index_restore(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2))
     print(f"restored {args.source} (taken at {summary['snapshot_started_at']}) as {args.index}: "
           f"{summary['items']} items")
+    return 0
+
+
+def _index_duplicates(args: argparse.Namespace) -> int:
+    from corinfomax.serving.index.duplicates import DEFAULT_THRESHOLD
+    from corinfomax.serving.index.duplicates_report import report_duplicates
+
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    summary = report_duplicates(args.index, args.out, threshold, args.collection, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    print(f"{summary['groups']} groups of near-duplicates ({summary['items_in_groups']} of {summary['items']} items, "
+          f"similarity >= {summary['threshold']}) written to {args.out}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from test_extract import REPO, make_image_folder
 
 from corinfomax.serving.extract.features import load_features
@@ -53,13 +55,24 @@ def test_index_build_loads_in_the_store(features: Path, tmp_path: Path) -> None:
     assert "faiss.loader" not in result.stderr  # its per-instruction-set INFO lines are kept out
     loaded = load_features(features)
     with IndexStore(out) as store:
-        assert store.stats()["count"] == 300 and store.stats()["labelled"] == 300
+        assert store.stats()["count"] == store.stats()["labelled"] == store.stats()["thumbnails"] == 300
         hit = store.search(loaded.embeddings[7:8], k=1)[0][0]
         item = store.get(hit.id)
         assert item.metadata["path"] == loaded.paths[7] and item.label == loaded.labels[7]
+        with Image.open(io.BytesIO(store.thumbnail(hit.id))) as thumbnail:  # the page shows the user's images
+            assert thumbnail.format == "WEBP" and thumbnail.size == (32, 32)  # never enlarged
 
     again = corinfomax("index", "build", "--features", str(features), "--out", str(out))
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    bare = corinfomax("index", "build", "--features", str(features), "--out", str(tmp_path / "bare"),
+                      "--thumbnail-px", "0")
+    assert bare.returncode == 0, bare.stderr
+    with IndexStore(tmp_path / "bare") as store:
+        assert store.stats()["thumbnails"] == 0
+    wrong = corinfomax("index", "build", "--features", str(features), "--out", str(tmp_path / "no"),
+                       "--thumbnail-px", "999")
+    assert wrong.returncode == 2 and "--thumbnail-px must be 0 (none) to 256" in wrong.stderr
+    assert not (tmp_path / "no").exists()
 
 
 def test_index_build_into_milvus_resumes_and_migrate_goes_both_ways(features: Path, tmp_path: Path) -> None:
@@ -83,7 +96,7 @@ def test_index_build_into_milvus_resumes_and_migrate_goes_both_ways(features: Pa
     labels = [label for label in loaded.labels if label is not None]
     assert len(labels) == len(loaded.labels) and LinearProbe.load(tmp_path / "probe.npz").classes == sorted(set(labels))
     with open_index(lite) as first, open_index(tmp_path / "folder") as folder, open_index(tmp_path / "back.db") as last:
-        assert folder.stats()["thumbnails"] == 0 and folder.stats()["labelled"] == last.stats()["labelled"] == 300
+        assert folder.stats()["thumbnails"] == folder.stats()["labelled"] == last.stats()["labelled"] == 300
         for store in (first, folder, last):
             hit = store.search(loaded.embeddings[7:8], k=1)[0][0]
             assert hit.metadata["path"] == loaded.paths[7] and hit.label == loaded.labels[7]

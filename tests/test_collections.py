@@ -5,11 +5,13 @@ without a server: the catalog and the originals store on their own, then a colle
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from corinfomax.core.errors import BadInput, NotFound
 from corinfomax.core.images import ResizeRule, load_image, to_model_input
@@ -164,6 +166,20 @@ def test_a_collection_follows_its_model(location: str, jpegs: list[bytes]) -> No
     assert collections.doc(None).previous is None
     collections.delete(None, later)
     assert collections.stats(None)["originals_count"] == len(expected)  # freed with their last item
+    collections.close()
+
+
+def test_a_reembed_gives_items_without_a_thumbnail_one(location: str, jpegs: list[bytes]) -> None:
+    collections = Collections(open_layout(location), encoders, Budget(1 << 30), thumbnail_side=16)
+    collections.open(record("a@1"), keep_originals=True)
+    bare = add_images(collections, jpegs[:3])  # as an index built before `index build` made thumbnails
+    own = collections.add(None, MODELS["a@1"].embed(jpegs[3:4]), thumbnails=[b"own"], images=jpegs[3:4], model="a@1")
+    assert Jobs(collections).start(None, record("b@1"), background=False).state == "done"
+    with collections.reading(None) as store:
+        for item in bare:
+            with Image.open(io.BytesIO(store.thumbnail(item))) as thumbnail:
+                assert thumbnail.format == "WEBP" and thumbnail.size == (16, 16)
+        assert store.thumbnail(own[0]) == b"own"  # one it had is kept
     collections.close()
 
 

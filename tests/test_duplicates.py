@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pytest
 
 from corinfomax.core.errors import BadInput
-from corinfomax.serving.index.duplicates import duplicate_pairs, find_duplicates, fold_duplicates
+from corinfomax.serving.index.duplicates import duplicate_pairs, find_duplicates, fold_duplicates, search_folded
+from corinfomax.serving.index.factory import open_index
 
 DIM = 32
 THRESHOLD = 0.95
@@ -112,3 +114,22 @@ def test_fold_duplicates_keeps_order_and_folds_into_the_first() -> None:
     folded = fold_duplicates(hits, np.stack([a, b, near_a, between, near_b, a]), THRESHOLD)
     assert folded == [("a", ["near_a", "a_again"]), ("b", ["near_b"]), ("between", [])]
     assert fold_duplicates([], np.zeros((0, DIM)), THRESHOLD) == []
+
+
+@pytest.mark.parametrize("backend", ["index", "index.db"], ids=["folder", "milvus-lite"])
+def test_search_folded_widens_until_k_are_kept(backend: str, tmp_path: Path) -> None:
+    """30 near-copies of the query's nearest item fold into it: the first 2k results hold one kept hit, so the
+    search widens (6, 24, 96 results) until k distinct ones are kept, on either backend."""
+    rng = np.random.default_rng(1)
+    query = unit(rng.normal(size=DIM))
+    near = [turned(query, 0.9, rng)]
+    near += [turned(near[0], 0.995, rng) for _ in range(29)]  # > 0.95 to the first, below it to the query
+    others = [turned(query, cos, rng) for cos in (0.6, 0.5, 0.4, 0.3)]
+    with open_index(str(tmp_path / backend), dim=DIM) as store:
+        assert search_folded(store, query[None], 3, THRESHOLD) == [[]]  # an empty collection
+        ids = store.add(np.asarray(near + others, np.float32))
+        (row,) = search_folded(store, query[None], 3, THRESHOLD)
+    assert [hit.id for hit, _ in row[1:]] == ids[30:32] and row[1][1] == row[2][1] == []
+    assert sorted([row[0][0].id] + [hit.id for hit in row[0][1]]) == ids[:30]  # the best of them kept
+    with pytest.raises(BadInput, match="threshold"):
+        search_folded(store, query[None], 3, 1.5)

@@ -80,7 +80,7 @@ class IndexOwner:
         default = card_record(read_card(bundle), bundle)
         self.embedders = ModelEmbedders(default)
         self.collections = Collections(open_layout(SETTINGS.index), self.embedders,
-                                       Budget(SETTINGS.originals_max_bytes))
+                                       Budget(SETTINGS.originals_max_bytes), SETTINGS.thumbnail_side)
         self.embedders.collections = self.collections
         self.collections.open(default, SETTINGS.keep_originals)
         self.jobs = Jobs(self.collections)
@@ -165,13 +165,17 @@ class IndexOwner:
     def search(self, vectors: Optional[np.ndarray] = None, k: int = 10, labelled_only: bool = False,
                collection: Optional[str] = None, model: Optional[str] = None,
                ids: Optional[list[int]] = None, filter: Optional[Any] = None,
-               score_threshold: Optional[float] = None) -> list[list[dict[str, Any]]]:
+               score_threshold: Optional[float] = None, dedup: Optional[float] = None) -> list[list[dict[str, Any]]]:
         """Top-k per query vector (embedded with ``model``, when by the API), or per stored item of ``ids`` (read
         from the same generation it is searched in), among the items ``filter`` passes, none below
-        ``score_threshold``."""
+        ``score_threshold``; with ``dedup`` (a similarity threshold), near-identical hits folded into the best
+        ranked one, listed as its ``duplicates``."""
         with self.collections.reading(collection, model) as store:
             queries = store.vectors(ids) if ids is not None else vectors
-            return _hits(reads.search(store, queries, k, labelled_only, filter, score_threshold))
+            if dedup is None:
+                return _hits(reads.search(store, queries, k, labelled_only, filter, score_threshold))
+            rows = reads.search_folded(store, queries, k, dedup, labelled_only, filter, score_threshold)
+            return [[{**_hit(kept), "duplicates": [hit.id for hit in folded]} for kept, folded in row] for row in rows]
 
     @bentoml.api
     @envelope
@@ -270,8 +274,11 @@ class IndexOwner:
 
 
 def _hits(rows: list[list[Hit]]) -> list[list[dict[str, Any]]]:
-    return [[{"id": h.id, "score": round(h.score, 6), "metadata": h.metadata, "label": h.label} for h in row]
-            for row in rows]
+    return [[_hit(hit) for hit in row] for row in rows]
+
+
+def _hit(hit: Hit) -> dict[str, Any]:
+    return {"id": hit.id, "score": round(hit.score, 6), "metadata": hit.metadata, "label": hit.label}
 
 
 def seed_collection(collections: Collections, embedder: Embedder, folder: str | Path, batch: int = 64,

@@ -40,8 +40,10 @@ from corinfomax.serving.api.inputs import ImageInputs
 from corinfomax.serving.api.manage import Management
 from corinfomax.serving.api.metrics import StageTimer, model_wait, observe_batch
 from corinfomax.serving.api.routes import Routes
-from corinfomax.serving.index.backend import MAX_K, check_k, check_key, check_metadata, normalise
+from corinfomax.serving.index.backend import MAX_K, check_ids, check_k, check_key, check_metadata, normalise
 from corinfomax.serving.index.catalog import StaleRoute
+from corinfomax.serving.index.duplicates import DEFAULT_THRESHOLD
+from corinfomax.serving.index.duplicates import check_threshold as check_similarity
 from corinfomax.serving.index.filters import metadata_field, parse_filter
 from corinfomax.serving.index.reads import DEFAULT_PAGE, check_examples, check_limit
 from corinfomax.serving.index.recommend import check_threshold
@@ -152,12 +154,15 @@ class CorInfoMax(Management):
     async def search(self, images: list[Path] = [], urls: Optional[list[str]] = None,
                      images_b64: Optional[list[str]] = None, vectors: Optional[list[list[float]]] = None,
                      ids: Optional[list[int]] = None, k: int = 10, collection: Optional[str] = None,
-                     filter: Optional[Any] = None, score_threshold: Optional[float] = None) -> dict[str, Any]:
+                     filter: Optional[Any] = None, score_threshold: Optional[float] = None, dedup: bool = False,
+                     dedup_threshold: Optional[float] = None) -> dict[str, Any]:
         """Top-k stored items per query (image, vector or stored id), with scores, metadata and labels; only items
-        that ``filter`` passes (a JSON object, or its text in a form) and score at least ``score_threshold``."""
+        that ``filter`` passes (a JSON object, or its text in a form) and score at least ``score_threshold``. With
+        ``dedup``, results at least ``dedup_threshold`` similar to a better ranked one are folded into it (listed
+        as its ``duplicates``), and k results are kept while the collection has them."""
         check_k(k)
         limits.check_hits(limits.query_count(images, urls, images_b64, vectors, ids), k)
-        options = search_options(filter, score_threshold)
+        options = {**search_options(filter, score_threshold), **dedup_option(dedup, dedup_threshold)}
         return {"results": await self._search(images, urls, images_b64, vectors, ids, collection, k=k, **options)}
 
     @bentoml.api
@@ -202,6 +207,24 @@ class CorInfoMax(Management):
         Lite: none); the collection's indexed fields."""
         metadata_field(field)
         return unwrap(await call(self.index.to_async.index_field, field=field, collection=collection))
+
+    @bentoml.api
+    @http_errors
+    async def duplicates(self, images: list[Path] = [], urls: Optional[list[str]] = None,
+                         images_b64: Optional[list[str]] = None, vectors: Optional[list[list[float]]] = None,
+                         ids: Optional[list[int]] = None, threshold: float = DEFAULT_THRESHOLD, k: int = 10,
+                         collection: Optional[str] = None) -> dict[str, Any]:
+        """Stored near-duplicates of each query (image, vector or stored id): the items at least ``threshold``
+        similar, best first, at most ``k``; an id query's own item is left out."""
+        threshold = check_similarity(threshold)
+        check_k(k)
+        ids = check_ids(ids) if ids else ids  # one answer row per distinct id, as /search gives
+        limits.check_hits(limits.query_count(images, urls, images_b64, vectors, ids), k)
+        fetch = min(k + 1, MAX_K) if ids else k  # an id query's own item is among its hits
+        rows = await self._search(images, urls, images_b64, vectors, ids, collection, k=fetch)
+        own: list[Optional[int]] = list(ids) if ids else [None] * len(rows)
+        return {"results": [[hit for hit in row if hit["score"] >= threshold and hit["id"] != item][:k]
+                            for row, item in zip(rows, own)]}
 
     @bentoml.api
     @http_errors
@@ -344,6 +367,15 @@ def search_options(flt: Any, score_threshold: Optional[float]) -> dict[str, Any]
     if check_threshold(score_threshold) is not None:
         options["score_threshold"] = score_threshold
     return options
+
+
+def dedup_option(dedup: bool, threshold: Optional[float]) -> dict[str, float]:
+    """The index's ``dedup`` option for /search: none without ``dedup``, so such a request answers as before."""
+    if not dedup:
+        if threshold is not None:
+            raise BadInput("dedup_threshold is used only with dedup: true")
+        return {}
+    return {"dedup": check_similarity(DEFAULT_THRESHOLD if threshold is None else threshold, "dedup_threshold")}
 
 
 def unwrap_stale(answer: dict[str, Any]) -> dict[str, Any]:

@@ -136,6 +136,10 @@ class VectorIndex(Protocol):
         """Every item with its thumbnail (or None), in id order, ``batch`` at a time (for `index migrate`)."""
         ...
 
+    def scan(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every item's (int64 ids [n], unit vectors [n, D]), a batch at a time (for `index duplicates`)."""
+        ...
+
     def stats(self) -> dict[str, Any]: ...
 
     # -- what collections and their generations need (serving.index.collections) ------------------------

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,6 +24,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from corinfomax.core.errors import UserError
+from corinfomax.core.thumbnails import DEFAULT_SIDE, MAX_SIDE, make_thumbnail
 from corinfomax.serving.extract.features import iter_shards, read_manifest
 from corinfomax.serving.index.factory import is_milvus, open_index
 from corinfomax.serving.index.store import IndexStore
@@ -40,18 +42,61 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
-Batch = tuple[np.ndarray, list[dict[str, Any]], list[str | None], list[str | None]]
+Batch = tuple[np.ndarray, list[dict[str, Any]], list[str | None], list[str | None], list[bytes | None] | None]
 
 
-def _batches(features_dir: str | Path, total_shards: int) -> Iterator[Batch]:
+def _batches(features_dir: str | Path, total_shards: int, thumbnail_side: int) -> Iterator[Batch]:
     """One batch per shard (empty when none of its images embedded): its good rows in row order, with path and
-    size as metadata, and the file as the item's source (what a re-embed reads)."""
-    for embeddings, table in tqdm(iter_shards(features_dir), total=total_shards, unit="shard", desc="index"):
-        good = table.filter(pc.greater_equal(table["row"], 0)).sort_by("row")
-        paths = good["path"].to_pylist()
-        metadata = [{"path": p, "width": w, "height": h} for p, w, h in
-                    zip(paths, good["width"].to_pylist(), good["height"].to_pylist())]
-        yield embeddings, metadata, good["label"].to_pylist(), [f"file:{p}" for p in paths]
+    size as metadata, the file as the item's source (what a re-embed reads), and thumbnails of ``thumbnail_side``
+    px made from the files (None without: 0)."""
+    thumbnails = Thumbnails(thumbnail_side) if thumbnail_side else None
+    try:
+        for embeddings, table in tqdm(iter_shards(features_dir), total=total_shards, unit="shard", desc="index"):
+            good = table.filter(pc.greater_equal(table["row"], 0)).sort_by("row")
+            paths = good["path"].to_pylist()
+            metadata = [{"path": p, "width": w, "height": h} for p, w, h in
+                        zip(paths, good["width"].to_pylist(), good["height"].to_pylist())]
+            yield (embeddings, metadata, good["label"].to_pylist(), [f"file:{p}" for p in paths],
+                   thumbnails.make(paths) if thumbnails else None)
+    finally:
+        if thumbnails:
+            thumbnails.close()
+
+
+def check_side(side: int) -> None:
+    """Before any work: a bad side would fail every file, and each file's failure is only counted."""
+    if not 0 <= side <= MAX_SIDE:
+        raise UserError(f"--thumbnail-px must be 0 (none) to {MAX_SIDE}, got {side}")
+
+
+class Thumbnails:
+    """Thumbnails of image files for the page, made in a thread per core (Pillow decodes without the GIL), with
+    a progress bar; a file that no longer decodes gets none (counted, logged at the end)."""
+
+    def __init__(self, side: int) -> None:
+        self.side, self.failed = side, 0
+        self.pool = ThreadPoolExecutor(os.cpu_count() or 1)
+        self.bar = tqdm(unit="image", desc="thumbnails")
+
+    def make(self, paths: list[str]) -> list[bytes | None]:
+        made = list(self.pool.map(self._one, paths))
+        self.failed += made.count(None)
+        self.bar.update(len(paths))
+        return made
+
+    def _one(self, path: str) -> bytes | None:
+        try:
+            return make_thumbnail(path, self.side)
+        except (UserError, OSError) as err:  # moved or changed since `extract`: the item is indexed all the same
+            log.debug("no thumbnail for %s: %s", path, err)
+            return None
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.bar.close()
+        if self.failed:
+            log.warning("index build: %d files could not be read again for thumbnails (their items have none)",
+                        self.failed)
 
 
 def build_index(
@@ -60,8 +105,11 @@ def build_index(
     *,
     memory_budget_bytes: int | None = None,
     kind: str | None = None,
+    thumbnail_side: int = DEFAULT_SIDE,
 ) -> dict[str, Any]:
-    """Build ``out`` from ``features_dir``; return the index stats (count, kind, recall_at_10, ...)."""
+    """Build ``out`` from ``features_dir``, with thumbnails of ``thumbnail_side`` px (0: none) made from the image
+    files; return the index stats (count, kind, recall_at_10, ...)."""
+    check_side(thumbnail_side)
     manifest = read_manifest(features_dir)
     out = Path(out)
     if out.exists():
@@ -76,7 +124,7 @@ def build_index(
         out.parent.mkdir(parents=True, exist_ok=True)
         with IndexStore(building, dim=int(model["embedding_dim"]),
                         model_sha256=model.get("checkpoint_sha256")) as store:
-            batches = (batch for batch in _batches(features_dir, len(manifest["shards"])) if batch[1])
+            batches = (batch for batch in _batches(features_dir, len(manifest["shards"]), thumbnail_side) if batch[1])
             added = store.add_many(batches, rebuild=False)
             if added == 0:
                 raise UserError(f"{features_dir} holds no embedded images (every file failed); nothing to index")
@@ -90,8 +138,9 @@ def build_index(
     return stats
 
 
-def build_into(features_dir: str | Path, location: str) -> dict[str, Any]:
-    """Add ``features_dir`` to the Milvus collection at ``location`` (created if missing); return its stats.
+def build_into(features_dir: str | Path, location: str, thumbnail_side: int = DEFAULT_SIDE) -> dict[str, Any]:
+    """Add ``features_dir`` to the Milvus collection at ``location`` (created if missing), with thumbnails as
+    ``build_index`` makes them; return its stats.
 
     Resumable: each shard's insert carries the key ``build:<folder hash>:<shard>``, so a rerun answers the shards
     already in from their keys and writes only the rest.
@@ -99,16 +148,17 @@ def build_into(features_dir: str | Path, location: str) -> dict[str, Any]:
     if not is_milvus(location):
         raise UserError(f"--to takes a Milvus Lite .db file or milvus://host:port/collection, not {location!r}; "
                         "build an index folder with --out")
+    check_side(thumbnail_side)
     manifest = read_manifest(features_dir)
     if not manifest["shards"]:
         raise UserError(f"{features_dir} has no finished shards; run `corinfomax extract` to completion first")
     model = manifest["model"]
     folder = hashlib.sha256(str(Path(features_dir).resolve()).encode()).hexdigest()[:16]
     with open_index(location, dim=int(model["embedding_dim"]), model_sha256=model.get("checkpoint_sha256")) as store:
-        for name, (vectors, metadata, labels, sources) in zip(manifest["shards"],
-                                                              _batches(features_dir, len(manifest["shards"]))):
+        for name, (vectors, metadata, labels, sources, thumbnails) in zip(
+                manifest["shards"], _batches(features_dir, len(manifest["shards"]), thumbnail_side)):
             if metadata:
-                store.add(vectors, metadata, labels, key=f"build:{folder}:{name}", sources=sources)
+                store.add(vectors, metadata, labels, thumbnails, key=f"build:{folder}:{name}", sources=sources)
         stats = store.stats()
     log.info("index build: %s", stats)
     return stats

@@ -46,10 +46,12 @@ def model_record_key(key: str) -> str:
 
 class Collections:
     """The collections at one index location; ``encoders`` embeds stored items with a model (fanned-out adds,
-    re-embeds), ``budget`` caps the originals."""
+    re-embeds), ``budget`` caps the originals; a re-embed gives items without a thumbnail one of
+    ``thumbnail_side`` px (0: none)."""
 
-    def __init__(self, layout: Layout, encoders: Encoders, budget: Budget) -> None:
+    def __init__(self, layout: Layout, encoders: Encoders, budget: Budget, thumbnail_side: int = 0) -> None:
         self.layout, self.catalog, self.encoders, self.budget = layout, layout.catalog, encoders, budget
+        self.thumbnail_side = thumbnail_side
         self.lock = threading.RLock()
         self._open: dict[str, Open] = {}
         self._read_at = 0.0

@@ -11,18 +11,21 @@ pairs whatever the method: raise it (``bench/duplicates_threshold.py`` measures 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import faiss
 import numpy as np
 
-from corinfomax.core.errors import BadInput
-from corinfomax.serving.index.backend import normalise
+from corinfomax.core.errors import BadInput, NotFound
+from corinfomax.serving.index.backend import MAX_K, Hit, VectorIndex, normalise
 
 # Measured (bench/duplicates_threshold.py, docs/RESULTS.md): with the default model, every JPEG-q50 and
 # half-size copy of 500 photos found at precision >= 0.996; lower finds more crops and flips, less precisely.
 DEFAULT_THRESHOLD = 0.95
 QUERY_BATCH = 256  # queries per range search: bounds the results held at once (<= 256 x N pairs)
+# Results one dedup search may read (with their vectors) over all its queries: 4x what a plain search may answer
+# (serving.api.limits.MAX_HITS), so a widening never costs more than a few plain searches.
+MAX_FOLDED = 40_000
 Batches = Iterable[tuple[np.ndarray, np.ndarray]]  # (int64 ids [n], unit vectors [n, D]) in scan order
 T = TypeVar("T")
 
@@ -52,10 +55,10 @@ class Report:
     groups: list[Group]  # ordered by their first id
 
 
-def check_threshold(threshold: object) -> float:
-    """A similarity threshold for duplicates: a number in (0, 1]."""
+def check_threshold(threshold: object, name: str = "threshold") -> float:
+    """A similarity threshold for duplicates: a number in (0, 1] (``name``: the request field, for the 400)."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
-        raise BadInput(f"threshold must be a number in (0, 1], got {str(threshold)[:40]}")
+        raise BadInput(f"{name} must be a number in (0, 1], got {str(threshold)[:40]}")
     return float(threshold)
 
 
@@ -123,6 +126,42 @@ def fold_duplicates(hits: Sequence[T], vectors: np.ndarray, threshold: float) ->
             kept.append(i)
             folded[i] = []
     return [(hits[i], folded[i]) for i in kept]
+
+
+def search_folded(store: VectorIndex, queries: Any, k: int, threshold: float,
+                  **options: Any) -> list[list[tuple[Hit, list[Hit]]]]:
+    """Top-``k`` per query with near-identical results folded (``fold_duplicates``): ``k`` kept hits per query
+    while the collection has them. Each query starts at 2k results and fetches 4x more while folding leaves fewer
+    than ``k`` kept and more results exist, up to MAX_K and MAX_FOLDED over all queries; ``options`` go to
+    ``search``."""
+    threshold = check_threshold(threshold)
+    queries = normalise(queries, store.dim, "query vectors")
+    ceiling = max(min(2 * k, MAX_K), min(MAX_K, MAX_FOLDED // len(queries)))
+    answer: list[list[tuple[Hit, list[Hit]]]] = [[] for _ in queries]
+    pending, fetch = list(range(len(queries))), min(2 * k, ceiling)
+    while pending:
+        rows = store.search(queries[pending], fetch, **options)
+        vectors = _hit_vectors(store, rows)
+        if vectors is None:
+            continue  # an item was deleted between the search and the read: search again
+        short = []
+        for at, row in zip(pending, rows):
+            stacked = np.asarray([vectors[hit.id] for hit in row], np.float32).reshape(len(row), store.dim)
+            folded = fold_duplicates(row, stacked, threshold)
+            answer[at] = folded[:k]
+            if len(folded) < k and len(row) == fetch < ceiling:  # a full page: the collection may hold more
+                short.append(at)
+        pending, fetch = short, min(4 * fetch, ceiling)
+    return answer
+
+
+def _hit_vectors(store: VectorIndex, rows: list[list[Hit]]) -> dict[int, np.ndarray] | None:
+    """The stored vector of every hit of ``rows``, by id, in one read; None if one of them is gone."""
+    found = sorted({hit.id for row in rows for hit in row})
+    try:
+        return dict(zip(found, store.vectors(found))) if found else {}
+    except NotFound:
+        return None
 
 
 class _Counted:

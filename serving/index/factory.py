@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from corinfomax.core.errors import NotFound
 from corinfomax.serving.index.backend import VectorIndex
-from corinfomax.serving.index.catalog import CATALOG_FILE, DEFAULT, collection_doc
+from corinfomax.serving.index.catalog import CATALOG_FILE, DEFAULT, check_name, collection_doc
 
 if TYPE_CHECKING:  # the layouts import their backend's client library: only when one is opened
     from corinfomax.serving.index.layout import Layout
@@ -19,22 +20,25 @@ def is_milvus(location: str | Path) -> bool:
     return text.startswith("milvus://") or text.endswith(".db")
 
 
-def open_index(location: str | Path, dim: int | None = None, model_sha256: str | None = None) -> VectorIndex:
+def open_index(location: str | Path, dim: int | None = None, model_sha256: str | None = None,
+               collection: str | None = None) -> VectorIndex:
     """Open (or create, given ``dim``) the index at ``location``: a folder (SQLite + FAISS), a ``.db`` file
     (Milvus Lite) or ``milvus://host:port/collection`` (a Milvus server; token from CORINFOMAX_MILVUS_TOKEN).
 
-    Opened to read (no ``dim``), a location whose ``default`` collection was re-embedded opens that collection's
-    live generation, the index the service answers from. Each backend's client library (FAISS, pymilvus) is
-    imported only when that backend is opened."""
+    Opened to read (no ``dim``), it opens the live generation of ``collection`` (default: ``default``), the index
+    the service answers that collection from. Each backend's client library (FAISS, pymilvus) is imported only
+    when that backend is opened."""
     if dim is None and has_catalog(location):
         layout = open_layout(location)
-        doc = collection_doc(layout.catalog, DEFAULT)
-        if doc.live != 1:
-            store = layout.open(DEFAULT, doc.live, doc.generations[doc.live], create=False)
+        doc = collection_doc(layout.catalog, check_name(collection or DEFAULT))
+        if doc.live != 1 or doc.name != DEFAULT:
+            store = layout.open(doc.name, doc.live, doc.generations[doc.live], create=False)
             if not is_milvus(location):
                 layout.close()  # the catalog's connection; a Milvus store keeps the layout's client until exit
             return store
         layout.close()
+    elif collection not in (None, DEFAULT):
+        raise NotFound(f"{location} has only its default collection, not {collection!r}")
     if is_milvus(location):
         from corinfomax.serving.index.milvus import MilvusStore
 

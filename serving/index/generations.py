@@ -4,6 +4,7 @@ the end of a re-embed, a rollback)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from concurrent.futures import Executor
@@ -14,6 +15,7 @@ import numpy as np
 
 from corinfomax.core.errors import BadInput
 from corinfomax.core.images import ImageSource
+from corinfomax.core.thumbnails import make_thumbnail
 from corinfomax.serving.index.backend import StoredRow, VectorIndex
 from corinfomax.serving.index.catalog import CollectionDoc
 from corinfomax.serving.index.originals import Originals, read_source
@@ -100,27 +102,42 @@ class Decoded:
 
 
 def decode_rows(rows: Sequence[StoredRow], encoder: Encoder, originals: Originals | None,
-                images: dict[int, bytes] | None = None, pool: Executor | None = None) -> Decoded:
+                images: dict[int, bytes] | None = None, pool: Executor | None = None,
+                thumbnail_side: int = 0) -> Decoded:
     """Read each row's image (``images`` by id, bytes at hand, else its source) and preprocess it for ``encoder``,
     in ``pool`` when given (decoding releases the GIL); a row without source, whose source is gone or no longer
-    decodes is missing."""
+    decodes is missing. A row without a thumbnail gets one of ``thumbnail_side`` px (unless 0) from its image:
+    an index built before `index build` made them shows images on the page once re-embedded."""
 
-    def one(row: StoredRow) -> np.ndarray | None:
+    def one(row: StoredRow) -> tuple[StoredRow, np.ndarray | None]:
         data = (images or {}).get(row.id)
         try:
             if data is None:
                 if row.source is None:
-                    return None  # added as a vector
+                    return row, None  # added as a vector
                 data = read_source(row.source, originals)
-            return encoder.preprocess(data)
+            pixels = encoder.preprocess(data)
+            return (with_thumbnail(row, data, thumbnail_side) if thumbnail_side else row), pixels
         except BadInput as err:  # NotFound (gone) and ImageError (not an image any more) are BadInputs
             log.debug("item %d cannot be embedded again: %s", row.id, err)
-            return None
+            return row, None
 
     decoded = list(pool.map(one, rows)) if pool is not None else [one(row) for row in rows]
-    good = [(row, pixels) for row, pixels in zip(rows, decoded) if pixels is not None]
+    good = [(row, pixels) for row, pixels in decoded if pixels is not None]
     return Decoded([row for row, _ in good], [pixels for _, pixels in good],
-                   [row.id for row, pixels in zip(rows, decoded) if pixels is None])
+                   [row.id for row, pixels in decoded if pixels is None])
+
+
+def with_thumbnail(row: StoredRow, data: bytes, side: int) -> StoredRow:
+    """``row`` with a thumbnail made from its image ``data`` if it has none; as it is if one cannot be made (the
+    item is embedded all the same)."""
+    if row.thumbnail is not None:
+        return row
+    try:
+        return dataclasses.replace(row, thumbnail=make_thumbnail(data, side))
+    except BadInput as err:
+        log.debug("item %d: no thumbnail (%s)", row.id, err)
+        return row
 
 
 def encode_rows(rows: Sequence[StoredRow], encoder: Encoder, originals: Originals | None,

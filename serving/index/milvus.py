@@ -377,6 +377,12 @@ class MilvusStore:
         for rows in self._scan("", ["vector", "metadata", "label", "thumbnail"], batch):
             yield [(_item(row), base64.b64decode(row["thumbnail"]) if row["thumbnail"] else None) for row in rows]
 
+    def scan(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every item's (ids, unit vectors), READ_BATCH at a time in Milvus' order (for `index duplicates`)."""
+        for rows in self._scan("", ["vector"]):
+            yield (np.asarray([int(row["id"]) for row in rows], np.int64),
+                   np.asarray([row["vector"] for row in rows], np.float32).reshape(-1, self.dim))
+
     def _scan(self, condition: str, fields: list[str], batch: int = READ_BATCH) -> Iterator[list[dict[str, Any]]]:
         iterator = self._client.query_iterator(self.collection, batch_size=batch, filter=condition,
                                                output_fields=["id", *fields])

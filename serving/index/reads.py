@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from corinfomax.core.errors import BadInput
+from corinfomax.serving.index import duplicates
 from corinfomax.serving.index.backend import MAX_ID, Hit, VectorIndex, check_ids, normalise
 from corinfomax.serving.index.filters import parse_filter
 from corinfomax.serving.index.recommend import check_threshold, recommend
@@ -29,6 +30,18 @@ def search(store: VectorIndex, queries: Any, k: int, labelled_only: bool = False
     rows = store.search(queries, k, labelled_only=labelled_only, where=parse_filter(filter))
     threshold = check_threshold(score_threshold)
     return rows if threshold is None else [[hit for hit in row if hit.score >= threshold] for row in rows]
+
+
+def search_folded(store: VectorIndex, queries: Any, k: int, dedup: float, labelled_only: bool = False,
+                  filter: Any = None, score_threshold: float | None = None) -> list[list[tuple[Hit, list[Hit]]]]:
+    """``search`` with near-identical hits (similarity >= ``dedup``) folded into the best ranked one
+    (``duplicates.search_folded``); a kept hit, and each one folded into it, scores at least ``score_threshold``."""
+    rows = duplicates.search_folded(store, queries, k, dedup, labelled_only=labelled_only, where=parse_filter(filter))
+    threshold = check_threshold(score_threshold)
+    if threshold is None:
+        return rows
+    return [[(kept, [hit for hit in folded if hit.score >= threshold]) for kept, folded in row
+             if kept.score >= threshold] for row in rows]
 
 
 def recommend_hits(store: VectorIndex, positive: list[Any], negative: list[Any] | None, strategy: str, k: int,

@@ -151,17 +151,18 @@ class IndexStore:
     def add_many(self, batches: Iterable[tuple[Any, ...]], rebuild: bool = True) -> int:
         """Bulk path for `corinfomax index build`: one SQLite commit per batch, then one FAISS rebuild.
 
-        Each batch is ``(vectors [n, D], metadata or None, labels or None[, sources or None])``. Returns the rows
-        added.
+        Each batch is ``(vectors [n, D], metadata or None, labels or None[, sources or None[, thumbnails or
+        None]])``. Returns the rows added.
         """
         total = 0
         with self._lock:
-            for batch in batches:  # a fourth element: the batch's sources, when it has them
+            for batch in batches:
                 vectors, metadata, labels = batch[:3]
-                sources = batch[3] if len(batch) > 3 else None
+                sources, thumbnails = (*batch[3:5], None, None)[:2]  # optional: absent or None
                 rows = _rows(normalise(vectors, self.dim), metadata, labels)
+                thumbs = check_thumbnails(thumbnails, len(rows))
                 with self._db.write():
-                    self._db.insert(rows, check_sources(sources, len(rows)))
+                    self._db.insert_thumbnails(self._db.insert(rows, check_sources(sources, len(rows))), thumbs)
                     self._db.bump()
                 total += len(rows)
             self._cache.forget()
@@ -286,6 +287,10 @@ class IndexStore:
             last = rows[-1][0]
             yield [(Item(i, np.frombuffer(v, np.float32).copy(), json.loads(m), label),
                     bytes(image) if image is not None else None) for i, v, m, label, image in rows]
+
+    def scan(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every item's (ids, unit vectors) in id order, a SQLite read at a time (for `index duplicates`)."""
+        return self._db.scan(self.dim)
 
     def stored(self, ids: Sequence[int]) -> list[StoredRow]:
         """The rows of those of ``ids`` that exist, in id order (for copying them into another generation)."""

@@ -73,7 +73,8 @@ def pending(collections: Collections, job: JobDoc) -> Open:
 def prepare(collections: Collections, job: JobDoc, ids: list[int], pool: Executor | None = None) -> Decoded:
     """Read the live items ``ids`` and decode their images for the job's model (no lock: the slow part)."""
     state = pending(collections, job)
-    return decode_rows(state.live.stored(ids), collections.encoders(job.model), state.originals, pool=pool)
+    return decode_rows(state.live.stored(ids), collections.encoders(job.model), state.originals, pool=pool,
+                       thumbnail_side=collections.thumbnail_side)
 
 
 def copy(collections: Collections, job: JobDoc, ids: list[int], decoded: Decoded) -> list[int]:
