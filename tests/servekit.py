@@ -4,6 +4,8 @@ real-resolution tests start it the same way)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,3 +34,9 @@ def post_retrying(http: httpx.Client, path: str, **kwargs: Any) -> httpx.Respons
             return resp
         time.sleep(float(resp.headers["retry-after"]))
     return resp
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """``corinfomax ARGS`` in a subprocess of this checkout, with ``env`` added to the environment."""
+    return subprocess.run([sys.executable, "-m", "corinfomax.cli", *args], cwd=REPO, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)

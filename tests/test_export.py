@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from servekit import run_cli
 
 from corinfomax.core.bundle import VERIFY_IMAGES, read_card, read_verification
 from corinfomax.core.errors import UserError
@@ -194,19 +195,14 @@ def test_overwrite_replaces_a_bundle(tiny_checkpoint: Path, tiny_bundle: Path, t
     assert read_card(out).version == "v2" and _left_over(tmp_path) == ["b"]
 
 
-def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "corinfomax.cli", *args], cwd=REPO, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=300)
-
-
 def test_cli_exports_registers_and_refuses(tiny_checkpoint: Path, tmp_path: Path) -> None:
     env = {"BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
     out = tmp_path / "bundle"
     (tmp_path / "eval.json").write_text(json.dumps({"results": {"trained": {"knn_top1": 0.5}}}))
     (tmp_path / "how.json").write_text(json.dumps({"hardware": "2-core CPU"}))
-    done = _cli(["export", "--checkpoint", str(tiny_checkpoint.parent), "--out", str(out), "--no-verify",
-                 "--name", "tiny", "--version", "t1", "--register", "--evaluation", str(tmp_path / "eval.json"),
-                 "--provenance", str(tmp_path / "how.json")], env)
+    done = run_cli("export", "--checkpoint", str(tiny_checkpoint.parent), "--out", str(out), "--no-verify",
+                   "--name", "tiny", "--version", "t1", "--register", "--evaluation", str(tmp_path / "eval.json"),
+                   "--provenance", str(tmp_path / "how.json"), **env)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["bentoml_tag"] == "tiny:t1"
     card = json.loads((out / "model.json").read_text())

@@ -9,8 +9,7 @@ from typing import Any, Iterator
 import httpx
 import numpy as np
 import pytest
-from servekit import start_service
-from test_snapshots import corinfomax
+from servekit import run_cli, start_service
 
 from bench.launcher import Server
 from corinfomax.serving.index.backend import MAX_METADATA_DEPTH
@@ -116,13 +115,13 @@ def test_a_second_service_on_one_lite_file_refuses_to_start(server: tuple[Server
         pytest.skip("an index folder is shared by processes through SQLite")
     with pytest.raises(RuntimeError, match=f"Milvus Lite file {location} is in use by another process"):
         start_service(tmp_path, model=str(tiny_bundle), demo_dir="", index=str(location))
-    snapshot = corinfomax("index", "snapshot", "--index", str(location), "--to", str(tmp_path / "snap"))
+    snapshot = run_cli("index", "snapshot", "--index", str(location), "--to", str(tmp_path / "snap"))
     assert snapshot.returncode == 2 and f"Milvus Lite file {location} is in use" in snapshot.stderr
     assert "Traceback" not in snapshot.stderr and not (tmp_path / "snap").exists()
     with IndexStore(tmp_path / "other", dim=256) as other:
         other.add([vector(4)])
     take_snapshot(str(tmp_path / "other"), tmp_path / "snap", progress=False)
-    forced = corinfomax("index", "restore", "--from", str(tmp_path / "snap"), "--index", str(location), "--force")
+    forced = run_cli("index", "restore", "--from", str(tmp_path / "snap"), "--index", str(location), "--force")
     assert forced.returncode == 2 and f"Milvus Lite file {location} is in use" in forced.stderr  # not replaced
     with httpx.Client(base_url=first.url, timeout=60) as http:  # the first keeps serving, reads and writes
         (item,) = http.post("/add", json={"vectors": [vector(3)]}).json()["ids"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from servekit import start_service
+from servekit import run_cli, start_service
 from test_collections import MODELS, add_images, ids_of, opened, record
 from test_formats import section, table_keys
 
@@ -150,11 +150,6 @@ def test_a_milvus_lite_index_round_trips_through_the_folder_format(tmp_path: Pat
 # -- against a real service ----------------------------------------------------------------------------------
 
 
-def corinfomax(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "corinfomax.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
-
-
 @pytest.mark.slow
 def test_a_snapshot_under_write_load_holds_every_acknowledged_item(tiny_bundle: Path, tmp_path: Path) -> None:
     for root in ("one", "two"):
@@ -181,7 +176,7 @@ def test_a_snapshot_under_write_load_holds_every_acknowledged_item(tiny_bundle: 
         while len(acknowledged) < 40:
             time.sleep(0.05)
         began = time.time()
-        taken = corinfomax("index", "snapshot", "--index", str(tmp_path / "one" / "index"),
+        taken = run_cli("index", "snapshot", "--index", str(tmp_path / "one" / "index"),
                            "--to", str(tmp_path / "snap"), "--no-progress")
         ended = time.time()
         stop.set()
@@ -192,7 +187,7 @@ def test_a_snapshot_under_write_load_holds_every_acknowledged_item(tiny_bundle: 
     assert taken.returncode == 0 and not errors, taken.stderr + "".join(errors)
     before = [(i, v) for when, i, v in acknowledged if when < began]
     assert any(began <= when < ended for when, _, _ in acknowledged)  # the service wrote while it was taken
-    assert corinfomax("index", "restore", "--from", str(tmp_path / "snap"), "--index",
+    assert run_cli("index", "restore", "--from", str(tmp_path / "snap"), "--index",
                       str(tmp_path / "two" / "index"), "--no-progress").returncode == 0
     restored = start_service(tmp_path / "two", model=str(tiny_bundle), demo_dir="")
     try:
@@ -228,6 +223,6 @@ def test_a_snapshot_killed_midway_is_refused(tmp_path: Path, jpegs: list[bytes])
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (tmp_path / "snap" / "index.sqlite").is_file()  # part of it was written
-    refused = corinfomax("index", "restore", "--from", str(tmp_path / "snap"), "--index", str(tmp_path / "back"))
+    refused = run_cli("index", "restore", "--from", str(tmp_path / "snap"), "--index", str(tmp_path / "back"))
     assert refused.returncode == 2 and "no manifest.json" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "back").exists()
