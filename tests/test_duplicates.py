@@ -133,3 +133,16 @@ def test_search_folded_widens_until_k_are_kept(backend: str, tmp_path: Path) -> 
     assert sorted([row[0][0].id] + [hit.id for hit in row[0][1]]) == ids[:30]  # the best of them kept
     with pytest.raises(BadInput, match="threshold"):
         search_folded(store, query[None], 3, 1.5)
+
+
+def test_a_milvus_failure_while_scanning_is_a_clean_error(tmp_path: Path) -> None:
+    """`index duplicates` reads a Milvus collection through a generator: its failure must still be the
+    IndexUnavailable the CLI prints in one line, not a pymilvus traceback."""
+    from corinfomax.serving.index.backend import IndexUnavailable
+    from corinfomax.serving.index.milvus import MilvusStore
+
+    with MilvusStore(str(tmp_path / "index.db"), dim=DIM) as store:
+        store.add(unit(np.random.default_rng(0).normal(size=(4, DIM))))
+        store._client.drop_collection(store.collection)  # gone under the reader, as a server outage would
+        with pytest.raises(IndexUnavailable, match="does not exist"):
+            list(store.scan())

@@ -372,11 +372,13 @@ class MilvusStore:
         return Labelled(np.asarray(ids, np.int64)[order],
                         np.asarray(vectors, np.float32).reshape(-1, self.dim)[order], [labels[i] for i in order])
 
+    @answers_503
     def items(self, batch: int) -> Iterator[list[tuple[Item, bytes | None]]]:
         """Every item with its thumbnail (or None), ``batch`` at a time (for `index migrate`)."""
         for rows in self._scan("", ["vector", "metadata", "label", "thumbnail"], batch):
             yield [(_item(row), base64.b64decode(row["thumbnail"]) if row["thumbnail"] else None) for row in rows]
 
+    @answers_503
     def scan(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every item's (ids, unit vectors), READ_BATCH at a time in Milvus' order (for `index duplicates`)."""
         for rows in self._scan("", ["vector"]):

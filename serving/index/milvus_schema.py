@@ -16,6 +16,7 @@ Facts it relies on (milvus-lite 3.2 / pymilvus 3.0, and the Milvus docs for serv
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import re
@@ -74,17 +75,28 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def answers_503(method: F) -> F:
-    """A Milvus failure (server down, timeout) as IndexUnavailable: a 503 the client may retry, not a 500."""
+    """A Milvus failure (server down, timeout) as IndexUnavailable: a 503 the client may retry, not a 500 (and a
+    clean message from the CLI). A generator's failures arrive while it is iterated: they are caught there."""
+
+    def unavailable(self: Any, err: MilvusException) -> IndexUnavailable:
+        return IndexUnavailable(f"Milvus at {self.location} failed ({err.message}); retry the request (with the "
+                                "same idempotency_key for a write)")
 
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
         except MilvusException as err:
-            raise IndexUnavailable(f"Milvus at {self.location} failed ({err.message}); retry the request (with the "
-                                   "same idempotency_key for a write)") from err
+            raise unavailable(self, err) from err
 
-    return wrapper  # type: ignore[return-value]
+    @functools.wraps(method)
+    def generator(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            yield from method(self, *args, **kwargs)
+        except MilvusException as err:
+            raise unavailable(self, err) from err
+
+    return generator if inspect.isgeneratorfunction(method) else wrapper  # type: ignore[return-value]
 
 
 def quote(text: str) -> str:
