@@ -58,14 +58,31 @@ def test_admission_refuses_what_would_wait_too_long_and_always_admits_when_idle(
         gate.done()
     assert gate.pace_s == pytest.approx(0.02)
     gate.admit()
-    clock.now += 5.0  # one answer 250x slower than the pace so far counts as 4x: a blip, not a new pace
+    clock.now += 5.0  # one answer 250x slower than the pace so far counts as the bound: a blip, not a new pace
     gate.done()
-    assert gate.pace_s == pytest.approx(0.02 + 0.2 * (0.08 - 0.02))
+    assert 0.02 < gate.pace_s < 0.22 / 4
     slow = Admission(max_wait_s=0.2, clock=clock)
     slow.admit()
     clock.now += 5.0
     slow.done()  # one answer took 5 s: alone, a request is still admitted
-    assert slow.admit() and not slow.admit() and slow.retry_after() == 10
+    assert slow.admit() and not slow.admit() and slow.retry_after() == 1
+
+
+def test_admission_keeps_the_pace_of_answers_that_come_in_bursts() -> None:
+    """The batcher answers a model call's requests at once: 8 answers every 80 ms is 10 ms per answer."""
+    clock = Clock()
+    gate = Admission(max_wait_s=0.5, clock=clock)
+    for _ in range(64):
+        assert gate.admit()
+    for _ in range(7):  # 56 answered in bursts of 8, 8 still in flight
+        clock.now += 0.08
+        for _ in range(8):
+            gate.done()
+    assert gate.pace_s == pytest.approx(0.01, rel=0.3)
+    assert gate.expected_wait() == pytest.approx(0.09, rel=0.3)
+    while gate.admit():  # refused once the mean wait passes half the bound: (n + 1) x 10 ms > 250 ms
+        pass
+    assert 20 <= gate.in_flight <= 30
 
 
 def _asgi(app: Any, path: str, body: bytes = b"{}") -> tuple[list[dict[str, Any]], int]:

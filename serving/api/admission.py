@@ -3,12 +3,17 @@
 
 The expected wait of a new request is the work already admitted and not yet answered, plus its own, at the pace
 this worker answers while it is busy: ``(in_flight + 1) x seconds per answer``; a request is refused when that
-mean is over half the bound (``HEADROOM``), which keeps the slow tail within it. The pace is an exponentially
-weighted mean of the intervals between answers, counted only while requests are in flight (an idle worker's
-pauses are not its speed), each interval capped at a few times the pace so far, so it follows what the worker
-does now (a bigger model, bigger requests, a busier machine) without one outlier deciding. A worker with
-nothing in flight always admits (a request slower than the bound alone must still be served), and so does one
-that has not answered anything yet.
+mean is over half the bound (``HEADROOM``), which keeps the slow tail within it. The pace is the busy time over
+the answers of about the last 20 answers (both sums decay by ``PACE_MEMORY`` per answer), counted only while
+requests are in flight (an idle worker's pauses are not its speed), so it follows what the worker does now (a
+bigger model, bigger requests, a busier machine). It is a ratio of sums, not a mean of intervals, because answers
+come in bursts: the batcher answers every request of one model call at once, then none until the next call
+ends. (A mean of intervals with each one capped at a few times the mean so far, tried first, fell towards zero
+under bursts of more than four answers, and the gate then admitted everything: 64 clients of 16 images waited
+~1 s, twice the bound, on a quiet machine.) One interval counts for at most the bound itself, so a single stall
+(a cold start, a stalled core) cannot hold the pace above it for long. A worker with nothing in flight always
+admits (a request slower than the bound alone must still be served), and so does one that has not answered
+anything yet.
 
 The check runs before the body is read, so a refusal costs the worker almost nothing: the body is drained
 (keeping the connection open for the client's retry) and ``{"error"}`` is answered with status 503.
@@ -30,11 +35,9 @@ REFUSED = bentoml.metrics.Counter(
 # The gate keeps the mean expected wait within 1/HEADROOM of the bound, so that the slow tail stays within it: at
 # saturation, p99 waits ran up to ~2x the median (bench/serve_backpressure.py --sweep, 1 to 64 clients).
 HEADROOM = 2.0
-# Weight of the newest interval between answers in the mean pace (about the last 5 answers count), and the most
-# one interval may count for, as a multiple of the pace so far: one slow answer (a cold start, a stalled core)
-# must not refuse everything for the next dozens of answers, while a lasting slowdown is followed in a few.
-PACE_WEIGHT = 0.2
-OUTLIER = 4.0
+# How much of the busy time and answers so far count at each new answer: about the last 20 answers, a few model
+# calls' worth of bursts, so a lasting slowdown is followed within a few calls.
+PACE_MEMORY = 0.95
 
 
 class Admission:
@@ -44,6 +47,8 @@ class Admission:
         self.max_wait_s, self.clock = max_wait_s, clock
         self.in_flight = 0
         self.pace_s: Optional[float] = None  # seconds per answer while busy; None until the first answer
+        self._busy_s = 0.0  # decaying sums of busy time and of answers: pace_s = _busy_s / _answers
+        self._answers = 0.0
         self._last = 0.0  # when the last answer was given, or the worker became busy
 
     def expected_wait(self) -> float:
@@ -62,11 +67,10 @@ class Admission:
     def done(self) -> None:
         """An admitted request has been answered."""
         now = self.clock()
-        interval, self._last = now - self._last, now
-        if self.pace_s is None:
-            self.pace_s = interval
-        else:
-            self.pace_s += PACE_WEIGHT * (min(interval, OUTLIER * self.pace_s) - self.pace_s)
+        interval, self._last = min(now - self._last, self.max_wait_s), now
+        self._busy_s = PACE_MEMORY * self._busy_s + interval
+        self._answers = PACE_MEMORY * self._answers + 1
+        self.pace_s = self._busy_s / self._answers
         self.in_flight -= 1
 
     def retry_after(self) -> int:
