@@ -60,7 +60,7 @@ def test_admission_refuses_what_would_wait_too_long_and_always_admits_when_idle(
     gate.admit()
     clock.now += 5.0  # one answer 250x slower than the pace so far counts as the bound: a blip, not a new pace
     gate.done()
-    assert 0.02 < gate.pace_s < 0.22 / 4
+    assert gate.pace_s is not None and 0.02 < gate.pace_s < 0.22 / 4
     slow = Admission(max_wait_s=0.2, clock=clock)
     slow.admit()
     clock.now += 5.0
@@ -152,17 +152,20 @@ def test_big_photos_decode_at_reduced_size_close_to_the_full_decode() -> None:
 class _Embedder:
     """What ``ImageInputs`` needs of an embedder; records the thread each image was decoded in."""
 
-    def __init__(self) -> None:
+    def __init__(self, meet: int = 1) -> None:
         self.resize = ResizeRule((64, 64), 64)
         self.threads: set[int] = set()
+        self.meeting = threading.Barrier(meet, timeout=10)  # each new thread waits here for ``meet`` threads in all
 
     def preprocess(self, data: bytes) -> np.ndarray:
-        self.threads.add(threading.get_ident())
+        if threading.get_ident() not in self.threads:
+            self.threads.add(threading.get_ident())
+            self.meeting.wait()
         return model_input(data, self.resize)[0]
 
 
 def _inputs(decoders: int) -> tuple[ImageInputs, _Embedder]:
-    embedder = _Embedder()
+    embedder = _Embedder(meet=decoders)  # the parts must run at once, or the first thread waits in vain
     settings = Settings.from_env()
     return ImageInputs(settings, decoders=decoders), embedder
 
@@ -180,6 +183,7 @@ def test_a_request_of_big_photos_is_decoded_in_parallel_parts_and_small_ones_on_
     assert len(embedder.threads) == 2 and loop_thread[0] not in embedder.threads
     np.testing.assert_array_equal(out, np.stack([model_input(p, embedder.resize)[0] for p in photos]))
     embedder.threads.clear()
+    embedder.meeting = threading.Barrier(1)  # from here on, nobody waits for anyone
     small = [_photo(64, seed) for seed in range(4)]
     assert 4 * 64 * 48 <= INLINE_PIXELS
     assert asyncio.run(decode(small)).shape == (4, 64, 64, 3) and embedder.threads == {loop_thread[-1]}

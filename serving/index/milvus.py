@@ -28,7 +28,7 @@ import base64
 import json
 import logging
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from pymilvus import MilvusClient
@@ -38,7 +38,6 @@ from corinfomax.serving.index.backend import (
     Hit,
     IndexMismatch,
     Item,
-    Labelled,
     StoredRow,
     check_answer_size,
     check_ids,
@@ -54,6 +53,7 @@ from corinfomax.serving.index.backend import (
 )
 from corinfomax.serving.index.filter_compile import to_milvus
 from corinfomax.serving.index.filters import Field, Filter
+from corinfomax.serving.index.milvus_scans import READ_BATCH, ROW_FIELDS, MilvusScans, row_item
 from corinfomax.serving.index.milvus_schema import (
     answers_503,
     connection,
@@ -67,12 +67,10 @@ from corinfomax.serving.index.milvus_schema import (
 log = logging.getLogger(__name__)
 
 EF_SEARCH = 128  # HNSW search width (at least k): recall@10 >= 0.95 on clustered 256-dim vectors
-READ_BATCH = 4096
 PLACEHOLDER_KEY = "corinfomax:placeholder"  # the row inserted to read an auto_id collection's next id
-ROW_FIELDS = ["metadata", "label", "thumbnail", "write_key", "write_rows"]
 
 
-class MilvusStore:
+class MilvusStore(MilvusScans):
     """A Milvus collection of unit vectors with metadata, labels, thumbnails and idempotency keys.
 
     Stateless apart from the client: any number of processes (on a server) may open the same collection,
@@ -282,7 +280,7 @@ class MilvusStore:
         rows = self._client.get(self.collection, ids=[item_id], output_fields=["vector", "metadata", "label"])
         if not rows:
             raise NotFound(f"no item with id {item_id}")
-        return _item(rows[0])
+        return row_item(rows[0])
 
     @answers_503
     def thumbnail(self, item_id: int) -> bytes:
@@ -358,73 +356,6 @@ class MilvusStore:
         index with Milvus' tools)."""
 
     @answers_503
-    def labelled(self) -> Labelled:
-        """All labelled items (for kNN classification)."""
-        ids: list[int] = []
-        vectors: list[list[float]] = []
-        labels: list[str] = []
-        for batch in self._scan("label IS NOT NULL", ["vector", "label"]):
-            for row in batch:
-                ids.append(int(row["id"]))
-                vectors.append(row["vector"])
-                labels.append(row["label"])
-        order = np.argsort(ids, kind="stable")
-        return Labelled(np.asarray(ids, np.int64)[order],
-                        np.asarray(vectors, np.float32).reshape(-1, self.dim)[order], [labels[i] for i in order])
-
-    @answers_503
-    def items(self, batch: int) -> Iterator[list[tuple[Item, bytes | None]]]:
-        """Every item with its thumbnail (or None), ``batch`` at a time (for `index migrate`)."""
-        for rows in self._scan("", ["vector", "metadata", "label", "thumbnail"], batch):
-            yield [(_item(row), base64.b64decode(row["thumbnail"]) if row["thumbnail"] else None) for row in rows]
-
-    @answers_503
-    def scan(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Every item's (ids, unit vectors), READ_BATCH at a time in Milvus' order (for `index duplicates`)."""
-        for rows in self._scan("", ["vector"]):
-            yield (np.asarray([int(row["id"]) for row in rows], np.int64),
-                   np.asarray([row["vector"] for row in rows], np.float32).reshape(-1, self.dim))
-
-    def _scan(self, condition: str, fields: list[str], batch: int = READ_BATCH) -> Iterator[list[dict[str, Any]]]:
-        iterator = self._client.query_iterator(self.collection, batch_size=batch, filter=condition,
-                                               output_fields=["id", *fields])
-        try:
-            while rows := iterator.next():
-                yield rows
-        finally:
-            iterator.close()
-
-    @answers_503
-    def stored(self, ids: Sequence[int]) -> list[StoredRow]:
-        """The rows of those of ``ids`` that exist, in id order (for copying them into another generation)."""
-        wanted = check_ids(ids) if len(ids) else []
-        fields = ROW_FIELDS + (["source"] if self.has_source else [])
-        rows = [row for start in range(0, len(wanted), READ_BATCH)
-                for row in self._client.get(self.collection, ids=wanted[start : start + READ_BATCH],
-                                            output_fields=fields)]
-        return sorted((StoredRow(int(row["id"]), row["metadata"], row["label"],
-                                 base64.b64decode(row["thumbnail"]) if row["thumbnail"] else None, row.get("source"),
-                                 {"write_key": row["write_key"], "write_rows": row["write_rows"]}) for row in rows),
-                      key=lambda row: row.id)
-
-    @answers_503
-    def id_list(self) -> np.ndarray:
-        """Every id, ascending (Milvus returns no order: gathered, then sorted)."""
-        ids = [int(row["id"]) for batch in self._scan("", []) for row in batch]
-        return np.sort(np.asarray(ids, np.int64))
-
-    @answers_503
-    def sources(self) -> set[str]:
-        if not self.has_source:
-            return set()
-        return {row["source"] for batch in self._scan("source IS NOT NULL", ["source"]) for row in batch}
-
-    @answers_503
-    def references(self, source: str) -> bool:
-        return self.has_source and bool(self._client.query(self.collection, filter=f"source == {quote(source)}",
-                                                           output_fields=["id"], limit=1))
-
-    @answers_503
     def stats(self) -> dict[str, Any]:
         """Size and state of the index, for `info`, `/metrics` and the CLI (the keys of IndexStore's that apply)."""
         index = self._client.describe_index(self.collection, "vector")
@@ -461,7 +392,3 @@ def _expression(where: Filter | None, labelled_only: bool) -> str:
     label; "" for none."""
     terms = ([to_milvus(where)] if where is not None else []) + (["label IS NOT NULL"] if labelled_only else [])
     return " and ".join(terms)
-
-
-def _item(row: dict[str, Any]) -> Item:
-    return Item(int(row["id"]), np.asarray(row["vector"], np.float32), row["metadata"], row["label"])
