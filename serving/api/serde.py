@@ -28,7 +28,7 @@ from starlette.requests import Request
 
 T = TypeVar("T")
 
-MAX_FORM_FIELDS = 100  # text fields in one form (the API has at most 9 parameters)
+MAX_FORM_FIELDS = 100  # text fields in one form (an API has at most a dozen parameters)
 MAX_FORM_FILES = 256  # file parts in one form; the image-count limit is checked after parsing
 
 
