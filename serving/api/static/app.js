@@ -211,16 +211,17 @@ function showClasses(predictions) {
 
 // Shows the answer to one request (and the probe's classes for an image query); `rerun` is kept so that
 // a changed filter applies to what is on screen.
-async function run(title, request, rerun, classify = Promise.resolve(null)) {
+async function run(title, request, rerun, classes = Promise.resolve(null)) {
   again = rerun;
   const ticket = ++latest;
   status(`${title}...`);
   try {
-    const [found, classes] = await Promise.all([request(), classify]);
+    const [found, predicted] = await Promise.all([request(), classes]);
     if (ticket !== latest) return;
     showResults(found.results[0], title);
-    showClasses(classes && classes.predictions[0]);
-    status(`${found.results[0].length} results.`);
+    showClasses(predicted && predicted.predictions[0]);
+    const n = found.results[0].length;
+    status(`${n} ${n === 1 ? "result" : "results"}.`);
   } catch (err) {
     if (ticket === latest) status(err.message, true);
   }
@@ -244,21 +245,25 @@ function showQuery(src, image) {
   $("dup-query").disabled = false;
 }
 
+// The probe's top classes for an image query (none when the collection's model has no probe).
+function classify({ file, url }) {
+  const request = file ? api("/classify", form(file, { k: 5 }))
+    : api("/classify", { urls: [url], k: 5, collection: collection() });
+  return request.catch(() => null);
+}
+
 function searchByFile(file) {
   showQuery(URL.createObjectURL(file), { file });
-  const classify = api("/classify", form(file, { k: 5 })).catch(() => null);
   const search = () => api("/search", form(file, { k: k(), filter: filter() }));
   query = () => searchByFile(file);
-  run(`Nearest neighbours of ${file.name}`, search, query, classify);
+  run(`Nearest neighbours of ${file.name}`, search, query, classify(lastImage));
 }
 
 function searchByUrl(url) {
   showQuery(url, { url });
-  const c = collection();
-  const classify = api("/classify", { urls: [url], k: 5, collection: c }).catch(() => null);
-  const search = () => api("/search", { urls: [url], k: k(), collection: c, filter: filter() });
+  const search = () => api("/search", { urls: [url], k: k(), collection: collection(), filter: filter() });
   query = () => searchByUrl(url);
-  run(`Nearest neighbours of ${url}`, search, query, classify);
+  run(`Nearest neighbours of ${url}`, search, query, classify(lastImage));
 }
 
 function searchById(id) {
@@ -331,7 +336,8 @@ function duplicatesOfImage() {
   const request = file
     ? () => api("/duplicates", form(file, { threshold: t, k: k() }))
     : () => api("/duplicates", { urls: [url], threshold: t, k: k(), collection: collection() });
-  run(`Duplicates of ${file ? file.name : url} (similarity \u2265 ${t})`, request, duplicatesOfImage);
+  run(`Duplicates of ${file ? file.name : url} (similarity \u2265 ${t})`, request, duplicatesOfImage,
+    classify(lastImage));
 }
 
 function setUp() {
