@@ -97,7 +97,7 @@ def test_search_page_in_headless_chromium(server: Server, tmp_path: Path) -> Non
             page.goto(f"{server.url}/")  # the service's address leads to the page
             assert page.url == f"{server.url}/ui/"
             page.fill("#key", API_KEY)
-            page.dispatch_event("#key", "change")
+            page.locator("#key").blur()  # one change event, as a person leaving the field makes
             page.wait_for_function("document.querySelectorAll('#card dd').length > 0 && "
                                    "document.querySelectorAll('#stats dd').length > 0")
             assert "corinfomax-cifar10-tiny" in page.inner_text("#card")
@@ -142,7 +142,7 @@ def test_the_page_searches_the_collection_picked(server: Server, client: httpx.C
             page = browser.new_page()
             page.goto(f"{server.url}/ui/")
             page.fill("#key", API_KEY)
-            page.dispatch_event("#key", "change")
+            page.locator("#key").blur()  # one change event, as a person leaving the field makes
             page.wait_for_function("document.querySelectorAll('#collection option').length === 2")
             page.select_option("#collection", "ships")
             page.wait_for_function("[...document.querySelectorAll('#stats dd')].some((dd) => dd.textContent === '3')")
@@ -183,6 +183,10 @@ def result_ids(page: Any) -> list[int]:
     return [int(i) for i in page.eval_on_selector_all("#results .result", "els => els.map((el) => el.dataset.id)")]
 
 
+def result_scores(page: Any) -> list[float]:
+    return [float(s) for s in page.eval_on_selector_all("#results .score", "els => els.map((el) => el.textContent)")]
+
+
 def result_labels(page: Any) -> list[str]:
     return page.eval_on_selector_all("#results .result .label", "els => els.map((el) => el.textContent)")
 
@@ -206,6 +210,7 @@ def test_the_filter_box_narrows_searches_by_label_and_metadata(server: Server, b
     title = "Nearest neighbours of 0000.jpg"
     search_by_upload(page, DEMO / "cat" / "0000.jpg")
     assert len(set(result_labels(page))) > 1  # unfiltered: neighbours of several classes
+    unfiltered = result_scores(page)
     page.fill("#filter-label", "dog")
     page.click("#filter-form button[type=submit]")  # applies to the search on screen
     wait_for_answer(page, title)
@@ -217,6 +222,14 @@ def test_the_filter_box_narrows_searches_by_label_and_metadata(server: Server, b
     page.click("#filter-form button[type=submit]")
     wait_for_answer(page, title)
     assert len(result_ids(page)) == 1 and "cat/0033.jpg" in page.inner_text("#results .result")
+
+    page.fill("#filter-path", "")
+    floor = (unfiltered[4] + unfiltered[5]) / 2  # between the 5th and 6th scores (shown to 3 decimals)
+    assert unfiltered[4] - unfiltered[5] > 0.002, unfiltered
+    page.fill("#min-score", f"{floor:.4f}")  # the score floor keeps the 5 above it
+    page.click("#filter-form button[type=submit]")
+    wait_for_answer(page, title)
+    assert result_scores(page) == unfiltered[:5]
 
     page.click("#filter-form button[type=reset]")  # clearing the filter searches unfiltered again
     page.wait_for_function("document.querySelectorAll('#results .result').length === 12")
@@ -283,11 +296,16 @@ def test_the_duplicates_view_finds_a_planted_copy(server: Server, browser: Any, 
     wait_for_answer(page, "Duplicates of 0000.jpg (similarity \u2265 0.9)")
     assert result_ids(page)[:2] == [demo_id, planted]  # the original scores 1, its copy a little less
     assert page.locator("#classes .bar").count() > 0  # still the query image's classes
-    scores = [float(s) for s in page.eval_on_selector_all("#results .score", "els => els.map((el) => el.textContent)")]
+    scores = result_scores(page)
     assert all(score >= 0.9 for score in scores) and scores == sorted(scores, reverse=True)
 
     page.click(f"#results .result[data-id='{demo_id}'] button.dups")  # a result's duplicates: its own item left out
     wait_for_answer(page, f"Duplicates of item #{demo_id} (similarity \u2265 0.9)")
     assert planted in result_ids(page) and demo_id not in result_ids(page)
     page.screenshot(path=str(tmp_path / "duplicates.png"))
+
+    page.check("#fold")  # a search folding near-duplicates lists the copy under its original, k still shown
+    search_by_upload(page, original)
+    assert result_ids(page)[0] == demo_id and planted not in result_ids(page)
+    assert f"folded in: #{planted}" in page.inner_text("#results .result")
     page.close()

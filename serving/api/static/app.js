@@ -62,6 +62,18 @@ function parseValue(text) {
   }
 }
 
+// The score floor for searches and recommendations; undefined (not sent) when the field is empty.
+function minScore() {
+  const value = parseFloat($("min-score").value);
+  return Number.isFinite(value) ? value : undefined;
+}
+
+// What narrows a search: the filter, the score floor and, when asked for, near-duplicates folded into the
+// best ranked of them (the API keeps k results); unset options are left out of the request.
+function narrowing() {
+  return { filter: filter(), score_threshold: minScore(), dedup: $("fold").checked || undefined };
+}
+
 function threshold() {
   const value = parseFloat($("threshold").value);
   return Number.isFinite(value) ? value : 0.95;
@@ -80,8 +92,8 @@ function fill(dl, rows) {
 const percent = (x) => (x === undefined || x === null ? undefined : `${(100 * x).toFixed(1)}%`);
 
 async function loadCollections() {
-  const chosen = collection();
   const { collections } = await api("/collections", {});
+  const chosen = collection(); // read after the answer: the person may have picked one meanwhile
   $("collection").replaceChildren(...collections.map((c) => {
     const option = document.createElement("option");
     option.value = c.name;
@@ -153,6 +165,7 @@ function showResults(hits, title) {
     const meta = document.createElement("div");
     meta.className = "meta";
     meta.textContent = `#${hit.id} ${Object.entries(hit.metadata || {}).map(([a, b]) => `${a}: ${b}`).join(", ")}`;
+    if (hit.duplicates && hit.duplicates.length) meta.textContent += ` (folded in: #${hit.duplicates.join(", #")})`;
     const line = document.createElement("div");
     line.innerHTML = '<span class="score"></span> <span class="label"></span>';
     line.querySelector(".score").textContent = hit.score.toFixed(3);
@@ -254,21 +267,21 @@ function classify({ file, url }) {
 
 function searchByFile(file) {
   showQuery(URL.createObjectURL(file), { file });
-  const search = () => api("/search", form(file, { k: k(), filter: filter() }));
+  const search = () => api("/search", form(file, { k: k(), ...narrowing() }));
   query = () => searchByFile(file);
   run(`Nearest neighbours of ${file.name}`, search, query, classify(lastImage));
 }
 
 function searchByUrl(url) {
   showQuery(url, { url });
-  const search = () => api("/search", { urls: [url], k: k(), collection: collection(), filter: filter() });
+  const search = () => api("/search", { urls: [url], k: k(), collection: collection(), ...narrowing() });
   query = () => searchByUrl(url);
   run(`Nearest neighbours of ${url}`, search, query, classify(lastImage));
 }
 
 function searchById(id) {
   thumbnailUrl(id).then((url) => { $("preview").src = url || ""; $("preview").hidden = !url; });
-  const search = () => api("/search", { ids: [id], k: k(), collection: collection(), filter: filter() });
+  const search = () => api("/search", { ids: [id], k: k(), collection: collection(), ...narrowing() });
   query = () => searchById(id);
   run(`Nearest neighbours of item #${id}`, search, query);
 }
@@ -318,7 +331,7 @@ function recommend() {
   }
   const request = () => api("/recommend", {
     positive, negative: negative.length ? negative : undefined, strategy: $("strategy").value, k: k(),
-    collection: collection(), filter: filter(),
+    collection: collection(), filter: filter(), score_threshold: minScore(), // /recommend does not dedup
   });
   const unlike = negative.length ? `, unlike #${negative.join(", #")}` : "";
   run(`Like #${positive.join(", #")}${unlike}`, request, recommend);
@@ -370,7 +383,10 @@ function setUp() {
     recommend();
   });
   $("dup-query").addEventListener("click", duplicatesOfImage);
-  $("file").addEventListener("change", () => { if ($("file").files[0]) searchByFile($("file").files[0]); });
+  $("file").addEventListener("change", () => {
+    if ($("file").files[0]) searchByFile($("file").files[0]);
+    $("file").value = ""; // picking the same file again is a change too: a search with other settings
+  });
   $("url-form").addEventListener("submit", (event) => {
     event.preventDefault();
     if ($("url").value) searchByUrl($("url").value);
