@@ -1,7 +1,8 @@
 """The search page and the thumbnails it shows, mounted on the public service (no separate web server).
 
 - ``/ui/``: static HTML/CSS/JS shipped in the package (``static/``), no build step; it calls the JSON API
-  (``/search``, ``/classify``, ``/info``, ``/stats``) with the API key the user types in, if any;
+  (``/search``, ``/recommend``, ``/duplicates``, ``/classify``, ``/collections``, ``/info``, ``/stats``) with the
+  API key the user types in, if any;
 - ``GET /thumbnails/{id}[?collection=NAME]``: an item's stored WebP thumbnail with ``ETag``/``Cache-Control``
   (behind the API key like every data path; the page fetches it with the key and shows it as a blob);
 - ``GET /``: a redirect to the page (``FrontDoor``); BentoML's API docs page, which it serves at ``/``, is at

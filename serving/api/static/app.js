@@ -5,6 +5,12 @@
 const $ = (id) => document.getElementById(id);
 const KEY = "corinfomax-api-key";
 const thumbnails = new Map(); // collection/id -> object URL, so a thumbnail is fetched once per page
+// "More like this" / "less like this" picks: stored ids, sent to /recommend as they change.
+const examples = { positive: [], negative: [] };
+let again = null; // re-runs what is on screen, so that a changed filter applies to it
+let query = null; // re-runs the last search (by image, URL or item): what the page returns to without examples
+let lastImage = null; // the image searched by last ({file} or {url}): what "duplicates of this image" checks
+let latest = 0; // the newest request's number: an older answer arriving late must not replace a newer one
 
 function collection() {
   return $("collection").value || "default";
@@ -36,6 +42,43 @@ function k() {
   return Math.max(1, Math.min(100, parseInt($("k").value, 10) || 12));
 }
 
+// The filter box as the API's "filter" object: a label and one metadata field (its value read as JSON when it
+// parses, so 2020, true and {"gte": 2020} keep their types; else as text). Undefined when empty, so the request
+// leaves "filter" out and answers as an unfiltered one.
+function filter() {
+  const conditions = {};
+  const label = $("filter-label").value.trim();
+  const path = $("filter-path").value.trim();
+  if (label) conditions.label = label;
+  if (path) conditions[`metadata.${path}`] = parseValue($("filter-value").value.trim());
+  return Object.keys(conditions).length ? conditions : undefined;
+}
+
+function parseValue(text) {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return text;
+  }
+}
+
+// The score floor for searches and recommendations; undefined (not sent) when the field is empty.
+function minScore() {
+  const value = parseFloat($("min-score").value);
+  return Number.isFinite(value) ? value : undefined;
+}
+
+// What narrows a search: the filter, the score floor and, when asked for, near-duplicates folded into the
+// best ranked of them (the API keeps k results); unset options are left out of the request.
+function narrowing() {
+  return { filter: filter(), score_threshold: minScore(), dedup: $("fold").checked || undefined };
+}
+
+function threshold() {
+  const value = parseFloat($("threshold").value);
+  return Number.isFinite(value) ? value : 0.95;
+}
+
 function fill(dl, rows) {
   dl.replaceChildren(...rows.filter(([, v]) => v !== undefined && v !== null).flatMap(([name, value]) => {
     const dt = document.createElement("dt");
@@ -49,8 +92,8 @@ function fill(dl, rows) {
 const percent = (x) => (x === undefined || x === null ? undefined : `${(100 * x).toFixed(1)}%`);
 
 async function loadCollections() {
-  const chosen = collection();
   const { collections } = await api("/collections", {});
+  const chosen = collection(); // read after the answer: the person may have picked one meanwhile
   $("collection").replaceChildren(...collections.map((c) => {
     const option = document.createElement("option");
     option.value = c.name;
@@ -85,7 +128,7 @@ async function loadInfo() {
       ["items", stats.count], ["labelled", stats.labelled], ["thumbnails", stats.thumbnails],
       ["index", stats.kind], ["recall@10", stats.recall_at_10],
     ]);
-    status("Ready.");
+    if (!again) status("Ready."); // a key typed in while answers show must not hide how their request went
   } catch (err) {
     status(err.message, true);
   }
@@ -104,6 +147,13 @@ async function thumbnailUrl(id) {
 
 function showResults(hits, title) {
   $("results-title").textContent = title;
+  if (!hits.length) {
+    const li = document.createElement("li");
+    li.className = "muted none";
+    li.textContent = "No stored item matches.";
+    $("results").replaceChildren(li);
+    return;
+  }
   $("results").replaceChildren(...hits.map((hit) => {
     const li = document.createElement("li");
     li.className = "result";
@@ -115,14 +165,41 @@ function showResults(hits, title) {
     const meta = document.createElement("div");
     meta.className = "meta";
     meta.textContent = `#${hit.id} ${Object.entries(hit.metadata || {}).map(([a, b]) => `${a}: ${b}`).join(", ")}`;
+    if (hit.duplicates && hit.duplicates.length) meta.textContent += ` (folded in: #${hit.duplicates.join(", #")})`;
     const line = document.createElement("div");
     line.innerHTML = '<span class="score"></span> <span class="label"></span>';
     line.querySelector(".score").textContent = hit.score.toFixed(3);
     line.querySelector(".label").textContent = hit.label || "";
-    li.append(img, line, meta);
+    const frame = document.createElement("div"); // a square that does not change size when the image arrives,
+    frame.className = "thumb"; // so the tiles' buttons stay where the pointer is
+    frame.append(img);
+    li.append(frame, line, meta, actions(hit));
     li.addEventListener("click", () => searchById(hit.id));
     return li;
   }));
+}
+
+function actions(hit) {
+  const row = document.createElement("div");
+  row.className = "actions";
+  const button = (name, text, title, onClick) => {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = `plain ${name}`;
+    b.textContent = text;
+    b.title = title;
+    b.addEventListener("click", (event) => {
+      event.stopPropagation(); // the tile's own click searches by the item
+      onClick();
+    });
+    return b;
+  };
+  row.append(
+    button("more", "more", "more like this", () => addExample("positive", hit)),
+    button("less", "less", "less like this", () => addExample("negative", hit)),
+    button("dups", "dups", "stored near-copies of this item", () => duplicatesOfId(hit.id)),
+  );
+  return row;
 }
 
 function showClasses(predictions) {
@@ -145,43 +222,135 @@ function showClasses(predictions) {
   }));
 }
 
-async function run(label, search, classify) {
-  status(`Searching ${label}...`);
+// Shows the answer to one request (and the probe's classes for an image query); `rerun` is kept so that
+// a changed filter applies to what is on screen.
+async function run(title, request, rerun, classes = Promise.resolve(null)) {
+  again = rerun;
+  const ticket = ++latest;
+  status(`${title}...`);
   try {
-    const [found, classes] = await Promise.all([search, classify]);
-    showResults(found.results[0], `Nearest neighbours of ${label}`);
-    showClasses(classes && classes.predictions[0]);
-    status(`${found.results[0].length} neighbours of ${label}.`);
+    const [found, predicted] = await Promise.all([request(), classes]);
+    if (ticket !== latest) return;
+    showResults(found.results[0], title);
+    showClasses(predicted && predicted.predictions[0]);
+    const n = found.results[0].length;
+    status(`${n} ${n === 1 ? "result" : "results"}.`);
   } catch (err) {
-    status(err.message, true);
+    if (ticket === latest) status(err.message, true);
   }
 }
 
-function form(file, extra) {
+function form(file, fields) {
   const body = new FormData();
   body.append("images", file);
   body.append("collection", JSON.stringify(collection()));
-  for (const [name, value] of Object.entries(extra)) body.append(name, value);
+  for (const [name, value] of Object.entries(fields)) {
+    // A form carries text: objects (the filter) go as JSON text, as the API reads them.
+    if (value !== undefined) body.append(name, typeof value === "object" ? JSON.stringify(value) : value);
+  }
   return body;
 }
 
-function searchByFile(file) {
-  $("preview").src = URL.createObjectURL(file);
+function showQuery(src, image) {
+  $("preview").src = src;
   $("preview").hidden = false;
-  run(file.name, api("/search", form(file, { k: k() })), api("/classify", form(file, { k: 5 })).catch(() => null));
+  lastImage = image;
+  $("dup-query").disabled = false;
+}
+
+// The probe's top classes for an image query (none when the collection's model has no probe).
+function classify({ file, url }) {
+  const request = file ? api("/classify", form(file, { k: 5 }))
+    : api("/classify", { urls: [url], k: 5, collection: collection() });
+  return request.catch(() => null);
+}
+
+function searchByFile(file) {
+  showQuery(URL.createObjectURL(file), { file });
+  const search = () => api("/search", form(file, { k: k(), ...narrowing() }));
+  query = () => searchByFile(file);
+  run(`Nearest neighbours of ${file.name}`, search, query, classify(lastImage));
 }
 
 function searchByUrl(url) {
-  $("preview").src = url;
-  $("preview").hidden = false;
-  const c = collection();
-  run(url, api("/search", { urls: [url], k: k(), collection: c }),
-    api("/classify", { urls: [url], k: 5, collection: c }).catch(() => null));
+  showQuery(url, { url });
+  const search = () => api("/search", { urls: [url], k: k(), collection: collection(), ...narrowing() });
+  query = () => searchByUrl(url);
+  run(`Nearest neighbours of ${url}`, search, query, classify(lastImage));
 }
 
 function searchById(id) {
   thumbnailUrl(id).then((url) => { $("preview").src = url || ""; $("preview").hidden = !url; });
-  run(`item #${id}`, api("/search", { ids: [id], k: k(), collection: collection() }), Promise.resolve(null));
+  const search = () => api("/search", { ids: [id], k: k(), collection: collection(), ...narrowing() });
+  query = () => searchById(id);
+  run(`Nearest neighbours of item #${id}`, search, query);
+}
+
+function addExample(kind, hit) {
+  const other = kind === "positive" ? "negative" : "positive";
+  examples[other] = examples[other].filter((e) => e.id !== hit.id); // an item is liked or disliked, not both
+  if (!examples[kind].some((e) => e.id === hit.id)) examples[kind].push({ id: hit.id, label: hit.label });
+  recommend();
+}
+
+function removeExample(kind, id) {
+  examples[kind] = examples[kind].filter((e) => e.id !== id);
+  recommend();
+}
+
+function showExamples() {
+  const chips = ["positive", "negative"].flatMap((kind) => examples[kind].map((e) => {
+    const chip = document.createElement("span");
+    chip.className = `chip ${kind}`;
+    chip.dataset.id = e.id;
+    chip.textContent = `${kind === "positive" ? "+" : "\u2212"} #${e.id}${e.label ? ` ${e.label}` : ""}`;
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "plain";
+    remove.textContent = "\u00d7";
+    remove.title = "remove this example";
+    remove.addEventListener("click", () => removeExample(kind, e.id));
+    chip.append(remove);
+    return chip;
+  }));
+  $("chips").replaceChildren(...chips);
+  $("examples").hidden = !chips.length;
+}
+
+function recommend() {
+  showExamples();
+  const positive = examples.positive.map((e) => e.id);
+  const negative = examples.negative.map((e) => e.id);
+  if (negative.length && !positive.length) {
+    status('Add a "more like this" example to recommend.'); // the API needs one; "less" alone waits for it
+    return;
+  }
+  if (!positive.length) {
+    if (query) query();
+    return;
+  }
+  const request = () => api("/recommend", {
+    positive, negative: negative.length ? negative : undefined, strategy: $("strategy").value, k: k(),
+    collection: collection(), filter: filter(), score_threshold: minScore(), // /recommend does not dedup
+  });
+  const unlike = negative.length ? `, unlike #${negative.join(", #")}` : "";
+  run(`Like #${positive.join(", #")}${unlike}`, request, recommend);
+}
+
+function duplicatesOfId(id) {
+  const t = threshold();
+  const request = () => api("/duplicates", { ids: [id], threshold: t, k: k(), collection: collection() });
+  run(`Duplicates of item #${id} (similarity \u2265 ${t})`, request, () => duplicatesOfId(id));
+}
+
+function duplicatesOfImage() {
+  const t = threshold();
+  const { file, url } = lastImage;
+  const request = file
+    ? () => api("/duplicates", form(file, { threshold: t, k: k() }))
+    : () => api("/duplicates", { urls: [url], threshold: t, k: k(), collection: collection() });
+  run(`Duplicates of ${file ? file.name : url} (similarity \u2265 ${t})`, request, duplicatesOfImage,
+    classify(lastImage));
 }
 
 function setUp() {
@@ -194,9 +363,30 @@ function setUp() {
   $("collection").addEventListener("change", () => {
     $("results").replaceChildren();
     $("results-title").textContent = "Nearest neighbours";
+    examples.positive = []; // ids belong to one collection
+    examples.negative = [];
+    showExamples();
+    again = null;
+    query = null;
     loadInfo();
   });
-  $("file").addEventListener("change", () => { if ($("file").files[0]) searchByFile($("file").files[0]); });
+  $("filter-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (again) again();
+    else status("Filter set: it applies to the next search.");
+  });
+  $("filter-form").addEventListener("reset", () => setTimeout(() => again && again())); // after the fields empty
+  $("strategy").addEventListener("change", recommend);
+  $("clear-examples").addEventListener("click", () => {
+    examples.positive = [];
+    examples.negative = [];
+    recommend();
+  });
+  $("dup-query").addEventListener("click", duplicatesOfImage);
+  $("file").addEventListener("change", () => {
+    if ($("file").files[0]) searchByFile($("file").files[0]);
+    $("file").value = ""; // picking the same file again is a change too: a search with other settings
+  });
   $("url-form").addEventListener("submit", (event) => {
     event.preventDefault();
     if ($("url").value) searchByUrl($("url").value);
