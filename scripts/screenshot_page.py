@@ -38,7 +38,7 @@ def main() -> None:
                 page = browser.new_page(viewport={"width": 1280, "height": 820})
                 page.goto(f"{server.url}/ui/")
                 page.fill("#key", KEY)
-                page.dispatch_event("#key", "change")
+                page.locator("#key").blur()  # one change event, as a person leaving the field makes
                 page.set_input_files("#file", args.query)
                 page.wait_for_function("document.querySelectorAll('#results .result').length > 0 && "
                                        "document.querySelectorAll('#classes .bar').length > 0 && "
