@@ -193,7 +193,7 @@ class Collections:
             if images is not None and state.originals is not None:
                 self.budget.check(state.originals.new_bytes(list(images)))
                 sources = [state.originals.put(data) for data in images]
-            ids = self.layout.allocate(doc, len(vectors))
+            ids = self.layout.allocate(doc, len(vectors), key)
             if ids is None:
                 new = live.add(vectors, metadata, labels, thumbnails, key, sources)
             else:

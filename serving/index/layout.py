@@ -63,8 +63,9 @@ class Layout(Protocol):
 
     def originals_folder(self, name: str) -> Path: ...
 
-    def allocate(self, doc: CollectionDoc, n: int) -> list[int] | None:
-        """Ids for ``n`` new items, or None when the live generation numbers them itself."""
+    def allocate(self, doc: CollectionDoc, n: int, key: str | None = None) -> list[int] | None:
+        """Ids for ``n`` new items written with idempotency ``key``, or None when the live generation numbers them
+        itself."""
         ...
 
     def switched(self, doc: CollectionDoc, live: VectorIndex, old: VectorIndex) -> None:
@@ -118,7 +119,7 @@ class FolderLayout:
     def originals_folder(self, name: str) -> Path:
         return originals_folder(self.folder, name)
 
-    def allocate(self, doc: CollectionDoc, n: int) -> list[int] | None:
+    def allocate(self, doc: CollectionDoc, n: int, key: str | None = None) -> list[int] | None:
         return None
 
     def switched(self, doc: CollectionDoc, live: VectorIndex, old: VectorIndex) -> None:

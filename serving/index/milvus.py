@@ -60,6 +60,7 @@ from corinfomax.serving.index.milvus_schema import (
     create_items,
     create_table,
     describe,
+    keyed_ids,
     open_client,
     quote,
 )
@@ -89,6 +90,7 @@ class MilvusStore(MilvusScans):
         (a generation of a named collection); ``client``: one already open there; ``explicit_ids``: a new collection
         is numbered by the caller (``add_at``), not by Milvus."""
         self.location = location
+        self.shared = location.startswith("milvus://")  # a server: other processes may write at the same time
         uri, _, default = connection(location)
         self.collection = collection or default
         self.writes = writes or f"{self.collection}_writes"
@@ -127,9 +129,12 @@ class MilvusStore(MilvusScans):
         WAL.
 
         With a ``key`` that an earlier add stored on its rows, nothing is stored and those ids come back. The
-        key and the number of rows are on every row of one insert request, so a retry finds all of them;
-        should it find only part (a crash between two shards' WAL writes), it deletes that part and inserts
-        the batch again.
+        key and the number of rows are on every row of one insert, so a retry finds all of them; should it find
+        only part (a crash between two shards' WAL writes), the write is done again. On a server the ids are
+        the key's (``keyed_ids``), written by upsert: tries of one write racing on several replicas write the
+        same rows, and a retry completes a partial write in place. Milvus Lite has one process, whose
+        collections lock orders the tries: ids stay Milvus' own, ascending in the order of writing (the order
+        ``list`` answers, as the folder index's), and a partial write is deleted before it is written again.
         """
         if not self.auto_id:
             raise RuntimeError(f"collection {self.collection} is numbered by the service: add with ids (add_at)")
@@ -155,7 +160,9 @@ class MilvusStore(MilvusScans):
             done, expected = self._keyed_rows(key)
             if done and len(done) == expected:
                 return done
-            if done:
+            if self.shared:
+                given = given if given is not None else keyed_ids(key, len(rows))
+            elif done:
                 log.warning("index %s: write %r landed %d of %d rows; writing it again", self.location, key,
                             len(done), expected)
                 self._client.delete(self.collection, ids=done)
@@ -163,10 +170,12 @@ class MilvusStore(MilvusScans):
                      "thumbnail": base64.b64encode(thumb).decode() if thumb else None,
                      "write_key": key, "write_rows": len(rows) if key is not None else None}
                     for (vector, text, label), thumb in zip(rows, thumbs)]
-        return self._write(entities, given, origins)
+        return self._write(entities, given, origins, upsert=key is not None and self.shared)
 
-    def _write(self, entities: list[dict[str, Any]], ids: list[int] | None, sources: list[str | None]) -> list[int]:
-        """Insert ``entities`` (with ``ids`` when given, and their sources where the collection keeps them)."""
+    def _write(self, entities: list[dict[str, Any]], ids: list[int] | None, sources: list[str | None],
+               upsert: bool = False) -> list[int]:
+        """Insert (or ``upsert``) ``entities``, with ``ids`` when given and their sources where the collection
+        keeps them."""
         for i, entity in enumerate(entities):
             if ids is not None:
                 entity["id"] = ids[i]
@@ -174,7 +183,7 @@ class MilvusStore(MilvusScans):
                 entity["source"] = sources[i]
         if ids is not None:
             self._allow_given_ids()
-        answer = self._client.insert(self.collection, entities)
+        answer = (self._client.upsert if upsert else self._client.insert)(self.collection, entities)
         return [int(i) for i in answer["ids"]]
 
     def _allow_given_ids(self) -> None:
@@ -197,11 +206,15 @@ class MilvusStore(MilvusScans):
         self._write(entities, [row.id for row in rows], [row.source for row in rows])
 
     def _keyed_rows(self, key: str) -> tuple[list[int], int]:
-        """Ids of the rows an add with ``key`` wrote (one insert's ids ascend in input order), and how many it
-        wrote."""
+        """Ids of the rows an add with ``key`` wrote, in input order, and how many it wrote."""
         found = self._client.query(self.collection, filter=f"write_key == {quote(key)}",
                                    output_fields=["id", "write_rows"])
-        return sorted(int(row["id"]) for row in found), max((int(row["write_rows"]) for row in found), default=0)
+        stored = {int(row["id"]) for row in found}
+        expected = max((int(row["write_rows"]) for row in found), default=0)
+        ordered = [i for i in keyed_ids(key, expected) if i in stored]
+        # Rows whose ids are not the key's (Milvus Lite's, a generation's share of a write, or a write made before
+        # ids came from keys): one insert's ids ascend in input order.
+        return (ordered if len(ordered) == len(stored) else sorted(stored)), expected
 
     @answers_503
     def delete(self, ids: Sequence[int], key: str | None = None) -> list[int]:
@@ -221,7 +234,7 @@ class MilvusStore(MilvusScans):
         if missing:
             raise NotFound(f"no item with id {', '.join(map(str, missing[:10]))}")
         if key is not None:
-            self._client.insert(self.writes, [{"key": key, "result": wanted, "unused": [0.0, 0.0]}])
+            self._client.upsert(self.writes, [{"key": key, "result": wanted, "unused": [0.0, 0.0]}])
         self._client.delete(self.collection, ids=wanted)
         return wanted
 

@@ -18,6 +18,7 @@ Lite) reserves blocks of ids in the catalog before handing them out, exactly; pr
 reserve without a transaction, so they use time-based ids (milliseconds << 18, like Milvus' own, plus a random
 tag and a counter per process): two processes collide only if, in one millisecond, both draw the same tag and
 counter, about one chance in 2**14 per millisecond in which both allocate (documented in docs/ARCHITECTURE.md).
+On a server, a write with an idempotency key gets the key's ids instead (``milvus_schema.keyed_ids``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from corinfomax.serving.index.backend import VectorIndex
 from corinfomax.serving.index.catalog import DEFAULT, Catalog, CollectionDoc, GenerationDoc
 from corinfomax.serving.index.milvus import MilvusStore, open_client
 from corinfomax.serving.index.milvus_catalog import MilvusCatalog
-from corinfomax.serving.index.milvus_schema import MAX_NAME_CHARS, connection
+from corinfomax.serving.index.milvus_schema import MAX_NAME_CHARS, connection, keyed_ids
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +112,11 @@ class MilvusLayout:
     def originals_folder(self, name: str) -> Path:
         return self.originals_root / name
 
-    def allocate(self, doc: CollectionDoc, n: int) -> list[int] | None:
+    def allocate(self, doc: CollectionDoc, n: int, key: str | None = None) -> list[int] | None:
         if not doc.explicit_ids:
             return None
+        if key is not None and self.shared:
+            return keyed_ids(key, n)  # what every try of this write allocates, wherever it runs
         with self._lock:
             if self.shared:
                 return [self._time_id() for _ in range(n)]

@@ -16,6 +16,7 @@ Facts it relies on (milvus-lite 3.2 / pymilvus 3.0, and the Milvus docs for serv
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import json
 import os
@@ -45,6 +46,9 @@ UTF8_MAX = 4
 MAX_NAME_CHARS = 255  # Milvus' limit on a collection or alias name
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 ITEM_FIELDS = {"id", "vector", "metadata", "label", "thumbnail", "write_key", "write_rows"}
+# Keyed writes' ids lie in [2**61, 2**62): above time-based ids (milliseconds << 18 stay below 2**61 until the
+# year 2248) and far enough below 2**63 that a block allocator counting on from them cannot overflow.
+KEYED_ID_BASE = 2**61
 
 
 def connection(location: str) -> tuple[str, str | None, str]:
@@ -97,6 +101,17 @@ def answers_503(method: F) -> F:
             raise unavailable(self, err) from err
 
     return generator if inspect.isgeneratorfunction(method) else wrapper  # type: ignore[return-value]
+
+
+def keyed_ids(key: str, n: int) -> list[int]:
+    """The ids of the ``n`` rows of a write with idempotency ``key``: a function of the key alone.
+
+    Milvus has no transaction or conditional insert, so two tries of one write that race on different replicas
+    cannot see each other in time to stand back; with the same ids, each upserts the same rows and Milvus keeps
+    one copy of each. Two ids of different writes meet with probability about one in 2**61 per pair.
+    """
+    digests = (hashlib.sha256(f"{i}:{key}".encode()).digest() for i in range(n))
+    return [KEYED_ID_BASE + int.from_bytes(digest[:8], "big") % KEYED_ID_BASE for digest in digests]
 
 
 def quote(text: str) -> str:
