@@ -74,7 +74,9 @@ def nearest_where(cache: FaissCache, db: Database, selectivity: Selectivity, que
                   flt: Filter, labelled_only: bool) -> Ranked:
     """Top-``k`` (id, score) per query among the items ``flt`` passes; the caller holds the store's lock."""
     where, params = condition(flt, labelled_only)
-    count = db.count()
+    # The FAISS copy is current (the caller holds the lock) and knows its size: SQLite's COUNT(*) walks the
+    # table, 0.3 ms at 200,000 items, as much as a whole unfiltered search.
+    count = int(cache.current().ntotal) - len(cache.tombstones)
     fraction = selectivity.fraction(db, flt, count)
     if fraction * count <= EXACT_MAX:
         return exact(db, cache.dim, queries, k, where, params)
