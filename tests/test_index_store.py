@@ -3,12 +3,14 @@ MilvusStore on Milvus Lite. Tests taking the parametrised ``store`` (or ``backen
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import sqlite3
 from pathlib import Path
 from typing import Iterator
 
+import faiss
 import numpy as np
 import pytest
 from PIL import Image
@@ -217,14 +219,39 @@ def test_rebuild_approximate_kinds(tmp_path: Path, kind: str) -> None:
         figures = store.rebuild(kind=kind)
         assert figures["kind"] == kind and figures["count"] == 3000 and figures["recall_at_10"] >= 0.9
         assert [h[0].id for h in store.search(vectors[:20], k=1)] == list(range(1, 21))
-        store.delete([1])
+        store.delete([1, 1500])
         assert store.search(vectors[0], k=3)[0][0].id != 1
+        kept = [i for i in range(1, 3001, 7) if i not in (1, 1500)]  # each item after a deleted one too
+        assert [h[0].id for h in store.search(vectors[[i - 1 for i in kept]], k=1)] == kept
         ids = store.add(unit(1, seed=7, dim=32))
         assert store.search(unit(1, seed=7, dim=32), k=1)[0][0].id == ids[0]
     with IndexStore(tmp_path / "ix", dim=32) as again:  # the kind survives a reopen
-        assert again.stats()["kind"] == kind and again.stats()["count"] == 3000
+        assert again.stats()["kind"] == kind and again.stats()["count"] == 2999
+        assert [h[0].id for h in again.search(vectors[[i - 1 for i in kept]], k=1)] == kept
     with pytest.raises(BadInput, match="needs at least"):
         IndexStore(tmp_path / "small", dim=32).rebuild(kind="IVF64,Flat")
+
+
+def test_an_ivf_cache_saved_inside_an_id_map_is_refilled(tmp_path: Path) -> None:
+    """Earlier versions kept an IVF index inside an IndexIDMap2, whose ids shifted after a delete, and saved it
+    so: such a file is refilled from SQLite when opened."""
+    vectors = unit(3000, dim=32)
+    with IndexStore(tmp_path / "ix", dim=32) as store:
+        store.add(vectors)
+        store.rebuild(kind="IVF16,Flat")
+        store.delete([1, 1500])
+    trained = faiss.read_index(str(tmp_path / "ix" / FAISS_FILE))
+    trained.reset()
+    old = faiss.IndexIDMap2(trained)
+    old.add_with_ids(vectors, np.arange(1, 3001))
+    old.remove_ids(faiss.IDSelectorBatch(np.array([1, 1500])))  # as the old layout did: later ids off by one
+    data = faiss.serialize_index(old).tobytes()
+    (tmp_path / "ix" / FAISS_FILE).write_bytes(data)
+    meta = json.loads((tmp_path / "ix" / FAISS_META).read_text())
+    (tmp_path / "ix" / FAISS_META).write_text(json.dumps({**meta, "sha256": hashlib.sha256(data).hexdigest()}))
+    with IndexStore(tmp_path / "ix", dim=32) as again:
+        assert [h[0].id for h in again.search(vectors[1500:1510], k=1)] == list(range(1501, 1511))
+        assert again.stats()["kind"] == "IVF16,Flat"
 
 
 def test_chosen_kind_that_misses_the_recall_target_falls_back_to_exact(tmp_path: Path,

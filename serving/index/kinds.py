@@ -83,10 +83,23 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / max(1, truth.size)
 
 
+def with_ids(base: faiss.Index) -> faiss.Index:
+    """``base`` able to hold our ids: an IVF index holds them itself; others (Flat, HNSW) in an IndexIDMap2.
+
+    An IVF index must not go in the map: removing ids from it keeps its list entries' positions while the map
+    closes the gap, so every id after a removed one would answer for its neighbour."""
+    return base if faiss.try_extract_index_ivf(base) is not None else faiss.IndexIDMap2(base)
+
+
+def base_of(index: faiss.Index) -> faiss.Index:
+    """The index under ``with_ids``' map, if any."""
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+
+
 def tune(index: faiss.Index, queries: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
     """Recall@10 of ``index`` against the exact ``truth``; for IVF and HNSW, the narrowest search (nprobe,
     efSearch) that reaches `RECALL_TARGET`, or the widest tried."""
-    inner = faiss.downcast_index(index.index)
+    inner = base_of(index)
 
     def recall(params: faiss.SearchParameters | None) -> float:
         _, found = index.search(queries, 10, params=params) if params else index.search(queries, 10)

@@ -83,6 +83,12 @@ class FaissCache:
             log.warning("index %s: FAISS cache unreadable (%s); rebuilding it from SQLite", self.folder, err)
             self.rebuild()
             return
+        if isinstance(index, faiss.IndexIDMap2) and faiss.try_extract_index_ivf(index.index) is not None:
+            # Saved before IVF indexes held their own ids: after a delete its ids were shifted. Keep the
+            # trained lists, refill them from SQLite.
+            log.warning("index %s: FAISS cache in the old IVF layout; refilling it from SQLite", self.folder)
+            index = faiss.clone_index(index.index)  # the map owns its index: a copy outlives it
+            meta = {**meta, "generation": None}
         self.index, self.meta = index, meta
         if meta.get("generation") != self.db.generation():
             log.info("index %s: FAISS cache is stale (generation %s, SQLite %s); refilling",
@@ -127,7 +133,7 @@ class FaissCache:
     def _build(self, kind: str, count: int) -> tuple[faiss.Index, dict[str, Any]]:
         """One FAISS index of ``kind``, trained on a sample and filled from SQLite, with its tuned search."""
         try:
-            index = faiss.IndexIDMap2(faiss.index_factory(self.dim, kind, faiss.METRIC_INNER_PRODUCT))
+            index = kinds.with_ids(faiss.index_factory(self.dim, kind, faiss.METRIC_INNER_PRODUCT))
         except RuntimeError as err:
             raise BadInput(f"FAISS cannot make an index of kind {kind!r}: {err}") from err
         if not index.is_trained:
