@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -200,6 +201,22 @@ def test_sql_reads_fields_as_an_expression_index_does(sqlite_items: sqlite3.Conn
                                                              params))
     assert "items_year" in plan
     sqlite_items.execute("DROP INDEX items_year")
+
+
+def test_a_field_index_made_by_an_earlier_version_is_remade(tmp_path: Path) -> None:
+    """An index on an earlier reading of a field serves no filter today: opening the store remakes it."""
+    folder = tmp_path / "index"
+    with IndexStore(folder, dim=4) as store:
+        store.add(vectors(3), [{"year": 2020}, {"year": 2021}, {"year": "2022"}])
+    with sqlite3.connect(folder / DB_FILE) as db:
+        db.execute("""CREATE INDEX "field:metadata.year" ON items(json_extract(metadata, '$."year"'))""")
+    where, params = to_sql(parsed({"metadata.year": {"gte": 2021}}))
+    with IndexStore(folder, dim=4) as store:
+        assert store.stats()["indexed_fields"] == ["metadata.year"]
+        with sqlite3.connect(folder / DB_FILE) as db:
+            plan = str(db.execute(f"EXPLAIN QUERY PLAN SELECT id FROM items WHERE {where}", params).fetchall())
+            assert "field:metadata.year" in plan
+            assert [row[0] for row in db.execute(f"SELECT id FROM items WHERE {where}", params)] == [2]
 
 
 BAD: list[tuple[Any, str]] = [

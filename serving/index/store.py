@@ -38,7 +38,7 @@ from corinfomax.serving.index.backend import (
     normalise,
 )
 from corinfomax.serving.index.filter_compile import sql_field
-from corinfomax.serving.index.filters import Field, Filter
+from corinfomax.serving.index.filters import Field, Filter, metadata_field
 from corinfomax.serving.index.store_faiss import FaissCache
 from corinfomax.serving.index.store_sqlite import DB_FILE, Database, Row
 
@@ -71,6 +71,9 @@ class IndexStore:
         self._labelled: tuple[int, Labelled] | None = None
         self._selectivity = store_filter.Selectivity()
         self._cache.load()
+        for name in self._db.indexed_fields():  # made by an earlier version: remade as today's filters read it
+            if not self._db.field_index_reads(name, sql_field(metadata_field(name))):
+                self.index_field(metadata_field(name))
 
     def _check_info(self, info: dict[str, str], dim: int | None, model_sha256: str | None) -> None:
         self.dim = int(info["embedding_dim"])

@@ -280,8 +280,16 @@ class Database:
 
     def index_field(self, name: str, expression: str) -> None:
         """An expression index on ``expression`` (how the compiled filters read metadata field ``name``; both
-        validated), named after the field so ``indexed_fields`` can list it (inside ``write()``)."""
+        validated), named after the field so ``indexed_fields`` can list it (inside ``write()``). One made on
+        another expression (an earlier version's reading of the field, which no filter uses now) is replaced."""
+        if not self.field_index_reads(name, expression):
+            self._db.execute(f'DROP INDEX IF EXISTS "{FIELD_INDEX}{name}"')
         self._db.execute(f'CREATE INDEX IF NOT EXISTS "{FIELD_INDEX}{name}" ON items({expression})')
+
+    def field_index_reads(self, name: str, expression: str) -> bool:
+        """Whether the index on metadata field ``name`` exists and is made on ``expression``."""
+        rows = self.rows("SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?", (FIELD_INDEX + name,))
+        return bool(rows) and expression in rows[0][0]
 
     def indexed_fields(self) -> list[str]:
         rows = self.rows("SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE ? ORDER BY name",
