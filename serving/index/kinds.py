@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any
 
 import faiss
@@ -89,6 +90,21 @@ def with_ids(base: faiss.Index) -> faiss.Index:
     An IVF index must not go in the map: removing ids from it keeps its list entries' positions while the map
     closes the gap, so every id after a removed one would answer for its neighbour."""
     return base if faiss.try_extract_index_ivf(base) is not None else faiss.IndexIDMap2(base)
+
+
+def holds_vectors(kind: str | None) -> bool:
+    """Whether an index of ``kind`` keeps the vectors as they were added (Flat, HNSW over flat storage,
+    IVF-Flat), so reading them back from it is exact; compressed kinds (PQ, SQ) keep approximations."""
+    return kind is not None and re.fullmatch(r"Flat|HNSW\d+|IVF\d+,Flat", kind) is not None
+
+
+def readable(index: faiss.Index, kind: str | None) -> faiss.Index:
+    """``index`` (of ``kind``) able to give back a vector by id where it holds them (``holds_vectors``): an IVF
+    index keeps a table from id to list entry (about 40 bytes per item) beside its lists."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if holds_vectors(kind) and ivf is not None and ivf.direct_map.type != faiss.DirectMap.Hashtable:
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    return index
 
 
 def base_of(index: faiss.Index) -> faiss.Index:

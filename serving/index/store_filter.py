@@ -3,9 +3,9 @@ search over those items alone would rank them (up to the FAISS index's own recal
 
 SQLite says which items pass (``filter_compile.to_sql``; an expression index on a metadata field makes that
 a lookup, ``IndexStore.index_field``). Two ways to rank them, chosen by how many are expected to pass:
-- few (at most ``EXACT_MAX``): read the passing rows' vectors from SQLite and score them exactly. A FAISS id
-  selector on an HNSW or IVF index would walk a graph or lists where almost nothing is allowed, and lose
-  recall just where the set is smallest.
+- few (at most ``EXACT_MAX``): read the passing rows' vectors (from the FAISS copy when it holds them exactly,
+  else from SQLite) and score them exactly. A FAISS id selector on an HNSW or IVF index would walk a graph or
+  lists where almost nothing is allowed, and lose recall just where the set is smallest.
 - many: a FAISS search with ``fetch`` results per query, sized from the expected fraction (an IVF index probing
   lists in proportion, ``deeper``), the ids checked against the filter in SQLite, widened ``WIDEN``-fold until
   every query has k passing hits or FAISS has no more to give. A query still short then (an IVF index whose
@@ -79,16 +79,27 @@ def nearest_where(cache: FaissCache, db: Database, selectivity: Selectivity, que
     count = int(cache.current().ntotal) - len(cache.tombstones)
     fraction = selectivity.fraction(db, flt, count)
     if fraction * count <= EXACT_MAX:
-        return exact(db, cache.dim, queries, k, where, params)
+        return exact(cache, db, queries, k, where, params)
     return widening(cache, db, queries, k, where, params, fraction)
 
 
-def exact(db: Database, dim: int, queries: np.ndarray, k: int, where: str, params: Sequence[Any]) -> Ranked:
-    """Exact top-``k`` over the rows where ``where`` holds, streamed from SQLite in batches sized so that one batch's
-    scores for every query stay within ``SCORES_MAX``."""
+def exact(cache: FaissCache, db: Database, queries: np.ndarray, k: int, where: str, params: Sequence[Any]) -> Ranked:
+    """Exact top-``k`` over the rows where ``where`` holds, in batches sized so that one batch's scores for every
+    query stay within ``SCORES_MAX``."""
     batch = max(256, SCORES_MAX // len(queries))
-    scores, ids = exact_top(queries, db.matching(dim, where, params, batch), k)
+    scores, ids = exact_top(queries, passing_vectors(cache, db, where, params, batch), k)
     return [[(int(i), float(s)) for s, i in zip(srow, irow)] for srow, irow in zip(scores, ids)]
+
+
+def passing_vectors(cache: FaissCache, db: Database, where: str, params: Sequence[Any],
+                    batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, vectors) of the rows where ``where`` holds: the ids from SQLite (an index on the filtered field
+    answers them alone) and the vectors from the FAISS copy where it holds them exactly, else from SQLite."""
+    if not cache.holds_vectors():
+        yield from db.matching(cache.dim, where, params, batch)
+        return
+    for ids in db.matching_ids(where, params, batch):
+        yield ids, cache.vectors(ids)
 
 
 def widening(cache: FaissCache, db: Database, queries: np.ndarray, k: int, where: str, params: Sequence[Any],
@@ -109,7 +120,7 @@ def widening(cache: FaissCache, db: Database, queries: np.ndarray, k: int, where
                 elif exhausted or not complete:
                     short.append(q)
         if short:  # FAISS has no more to give these queries: rank their passing items exactly
-            for q, row in zip(short, exact(db, cache.dim, queries[short], k, where, params)):
+            for q, row in zip(short, exact(cache, db, queries[short], k, where, params)):
                 rows[q] = row
         fetch = min(total, FETCH_MAX, fetch * WIDEN)
     return [row or [] for row in rows]

@@ -251,6 +251,13 @@ class Database:
                 yield (np.fromiter((r[0] for r in rows), np.int64, len(rows)),
                        np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), dim))
 
+    def matching_ids(self, where: str, params: Sequence[Any], batch: int) -> Iterator[np.ndarray]:
+        """The ids of the rows where ``where`` holds, ``batch`` at a time, in no set order (as ``matching``)."""
+        with self.lock:
+            cursor = self._db.execute(f"SELECT id FROM items WHERE {where}", params)
+            while rows := cursor.fetchmany(batch):
+                yield np.fromiter((r[0] for r in rows), np.int64, len(rows))
+
     def passing(self, ids: set[int], where: str, params: Sequence[Any]) -> set[int]:
         """Those of ``ids`` whose rows satisfy ``where``."""
         found: set[int] = set()
