@@ -3,9 +3,10 @@ search over those items alone would rank them (up to the FAISS index's own recal
 
 SQLite says which items pass (``filter_compile.to_sql``; an expression index on a metadata field makes that
 a lookup, ``IndexStore.index_field``). Two ways to rank them, chosen by how many are expected to pass:
-- few (at most ``EXACT_MAX``): read the passing rows' vectors (from the FAISS copy when it holds them exactly,
-  else from SQLite) and score them exactly. A FAISS id selector on an HNSW or IVF index would walk a graph or
-  lists where almost nothing is allowed, and lose recall just where the set is smallest.
+- few (at most ``EXACT_MAX``, or more while that costs less than the other way's first search, ``first_scan``):
+  read the passing rows' vectors (from the FAISS copy when it holds them exactly, else from SQLite) and score
+  them exactly. A FAISS id selector on an HNSW or IVF index would walk a graph or lists where almost nothing is
+  allowed, and lose recall just where the set is smallest.
 - many: a FAISS search with ``fetch`` results per query, sized from the expected fraction (an IVF index probing
   lists in proportion, ``deeper``), the ids checked against the filter in SQLite, widened ``WIDEN``-fold until
   every query has k passing hits or FAISS has no more to give. A query still short then (an IVF index whose
@@ -34,6 +35,11 @@ from corinfomax.serving.index.store_sqlite import Database
 # 100k HNSW items of 128 dims, a busy shared machine, so only the order of magnitude): 1,000 passing items
 # took 2.6 ms exactly vs 4.6 ms widening, 10,000 took 56 ms vs 12 ms.
 EXACT_MAX = 4_000
+# Beyond EXACT_MAX, the exact way is still taken while it costs less than the widening's first search (where
+# FAISS holds the vectors): an item scored exactly (id from SQLite's index, vector from FAISS) took 0.57 us, a
+# vector an IVF search compares with 0.083 us (bench/filter_scale.py, quiet: 2,000 items in 1.45 ms at 200k;
+# 1% of 1M widened over 78% of the lists in 65 ms, where scoring its 10,000 items exactly costs a tenth of that).
+SCANNED_PER_EXACT = 7
 SAMPLE_ROWS = 2_000  # rows in the selectivity sample: a fraction of 1% is seen ~20 times
 OVERFETCH = 4  # the first FAISS fetch: this many times the k passing hits the expected fraction gives
 WIDEN = 4  # growth of the FAISS fetch per round
@@ -78,9 +84,21 @@ def nearest_where(cache: FaissCache, db: Database, selectivity: Selectivity, que
     # table, 0.3 ms at 200,000 items, as much as a whole unfiltered search.
     count = int(cache.current().ntotal) - len(cache.tombstones)
     fraction = selectivity.fraction(db, flt, count)
-    if fraction * count <= EXACT_MAX:
+    cheaper = first_scan(cache, count, k, fraction) / SCANNED_PER_EXACT if cache.holds_vectors() else 0
+    if fraction * count <= max(EXACT_MAX, cheaper):
         return exact(cache, db, queries, k, where, params)
     return widening(cache, db, queries, k, where, params, fraction)
+
+
+def first_scan(cache: FaissCache, count: int, k: int, fraction: float) -> float:
+    """About how many vectors ``widening``'s first FAISS search compares a query with: an IVF index's share of
+    the lists it probes; a flat index all; HNSW about the fetch (a lower bound: the exact way is then chosen
+    only as far as ``EXACT_MAX``)."""
+    fetch = min(count, math.ceil(OVERFETCH * k / max(fraction, 1e-9)))
+    nprobe = deeper(cache.meta, fetch / k).get("nprobe")
+    if nprobe:
+        return count * int(nprobe) / kinds.ivf_lists_of(str(cache.meta.get("kind")))
+    return count if cache.meta.get("kind") == "Flat" else fetch
 
 
 def exact(cache: FaissCache, db: Database, queries: np.ndarray, k: int, where: str, params: Sequence[Any]) -> Ranked:
