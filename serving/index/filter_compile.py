@@ -39,6 +39,13 @@ def to_milvus(flt: Filter) -> str:
     return _compile(flt.normal, _Milvus())
 
 
+def milvus_condition(flt: Filter | None, labelled_only: bool) -> str:
+    """A Milvus search's ``filter``: ``to_milvus(flt)``, with ``labelled_only`` a condition on the label; "" for
+    none."""
+    terms = ([to_milvus(flt)] if flt is not None else []) + (["label IS NOT NULL"] if labelled_only else [])
+    return " and ".join(terms)
+
+
 def sql_field(field: Field) -> str:
     """The SQL expression the compiler reads ``field`` with: an expression index must be made on this text."""
     return _Sql().value(field)

@@ -51,7 +51,7 @@ from corinfomax.serving.index.backend import (
     check_thumbnails,
     normalise,
 )
-from corinfomax.serving.index.filter_compile import to_milvus
+from corinfomax.serving.index.filter_compile import milvus_condition, to_milvus
 from corinfomax.serving.index.filters import Field, Filter
 from corinfomax.serving.index.milvus_scans import READ_BATCH, ROW_FIELDS, MilvusScans, row_item
 from corinfomax.serving.index.milvus_schema import (
@@ -60,6 +60,7 @@ from corinfomax.serving.index.milvus_schema import (
     create_items,
     create_table,
     describe,
+    is_server,
     keyed_ids,
     open_client,
     quote,
@@ -90,7 +91,7 @@ class MilvusStore(MilvusScans):
         (a generation of a named collection); ``client``: one already open there; ``explicit_ids``: a new collection
         is numbered by the caller (``add_at``), not by Milvus."""
         self.location = location
-        self.shared = location.startswith("milvus://")  # a server: other processes may write at the same time
+        self.shared = is_server(location)
         uri, _, default = connection(location)
         self.collection = collection or default
         self.writes = writes or f"{self.collection}_writes"
@@ -128,13 +129,11 @@ class MilvusStore(MilvusScans):
         """Store vectors (L2-normalised here) with metadata, labels, thumbnails and sources; their ids once in the
         WAL.
 
-        With a ``key`` that an earlier add stored on its rows, nothing is stored and those ids come back. The
-        key and the number of rows are on every row of one insert, so a retry finds all of them; should it find
-        only part (a crash between two shards' WAL writes), the write is done again. On a server the ids are
-        the key's (``keyed_ids``), written by upsert: tries of one write racing on several replicas write the
-        same rows, and a retry completes a partial write in place. Milvus Lite has one process, whose
-        collections lock orders the tries: ids stay Milvus' own, ascending in the order of writing (the order
-        ``list`` answers, as the folder index's), and a partial write is deleted before it is written again.
+        With a ``key`` that an earlier add stored on its rows (with their number), nothing is stored and those
+        ids come back; a write found in part (a crash between two shards' WAL writes) is written again. On a
+        server the ids are the key's (``keyed_ids``), upserted: tries racing on several replicas write the same
+        rows. Milvus Lite (one process, whose collections lock orders the tries) keeps its ascending ids and
+        deletes a partial write before writing it again.
         """
         if not self.auto_id:
             raise RuntimeError(f"collection {self.collection} is numbered by the service: add with ids (add_at)")
@@ -325,7 +324,7 @@ class MilvusStore(MilvusScans):
         queries = normalise(queries, self.dim, "query vectors")
         k = check_k(k)
         answer = self._client.search(
-            self.collection, data=list(queries), limit=k, filter=_expression(where, labelled_only),
+            self.collection, data=list(queries), limit=k, filter=milvus_condition(where, labelled_only),
             output_fields=["metadata", "label"],
             search_params={"metric_type": "IP", "params": {"ef": max(k, EF_SEARCH)}})
         texts = {int(hit["id"]): json.dumps(hit["entity"]["metadata"]) for row in answer for hit in row}
@@ -398,10 +397,3 @@ class MilvusStore(MilvusScans):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _expression(where: Filter | None, labelled_only: bool) -> str:
-    """The search's filter expression (``filter_compile.to_milvus``), with ``labelled_only`` a condition on the
-    label; "" for none."""
-    terms = ([to_milvus(where)] if where is not None else []) + (["label IS NOT NULL"] if labelled_only else [])
-    return " and ".join(terms)

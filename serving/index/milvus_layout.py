@@ -38,7 +38,7 @@ from corinfomax.serving.index.backend import VectorIndex
 from corinfomax.serving.index.catalog import DEFAULT, Catalog, CollectionDoc, GenerationDoc
 from corinfomax.serving.index.milvus import MilvusStore, open_client
 from corinfomax.serving.index.milvus_catalog import MilvusCatalog
-from corinfomax.serving.index.milvus_schema import MAX_NAME_CHARS, connection, keyed_ids
+from corinfomax.serving.index.milvus_schema import MAX_NAME_CHARS, connection, is_server, keyed_ids
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class MilvusLayout:
 
     def __init__(self, location: str) -> None:
         self.location = location
-        self.shared = location.startswith("milvus://")
+        self.shared = is_server(location)
         self.base = connection(location)[2]
         self.client: MilvusClient = open_client(location)
         self.catalog: Catalog = MilvusCatalog(self.client, f"{self.base}_catalog")

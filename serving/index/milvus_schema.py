@@ -51,6 +51,11 @@ ITEM_FIELDS = {"id", "vector", "metadata", "label", "thumbnail", "write_key", "w
 KEYED_ID_BASE = 2**61
 
 
+def is_server(location: str) -> bool:
+    """A Milvus server (``milvus://``), which other processes may write at the same time; else a Lite file."""
+    return location.startswith("milvus://")
+
+
 def connection(location: str) -> tuple[str, str | None, str]:
     """(pymilvus uri, token, collection) of a ``.db`` path or ``milvus://host:port/collection``."""
     if not location.startswith("milvus://"):

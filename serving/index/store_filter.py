@@ -94,11 +94,16 @@ def first_scan(cache: FaissCache, count: int, k: int, fraction: float) -> float:
     """About how many vectors ``widening``'s first FAISS search compares a query with: an IVF index's share of
     the lists it probes; a flat index all; HNSW about the fetch (a lower bound: the exact way is then chosen
     only as far as ``EXACT_MAX``)."""
-    fetch = min(count, math.ceil(OVERFETCH * k / max(fraction, 1e-9)))
+    fetch = first_fetch(count, k, fraction)
     nprobe = deeper(cache.meta, fetch / k).get("nprobe")
     if nprobe:
         return count * int(nprobe) / kinds.ivf_lists_of(str(cache.meta.get("kind")))
     return count if cache.meta.get("kind") == "Flat" else fetch
+
+
+def first_fetch(count: int, k: int, fraction: float) -> int:
+    """The widening's first FAISS fetch: ``OVERFETCH`` times the results that hold ``k`` passing ones."""
+    return min(count, math.ceil(OVERFETCH * k / max(fraction, 1e-9)))
 
 
 def exact(cache: FaissCache, db: Database, queries: np.ndarray, k: int, where: str, params: Sequence[Any]) -> Ranked:
@@ -124,7 +129,7 @@ def widening(cache: FaissCache, db: Database, queries: np.ndarray, k: int, where
              fraction: float) -> Ranked:
     """FAISS search with a post-filter, widened until each query has ``k`` passing hits or FAISS is exhausted."""
     total = int(cache.current().ntotal)
-    fetch = min(total, math.ceil(OVERFETCH * k / max(fraction, 1e-9)))
+    fetch = first_fetch(total, k, fraction)
     rows: list[list[tuple[int, float]] | None] = [None] * len(queries)
     while pending := [q for q, row in enumerate(rows) if row is None]:
         exhausted = fetch >= min(total, FETCH_MAX)
