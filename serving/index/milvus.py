@@ -55,6 +55,7 @@ from corinfomax.serving.index.filter_compile import milvus_condition, to_milvus
 from corinfomax.serving.index.filters import Field, Filter
 from corinfomax.serving.index.milvus_scans import READ_BATCH, ROW_FIELDS, MilvusScans, row_item
 from corinfomax.serving.index.milvus_schema import (
+    ALLOW_GIVEN_IDS,
     answers_503,
     connection,
     create_items,
@@ -104,7 +105,6 @@ class MilvusStore(MilvusScans):
                 raise BadInput(f"{location} has no collection {self.collection!r}; give the embedding dim to create it")
             create_items(self._client, self.collection, int(dim), model_sha256, explicit_ids)
         self._check(dim, model_sha256)
-        self._explicit_allowed = not self.auto_id
         for name in (self.collection, self.writes):
             self._client.load_collection(name)  # a no-op when loaded; needed after every restart
 
@@ -112,6 +112,7 @@ class MilvusStore(MilvusScans):
         described = describe(self._client, self.collection, self.location)
         self.dim, self.model_sha256 = described.dim, described.model_sha256
         self.auto_id, self.has_source = described.auto_id, described.has_source
+        self._explicit_allowed = described.takes_ids  # altered once per collection, not once per client
         if dim is not None and int(dim) != self.dim:
             raise IndexMismatch(f"index {self.location} holds {self.dim}-dim vectors, the model makes {dim}-dim "
                                 "ones; use another collection or rebuild it with this model")
@@ -189,7 +190,7 @@ class MilvusStore(MilvusScans):
         """A server refuses given ids in an auto_id collection (and an upsert there gives the row a new id) unless
         the collection allows them."""
         if not self._explicit_allowed:
-            self._client.alter_collection_properties(self.collection, {"allow_insert_auto_id": "true"})
+            self._client.alter_collection_properties(self.collection, {ALLOW_GIVEN_IDS: "true"})
             self._explicit_allowed = True
 
     @answers_503

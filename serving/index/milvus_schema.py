@@ -39,6 +39,7 @@ from corinfomax.serving.index.backend import (
 
 DEFAULT_COLLECTION = "corinfomax"  # the collection inside a Milvus Lite .db file
 MODEL_PROPERTY = "corinfomax.model_sha256"
+ALLOW_GIVEN_IDS = "allow_insert_auto_id"  # the property that lets an auto_id collection take rows with ids
 HNSW = {"M": 16, "efConstruction": 200}
 MAX_THUMBNAIL_CHARS = 65_535  # a server's VARCHAR limit
 # Labels and keys are limited in characters; Milvus may count VARCHAR length in UTF-8 bytes (up to 4 each).
@@ -180,6 +181,7 @@ class Described:
     model_sha256: str | None
     auto_id: bool  # Milvus numbers its items
     has_source: bool  # made before items had a source: its items have none
+    takes_ids: bool  # rows with ids given are accepted (not auto_id, or allow_insert_auto_id set)
 
 
 def describe(client: MilvusClient, name: str, location: str) -> Described:
@@ -190,6 +192,7 @@ def describe(client: MilvusClient, name: str, location: str) -> Described:
     if missing:
         raise IndexMismatch(f"collection {name!r} at {location} is not a corinfomax index "
                             f"(no field {', '.join(sorted(missing))}); use another collection")
-    return Described(int(fields["vector"]["params"]["dim"]),
-                     described.get("properties", {}).get(MODEL_PROPERTY) or None,
-                     bool(described.get("auto_id", True)), "source" in fields)
+    properties = described.get("properties", {})
+    auto_id = bool(described.get("auto_id", True))
+    return Described(int(fields["vector"]["params"]["dim"]), properties.get(MODEL_PROPERTY) or None, auto_id,
+                     "source" in fields, not auto_id or properties.get(ALLOW_GIVEN_IDS) == "true")
