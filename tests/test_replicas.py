@@ -124,4 +124,6 @@ def test_milvus_down_is_a_503_to_retry(milvus: tuple[str, subprocess.Popen], rep
     milvus[1].wait(timeout=30)
     resp = httpx.post(f"{replicas[0].url}/search", json={"vectors": [[0.1] * 256], "k": 1}, timeout=60)
     assert resp.status_code == 503 and "retry" in resp.json()["error"]
+    listed = httpx.post(f"{replicas[1].url}/collections", json={}, timeout=60)  # re-reads the catalog each time
+    assert listed.status_code == 503 and "retry" in listed.json()["error"]
     assert httpx.get(f"{replicas[0].url}/livez").status_code == 200

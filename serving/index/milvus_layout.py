@@ -70,7 +70,7 @@ class MilvusLayout:
         self.shared = is_server(location)
         self.base = connection(location)[2]
         self.client: MilvusClient = open_client(location)
-        self.catalog: Catalog = MilvusCatalog(self.client, f"{self.base}_catalog")
+        self.catalog: Catalog = MilvusCatalog(self.client, f"{self.base}_catalog", location)
         self.originals_root = originals_root(location)
         self._ids: dict[str, tuple[int, int]] = {}  # name -> (next id, end of the reserved block)
         self._lock = threading.Lock()
