@@ -296,3 +296,31 @@ def test_an_update_racing_a_reembed_copy_reaches_the_new_generation(location: st
         item = store.get(ids[0])
     assert (item.label, item.metadata) == ("dog", {"n": "late"})
     collections.close()
+
+
+def test_an_update_racing_a_reembed_copy_survives_a_kill(location: str, jpegs: list[bytes],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The update lands between the copy's read and its write, then the process dies before the switch: the
+    resumed job's switch still serves the updated item (nothing but the stores and the catalog survive)."""
+    from corinfomax.serving.index import switch
+
+    collections, jobs = opened(location)
+    ids = add_images(collections, jpegs[:30])
+    copy = switch.copy
+
+    def racing(*args: Any) -> list[int]:
+        collections.update(None, ids[0], {"n": "late"}, "dog", set_label=True)
+        return copy(*args)
+
+    monkeypatch.setattr(switch, "copy", racing)
+    assert jobs.start(None, record("b@1"), background=False, progress=crash_after_one_batch).state == "running"
+    collections.close()
+    monkeypatch.setattr(switch, "copy", copy)
+
+    again, jobs = opened(location)
+    (resumed,) = jobs.resume(background=False)
+    assert resumed.state == "done" and again.route(None)["model"] == "b@1"
+    with again.reading(None) as store:
+        item = store.get(ids[0])
+    assert (item.label, item.metadata) == ("dog", {"n": "late"})
+    again.close()

@@ -14,6 +14,7 @@ Lite file); reads take it only to find their generation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -92,7 +93,7 @@ class Collections:
         originals = known.originals if known is not None else None
         if doc.keep_originals and originals is None:
             originals = Originals(self.layout.originals_folder(doc.name), self.budget)
-        self._open[doc.name] = opened = Open(doc, handles, originals, known.updated if known is not None else set())
+        self._open[doc.name] = opened = Open(doc, handles, originals)
         return opened
 
     def state(self, name: Any, fresh: bool = False) -> Open:
@@ -245,13 +246,13 @@ class Collections:
             state = self.state(name, fresh=True)
             if not state.live.update(item_id, metadata, label, set_label):
                 raise NotFound(f"no item with id {item_id}")
-            if state.doc.pending is not None:
-                state.updated.add(item_id)
             for number in state.doc.others():
                 try:
                     state.store(number).update(item_id, metadata, label, set_label)
                 except Exception as err:  # committed in the live generation: never fail it for this
                     log.warning("collection %s: generation %d missed an update (%s)", state.doc.name, number, err)
+                    with contextlib.suppress(Exception):  # without the stale copy, a switch there copies it anew
+                        state.store(number).remove([item_id])
 
     def index_field(self, name: Any, field: Field) -> dict[str, Any]:
         """Index a metadata field for filters in every generation of the collection; the field and the live

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import threading
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -71,9 +71,6 @@ class Open:
     doc: CollectionDoc
     handles: dict[int, Handle]
     originals: Originals | None
-    # Ids updated while a generation is pending: a re-embed may have read one before the update and write it
-    # after, so its switch writes their live metadata and labels into the new generation again.
-    updated: set[int] = field(default_factory=set)
 
     def store(self, number: int) -> VectorIndex:
         return self.handles[number].store
@@ -148,24 +145,29 @@ def encode_rows(rows: Sequence[StoredRow], encoder: Encoder, originals: Original
     return decoded.rows, decoded.embed(encoder), decoded.missing
 
 
-def sync(source: VectorIndex, target: VectorIndex, encoder: Encoder, originals: Originals | None,
-         stop: Callable[[], bool] = lambda: False) -> list[int]:
+def sync(source: VectorIndex, target: VectorIndex, encoder: Encoder, originals: Originals | None) -> list[int]:
     """Make ``target`` hold exactly ``source``'s ids: remove what ``source`` no longer has, copy (embedded with
     ``encoder``) what ``target`` lacks; return the ids that could not be embedded (left out of ``target``)."""
-    have = set(target.id_list().tolist())
-    want = source.id_list().tolist()
-    gone = sorted(have - set(want))
-    for start in range(0, len(gone), 1000):
-        target.remove(gone[start : start + 1000])
-    lacking = [i for i in want if i not in have]
+    gone, lacking = difference(source, target)
+    remove_all(target, gone)
     missing: list[int] = []
     for start in range(0, len(lacking), COPY_BATCH):
-        if stop():
-            break
         good, vectors, bad = encode_rows(source.stored(lacking[start : start + COPY_BATCH]), encoder, originals)
         target.put_rows(good, vectors)
         missing += bad
     return missing
+
+
+def difference(source: VectorIndex, target: VectorIndex) -> tuple[list[int], list[int]]:
+    """(the ids ``target`` holds that ``source`` does not, the ids of ``source`` that ``target`` lacks)."""
+    have = set(target.id_list().tolist())
+    want = source.id_list().tolist()
+    return sorted(have - set(want)), [i for i in want if i not in have]
+
+
+def remove_all(target: VectorIndex, ids: Sequence[int]) -> None:
+    for start in range(0, len(ids), 1000):  # bounded requests (a Milvus filter, an SQL list)
+        target.remove(ids[start : start + 1000])
 
 
 def rows_of(ids: Sequence[int], metadata: Sequence[dict[str, Any]] | None, labels: Sequence[str | None] | None,

@@ -13,13 +13,21 @@ import logging
 import time
 import uuid
 from concurrent.futures import Executor
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from corinfomax.core.errors import NotFound
 from corinfomax.serving.index.catalog import CollectionDoc, Conflict, GenerationDoc, JobDoc
 from corinfomax.serving.index.collections import Collections, model_record_key
 from corinfomax.serving.index.filters import metadata_field
-from corinfomax.serving.index.generations import Decoded, Open, decode_rows, sync
+from corinfomax.serving.index.generations import (
+    COPY_BATCH,
+    Decoded,
+    Open,
+    decode_rows,
+    difference,
+    remove_all,
+    sync,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,22 +87,32 @@ def prepare(collections: Collections, job: JobDoc, ids: list[int], pool: Executo
 
 def copy(collections: Collections, job: JobDoc, ids: list[int], decoded: Decoded) -> list[int]:
     """Embed the prepared items of ``ids`` with the job's model, then, under the lock, write those still live
-    and not there yet into the job's generation; return the ids that could not be embedded."""
+    and not there yet into the job's generation, with their metadata and label as they are now (an update may
+    have come after ``prepare`` read them, and one after this write reaches the copy itself); return the ids
+    that could not be embedded."""
     vectors = decoded.embed(collections.encoders(job.model))
     with collections.lock:
         state = pending(collections, job)
         target = state.store(job.generation)
-        live, there = state.live.existing(ids), target.existing(ids)
-        keep = [i for i, row in enumerate(decoded.rows) if row.id in live and row.id not in there]
-        target.put_rows([decoded.rows[i] for i in keep], vectors[keep])
-        return [i for i in decoded.missing if i in live]
+        now, there = {row.id: row for row in state.live.stored(ids)}, target.existing(ids)
+        keep = [i for i, row in enumerate(decoded.rows) if row.id in now and row.id not in there]
+        rows = [dataclasses.replace(decoded.rows[i], metadata=now[decoded.rows[i].id].metadata,
+                                    label=now[decoded.rows[i].id].label) for i in keep]
+        target.put_rows(rows, vectors[keep])
+        return [i for i in decoded.missing if i in now]
 
 
-def catch_up(collections: Collections, job: JobDoc, stop: Any) -> None:
+def catch_up(collections: Collections, job: JobDoc, stop: Callable[[], bool]) -> None:
     """The bulk of the final comparison, outside the lock: whatever the copy and the fanned-out writes missed
-    (a crash between a write's two generations, say) is copied or removed now."""
+    (a crash between a write's two generations, say) is removed or copied now, the copying as ``copy`` does."""
     state = pending(collections, job)
-    sync(state.live, state.store(job.generation), collections.encoders(job.model), state.originals, stop)
+    gone, lacking = difference(state.live, state.store(job.generation))
+    remove_all(state.store(job.generation), gone)  # ids are never reused: what left the live one stays gone
+    for start in range(0, len(lacking), COPY_BATCH):
+        if stop():
+            return
+        batch = lacking[start : start + COPY_BATCH]
+        copy(collections, job, batch, prepare(collections, job, batch))
 
 
 def finish(collections: Collections, job: JobDoc) -> JobDoc:
@@ -104,9 +122,6 @@ def finish(collections: Collections, job: JobDoc) -> JobDoc:
         state = pending(collections, job)
         old, new = state.live, state.store(job.generation)
         missing = sync(old, new, collections.encoders(job.model), state.originals)
-        for row in old.stored(sorted(state.updated)):  # updates the copy may have read too early
-            new.update(row.id, row.metadata, row.label, set_label=True)
-        state.updated.clear()
         if missing and not job.allow_missing:
             raise Conflict(f"{len(missing)} items cannot be embedded with {job.model}: ids {listed(missing)} (added "
                            "as vectors, or their original is gone); rerun with allow_missing to leave them out")
