@@ -19,7 +19,7 @@ import bentoml
 import pydantic
 import pytest
 from packaging.requirements import Requirement
-from starlette.requests import Request
+from servekit import request_with_body
 
 from corinfomax.serving.api import bentoml_patches
 from corinfomax.serving.api.serde import GuardedJSONSerde, GuardedMultipartSerde, RequestError
@@ -68,17 +68,6 @@ def test_use_guarded_parsers(monkeypatch: pytest.MonkeyPatch) -> None:
     bentoml_patches.use_guarded_parsers()
     assert ALL_SERDE["application/json"] is GuardedJSONSerde
     assert ALL_SERDE["multipart/form-data"] is ALL_SERDE["application/x-www-form-urlencoded"] is GuardedMultipartSerde
-
-
-def request_with_body(body: bytes, content_type: str) -> Request:
-    """A Starlette request of one POST body (the parsers' input), without a server."""
-    sent = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive() -> dict[str, Any]:
-        return sent.pop(0) if sent else {"type": "http.disconnect"}
-
-    headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
-    return Request({"type": "http", "method": "POST", "path": "/search", "headers": headers}, receive)
 
 
 def _form(fields: list[tuple[str, str | None, bytes]]) -> tuple[bytes, str]:

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from datakit import FEW_CLASSES, small_folder
 from PIL import Image
-from test_extract import REPO, make_image_folder
+from servekit import REPO
 
 from corinfomax.serving.extract.features import load_features
 from corinfomax.serving.index.build import parse_size
@@ -39,7 +40,7 @@ def corinfomax(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
 @pytest.fixture(scope="module")
 def features(cifar10: Path, tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cli")
-    images = make_image_folder(cifar10, root / "images", per_class=100)
+    images = small_folder(cifar10, root / "images", 100, "test", FEW_CLASSES)
     result = corinfomax("extract", str(images), "--model", str(tiny_bundle), "--out", str(root / "features"),
                         "--no-progress")
     assert result.returncode == 0, result.stderr

@@ -9,63 +9,23 @@ import io
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import pytest
+from collectionkit import MODELS, add_images, encoders, ids_of, opened, record
 from PIL import Image
 
 from corinfomax.core.errors import BadInput, NotFound
-from corinfomax.core.images import ResizeRule, load_image, to_model_input
 from corinfomax.serving.index.catalog import CollectionDoc, Conflict, FolderCatalog, GenerationDoc, JobDoc
 from corinfomax.serving.index.collections import Collections
 from corinfomax.serving.index.factory import open_index, open_layout
-from corinfomax.serving.index.generations import Encoder
 from corinfomax.serving.index.originals import Budget, Originals, OriginalsFull, read_source
 from corinfomax.serving.index.reembed import Jobs
 
 BACKENDS = {"folder": "index", "milvus-lite": "index.db"}
 
 
-class Pixels:
-    """A stand-in model: an image's 8x8 pixels through a fixed random projection to ``dim`` dims."""
-
-    def __init__(self, dim: int, seed: int) -> None:
-        self.dim = dim
-        self.weight = np.random.default_rng(seed).normal(size=(8 * 8 * 3, dim)).astype(np.float32)
-
-    def preprocess(self, source: Any) -> np.ndarray:
-        return to_model_input(load_image(source), ResizeRule((8, 8), 8, "bicubic"))
-
-    def embed_arrays(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        out = (pixels.reshape(len(pixels), -1).astype(np.float32) / 255 - 0.5) @ self.weight
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
-
-    def embed(self, images: list[bytes]) -> np.ndarray:
-        return self.embed_arrays(np.stack([self.preprocess(data) for data in images]))
-
-
-MODELS = {"a@1": Pixels(16, 0), "b@1": Pixels(24, 1)}
-
-
-def record(key: str) -> dict[str, Any]:
-    return {"key": key, "name": key.split("@")[0], "version": "1", "dim": MODELS[key].dim,
-            "checkpoint_sha256": key, "path": "/nowhere"}
-
-
-def encoders(key: str) -> Encoder:
-    if key not in MODELS:
-        raise BadInput(f"no model {key}")
-    return MODELS[key]
-
-
 @pytest.fixture(params=sorted(BACKENDS))
 def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(tmp_path / BACKENDS[request.param])
-
-
-def opened(location: str, budget: int = 1 << 30) -> tuple[Collections, Jobs]:
-    collections = Collections(open_layout(location), encoders, Budget(budget))
-    collections.open(record("a@1"), keep_originals=True)
-    return collections, Jobs(collections)
 
 
 @pytest.fixture()
@@ -109,20 +69,9 @@ def test_originals_are_stored_once_capped_and_freed(tmp_path: Path, jpegs: list[
         read_source(f"file:{tmp_path / 'nope.jpg'}", None)
 
 
-def ids_of(collections: Collections, name: str | None = None) -> list[int]:
-    with collections.reading(name) as store:
-        return store.id_list().tolist()
-
-
 def top_hit(collections: Collections, name: str | None, key: str, image: bytes) -> int:
     with collections.reading(name, model=key) as store:
         return store.search(MODELS[key].embed([image]), k=1)[0][0].id
-
-
-def add_images(collections: Collections, images: list[bytes], name: str | None = None,
-               key: str = "a@1") -> list[int]:
-    return collections.add(name, MODELS[key].embed(images), [{"n": i} for i in range(len(images))],
-                           images=images, model=key)
 
 
 def test_a_collection_follows_its_model(location: str, jpegs: list[bytes]) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from datakit import small_folder
 from PIL import Image
-from trainkit import small_folder
 
 from corinfomax.core.errors import DataError
 from corinfomax.core.images import scan_images

@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from trainkit import small_folder, tiny_config
+from datakit import small_folder
+from trainkit import tiny_config
 
 from corinfomax.training.checkpoint import load_checkpoint
 from corinfomax.training.evaluate import one_cpu_thread as one_thread

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from servekit import start_service
+from servekit import ok, start_service
 
 from bench.launcher import Server
 from corinfomax.cli import main
@@ -47,11 +47,6 @@ def photos(imagewoof: Path) -> list[bytes]:
 
 def files(images: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
     return [("images", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
-
-
-def ok(resp: httpx.Response) -> Any:
-    assert resp.status_code == 200, resp.text
-    return resp.json()
 
 
 @pytest.fixture(scope="module", params=["index", "index.db"], ids=["folder", "milvus-lite"])

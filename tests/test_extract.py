@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from datakit import FEW_CLASSES, small_folder
 from PIL import Image
 
 from corinfomax.core.errors import BundleError
@@ -26,18 +27,6 @@ from corinfomax.serving.extract.inputs import InputError, list_inputs
 
 pytestmark = pytest.mark.slow  # every test extracts with an exported bundle (tiny_bundle); one runs the CLI twice
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = ("cat", "dog", "ship")
-
-
-def make_image_folder(cifar10: Path, root: Path, per_class: int) -> Path:
-    """An ImageFolder tree of symbolic links to real CIFAR-10 test JPEGs (nothing copied)."""
-    for name in CLASSES:
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            (root / name / f"{i:04d}.jpg").symlink_to(cifar10 / "test" / name / f"{i:04d}.jpg")
-    return root
-
-
 def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -84,7 +73,7 @@ def make_bad_folder(cifar10: Path, root: Path) -> dict[str, str | None]:
 
 @pytest.fixture(scope="module")
 def images(cifar10: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_image_folder(cifar10, tmp_path_factory.mktemp("images") / "set", per_class=40)
+    return small_folder(cifar10, tmp_path_factory.mktemp("images") / "set", 40, "test", FEW_CLASSES)
 
 
 def test_extract_writes_the_documented_format(tiny_bundle: Path, images: Path, tmp_path: Path) -> None:
@@ -96,7 +85,7 @@ def test_extract_writes_the_documented_format(tiny_bundle: Path, images: Path, t
     card = json.loads((tiny_bundle / "model.json").read_text())
     assert manifest["format"] == "corinfomax-features/1"
     assert manifest["model"]["checkpoint_sha256"] == card["checkpoint_sha256"]
-    assert manifest["shards"] == ["00000", "00001", "00002"] and manifest["classes"] == list(CLASSES)
+    assert manifest["shards"] == ["00000", "00001", "00002"] and manifest["classes"] == list(FEW_CLASSES)
     table = pq.read_table(out / "shards" / "00001.parquet")
     assert table.column_names == ["path", "label", "width", "height", "shard", "row", "error"]
     assert table["row"].to_pylist() == list(range(50)) and set(table["width"].to_pylist()) == {32}
@@ -105,7 +94,7 @@ def test_extract_writes_the_documented_format(tiny_bundle: Path, images: Path, t
     features = load_features(out)
     assert features.embeddings.dtype == np.float32 and features.embeddings.shape == (120, card["embedding_dim"])
     np.testing.assert_allclose(np.linalg.norm(features.embeddings, axis=1), 1.0, atol=1e-5)
-    assert features.labels == [name for name in CLASSES for _ in range(40)]
+    assert features.labels == [name for name in FEW_CLASSES for _ in range(40)]
     assert features.paths[0] == str(images / "cat" / "0000.jpg")
     # Same vectors as the service's own path (decode + embed one by one).
     expected = Embedder(tiny_bundle).embed_images([features.paths[0], features.paths[-1]])
@@ -161,7 +150,7 @@ def _cli(*args: str) -> list[str]:
 
 
 def test_killed_run_resumes_to_identical_output(tiny_bundle: Path, cifar10: Path, tmp_path: Path) -> None:
-    images = make_image_folder(cifar10, tmp_path / "images", per_class=100)
+    images = small_folder(cifar10, tmp_path / "images", 100, "test", FEW_CLASSES)
     command = ["extract", str(images), "--model", str(tiny_bundle), "--shard-rows", "25", "--batch-size", "5",
                "--workers", "1", "--threads", "1", "--no-progress"]
     clean, resumed = tmp_path / "clean", tmp_path / "resumed"

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from test_extract import make_image_folder
+from datakit import FEW_CLASSES, small_folder
 
 from corinfomax.serving.extract.extract import extract
 from corinfomax.serving.extract.features import failures, load_features, read_manifest
@@ -20,7 +20,7 @@ ray = pytest.importorskip("ray")
 
 @pytest.mark.slow
 def test_ray_engine_matches_local_engine(tiny_bundle: Path, cifar10: Path, tmp_path: Path) -> None:
-    images = make_image_folder(cifar10, tmp_path / "images", per_class=70)
+    images = small_folder(cifar10, tmp_path / "images", 70, "test", FEW_CLASSES)
     (images / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     options: dict[str, Any] = {"shard_rows": 64, "batch_size": 32, "show_progress": False}
     local, distributed = tmp_path / "local", tmp_path / "ray"

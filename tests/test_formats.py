@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import pytest
-from trainkit import small_folder, tiny_config
+from datakit import small_folder
+from docskit import section, table_keys
+from trainkit import tiny_config
 
 from corinfomax.training import run_folder, trainer
 from corinfomax.training.checkpoint import load_checkpoint
 from corinfomax.training.evaluate import one_cpu_thread
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def section(title: str) -> str:
-    """The text of docs/FORMATS.md's section whose heading starts with ``title``."""
-    text = (REPO / "docs" / "FORMATS.md").read_text()
-    start = text.index(f"\n## {title}")
-    end = text.find("\n## ", start + 1)
-    return text[start:] if end < 0 else text[start:end]
-
-
-def table_keys(text: str) -> list[set[str]]:
-    """The keys of each `| key | content |` table in ``text``: the backticked names of the first column."""
-    tables: list[set[str]] = []
-    for block in re.split(r"\n(?!\|)", text):
-        rows = [line for line in block.splitlines() if line.startswith("| `")]
-        if rows:
-            tables.append({key for row in rows for key in re.findall(r"`([^`]+)`", row.split("|")[1])})
-    return tables
 
 
 def test_checkpoint_keys_are_the_documented_ones(cifar10: Path, tmp_path: Path,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainkit import small_folder
+from datakit import small_folder
 
 from corinfomax.training.checkpoint import load_checkpoint, load_model
 

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import httpx
 import pytest
-from trainkit import small_folder
+from datakit import small_folder
 
 from bench.launcher import Server
 

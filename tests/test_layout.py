@@ -208,6 +208,14 @@ def test_bench_does_not_import_the_tests() -> None:
         assert not any(name == "tests" or name.startswith("tests.") for name in imports(path)), path
 
 
+def test_tests_share_helpers_through_kits_not_other_test_modules() -> None:
+    """Helpers two test modules use live in a ``*kit`` module: importing a test module drags its fixtures and
+    import-time work along, and couples tests that should fail alone."""
+    for path in modules("tests"):
+        wrong = sorted(name for name in imports(path) if name.split(".")[-1].startswith("test_"))
+        assert not wrong, f"{path} imports {wrong}: move what it needs into a tests/*kit.py module"
+
+
 @pytest.mark.slow
 def test_core_and_serving_import_without_torch() -> None:
     names = [FOLDERS[folder] + "." + ".".join(path.relative_to(REPO / folder).with_suffix("").parts)

@@ -14,9 +14,10 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from datakit import small_folder
 from PIL import Image, ImageOps
-from servekit import start_service
-from trainkit import small_folder, tiny_config
+from servekit import ok, start_service
+from trainkit import tiny_config
 
 from corinfomax.export.bundle import export_bundle
 from corinfomax.serving.extract.extract import extract
@@ -67,11 +68,6 @@ def client(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[h
             yield http
     finally:
         server.stop()
-
-
-def ok(resp: httpx.Response) -> Any:
-    assert resp.status_code == 200, resp.text
-    return resp.json()
 
 
 def card_pixels(path: Path, card: dict[str, Any], shorter_side: int | None = None) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import httpx
 import numpy as np
 import pytest
-from servekit import post_retrying, start_service
+from servekit import CLASSES, ok, post_retrying, start_service
 
 from bench.launcher import Server
 from corinfomax.core.bundle import CARD_FILE, MODEL_FILE, VERIFY_FILE, read_card
@@ -23,7 +23,6 @@ from corinfomax.core.bundle import CARD_FILE, MODEL_FILE, VERIFY_FILE, read_card
 pytestmark = pytest.mark.slow  # a server subprocess and a model export
 
 API_KEY = "walk-key"
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 ITEMS = 300  # in the walked collection: its copy must take long enough to be written to and killed midway
 
 
@@ -63,11 +62,6 @@ def server(request: pytest.FixtureRequest, tiny_bundle: Path,
 def client(server: Server) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=120) as http:
         yield http
-
-
-def ok(resp: httpx.Response) -> Any:
-    assert resp.status_code == 200, resp.text
-    return resp.json()
 
 
 def images(cifar10: Path, count: int, offset: int = 0) -> list[Path]:

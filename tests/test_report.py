@@ -9,8 +9,9 @@ import re
 from pathlib import Path
 
 import pytest
+from datakit import small_folder
 from PIL import Image
-from trainkit import small_folder, tiny_config
+from trainkit import tiny_config
 
 from corinfomax.cli import main
 from corinfomax.training.evaluate import one_cpu_thread

@@ -18,7 +18,7 @@ import pydantic
 import pytest
 from bentoml.exceptions import BentoMLException
 from PIL import Image
-from test_bentoml_patches import request_with_body
+from servekit import request_with_body
 
 from corinfomax.core.errors import BadInput
 from corinfomax.core.images import ResizeRule, load_image, model_input, to_model_input

@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import test_service
-from test_service import files, ok
+import servekit
+from servekit import files, ok
 
 from bench.launcher import Server
 from corinfomax.core.errors import BadInput
@@ -21,7 +21,7 @@ from corinfomax.serving.index.filters import Filter, parse_filter
 from corinfomax.serving.index.recommend import best_scores
 from corinfomax.serving.index.store import IndexStore
 
-server, client = test_service.server, test_service.client  # a served index per backend, for this module too
+server, client = servekit.server, servekit.client  # the served index per backend, as test_service's
 DIM = 256  # the tiny bundle's
 KINDS = ["photo", "scan", "drawing"]
 FILTERS: list[dict[str, Any]] = [

@@ -9,62 +9,31 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+import servekit
 from PIL import Image
-from servekit import post_retrying, start_service
+from servekit import (
+    API_KEY,
+    CLASSES,
+    MAX_REQUEST,
+    files,
+    ok,
+    post_retrying,
+)
 
 from bench.launcher import Server
 
 pytestmark = pytest.mark.slow  # subprocesses, servers, DDP jobs or model exports
 
-REPO = Path(__file__).resolve().parents[1]
-API_KEY = "test-key"
-MAX_REQUEST = 2 << 20
-MAX_PIXELS = 1_000_000
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def write_probe(path: Path, dim: int) -> None:
-    rng = np.random.default_rng(0)
-    np.savez(path, weight=rng.normal(size=(10, dim)).astype(np.float32), bias=np.zeros(10, np.float32),
-             classes=np.array(CLASSES), model_sha256=np.array(""))
-
-
-# Every test that talks to the server runs against both index backends: a folder (SQLite + FAISS) and a
-# Milvus Lite file (the real Milvus engine, in the index worker's process).
-@pytest.fixture(scope="module", params=["index", "index.db"], ids=["folder", "milvus-lite"])
-def server(request: pytest.FixtureRequest, tiny_bundle: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("service")
-    write_probe(root / "probe.npz", 256)
-    srv = start_service(root, model=str(tiny_bundle), demo_dir="", probe=str(root / "probe.npz"), api_key=API_KEY,
-                        workers="2", max_request_bytes=str(MAX_REQUEST), max_pixels=str(MAX_PIXELS),
-                        index=str(root / request.param))
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=60) as http:
-        yield http
+server, client = servekit.server, servekit.client  # the served index per backend
 
 
 def jpegs(cifar10: Path, per_class: int = 2, offset: int = 0) -> list[tuple[str, Path]]:
     return [(c, cifar10 / "test" / c / f"{i:04d}.jpg") for c in CLASSES for i in range(offset, offset + per_class)]
-
-
-def files(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
-
-
-def ok(resp: httpx.Response) -> Any:
-    assert resp.status_code == 200, resp.text
-    return resp.json()
 
 
 def test_embed_files_and_base64_agree(client: httpx.Client, cifar10: Path) -> None:

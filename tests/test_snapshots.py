@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from collectionkit import MODELS, add_images, ids_of, opened, record
+from docskit import section, table_keys
 from servekit import run_cli, start_service
-from test_collections import MODELS, add_images, ids_of, opened, record
-from test_formats import section, table_keys
 
 from corinfomax.core.errors import UserError
 from corinfomax.serving.index.factory import open_index

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from datakit import small_folder
 from PIL import Image
-from trainkit import small_folder, tiny_config
+from trainkit import tiny_config
 
 from corinfomax.core.images import load_image
 from corinfomax.training import batches, trainer

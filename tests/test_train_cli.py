@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from trainkit import small_folder
+from datakit import small_folder
 
 pytestmark = pytest.mark.slow  # subprocesses, servers, DDP jobs or model exports
 

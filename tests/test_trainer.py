@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainkit import small_folder, tiny_config
+from datakit import small_folder
+from trainkit import tiny_config
 
 from corinfomax.training import batches, budget, evaluate, run_folder, trainer
 from corinfomax.training.checkpoint import CheckpointError, load_checkpoint, non_finite, save_checkpoint

@@ -1,4 +1,4 @@
-"""Helpers shared by the training tests: small CIFAR-10 folders (symlinks, never copies) and tiny configs."""
+"""Helpers shared by the training tests: tiny configs (small folders: ``datakit``)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,6 @@ from pathlib import Path
 from typing import Any
 
 from corinfomax.training.config import TrainConfig, resolve
-
-
-def small_folder(cifar10: Path, dest: Path, per_class: int, split: str = "train") -> Path:
-    """An ImageFolder tree of symlinks to the first ``per_class`` images of each CIFAR-10 class."""
-    for class_dir in sorted((cifar10 / split).iterdir()):
-        target = dest / class_dir.name
-        target.mkdir(parents=True, exist_ok=True)
-        for image in sorted(class_dir.iterdir())[:per_class]:
-            (target / image.name).symlink_to(image.resolve())
-    return dest
 
 
 def tiny_config(data: Path, out: Path, **overrides: Any) -> TrainConfig:
