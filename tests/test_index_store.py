@@ -7,8 +7,9 @@ import hashlib
 import io
 import json
 import sqlite3
+import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import faiss
 import numpy as np
@@ -24,7 +25,7 @@ from corinfomax.serving.index.filters import parse_filter
 from corinfomax.serving.index.kinds import choose_kind
 from corinfomax.serving.index.milvus import MilvusStore
 from corinfomax.serving.index.store import IndexStore
-from corinfomax.serving.index.store_faiss import FAISS_FILE, FAISS_META
+from corinfomax.serving.index.store_faiss import FAISS_FILE, FAISS_META, FaissCache
 from corinfomax.serving.index.store_sqlite import DB_FILE
 
 DIM = 16
@@ -267,6 +268,75 @@ def test_chosen_kind_that_misses_the_recall_target_falls_back_to_exact(tmp_path:
         figures = ix.rebuild()
         assert figures["kind"] == "Flat" and figures["recall_at_10"] == 1.0
         assert ix.rebuild("HNSW32")["kind"] == "HNSW32"  # an explicit kind is kept as asked
+
+
+def hold_builds(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """From now on a FAISS build waits until the returned event is set (so a test writes beside it)."""
+    release, build = threading.Event(), FaissCache._build_best
+
+    def held(self: FaissCache, *args: Any) -> Any:
+        assert release.wait(60), "the test never let the build go on"
+        return build(self, *args)
+
+    monkeypatch.setattr(FaissCache, "_build_best", held)
+    return release
+
+
+def test_an_exact_index_that_outgrows_flat_is_rebuilt_beside_the_writes(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grown by writes past FLAT_MAX, the exact index is rebuilt in the background; the adds and deletes made
+    while the build ran are in the index that replaces it; an index opened exact past FLAT_MAX is rebuilt too."""
+    monkeypatch.setattr(kinds, "FLAT_MAX", 500)
+    vectors = unit(1200, dim=32)
+    with IndexStore(tmp_path / "ix", dim=32) as store:
+        store.add(vectors[:500])
+        release = hold_builds(monkeypatch)
+        store.add(vectors[500:501])  # 501 > FLAT_MAX: the build starts, and waits
+        store.add(vectors[501:1200])
+        store.delete([1, 600])
+        assert store.stats()["kind"] == "Flat" and store.search(vectors[700], k=1)[0][0].id == 701  # answered
+        release.set()
+        store.wait_for_build(60)
+        stats = store.stats()
+        assert stats["kind"] == "HNSW32" and stats["count"] == stats["faiss_ntotal"] - stats["pending_deletes"]
+        kept = [i for i in range(1, 1201) if i not in (1, 600)]
+        assert [hits[0].id for hits in store.search(vectors[[i - 1 for i in kept]], k=1)] == kept
+    with IndexStore(tmp_path / "ix", dim=32) as again:  # HNSW with hidden deletes is not saved: built again
+        again.wait_for_build(60)
+        assert again.stats()["kind"] == "HNSW32" and again.stats()["count"] == 1198
+        assert [hits[0].id for hits in again.search(vectors[[i - 1 for i in kept]], k=1)] == kept
+
+
+def test_a_background_build_is_dropped_when_another_process_wrote(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write from another handle (another process) while the build runs: the build cannot be brought up to
+    date, so it is dropped, and the next write past the threshold builds again from what is stored."""
+    monkeypatch.setattr(kinds, "FLAT_MAX", 500)
+    vectors = unit(600, dim=32)
+    with IndexStore(tmp_path / "ix", dim=32) as store:
+        store.add(vectors[:500])
+        release = hold_builds(monkeypatch)
+        store.add(vectors[500:501])
+        with IndexStore(tmp_path / "ix", dim=32) as other:  # its own open starts (and its close drops) a build
+            other.add(vectors[501:502])
+        assert store.search(vectors[501], k=1)[0][0].id == 502  # reloaded from SQLite: the build is stale now
+        release.set()
+        store.wait_for_build(60)
+        assert store.stats()["kind"] == "Flat"
+        store.add(vectors[502:600])
+        store.wait_for_build(60)
+        assert store.stats()["kind"] == "HNSW32"
+        assert [hits[0].id for hits in store.search(vectors, k=1)] == list(range(1, 601))
+
+
+def test_an_exact_index_asked_for_stays_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kinds, "FLAT_MAX", 100)
+    with IndexStore(tmp_path / "ix", dim=DIM) as ix:
+        ix.add_many([(unit(300), None, None)], rebuild=False)
+        ix.rebuild("Flat")
+        ix.add(unit(400, seed=1))  # past FLAT_MAX and twice the size it was built at
+        ix.wait_for_build(60)
+        assert ix.stats()["kind"] == "Flat"
 
 
 def test_thumbnails_stored_with_their_items(store: VectorIndex, cifar10: Path) -> None:

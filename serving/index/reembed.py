@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,16 +23,13 @@ from corinfomax.serving.index import switch
 from corinfomax.serving.index.catalog import JobDoc, job_doc
 from corinfomax.serving.index.collections import Collections
 from corinfomax.serving.index.generations import COPY_BATCH
+from corinfomax.serving.index.priority import lower_priority
 
 log = logging.getLogger(__name__)
 
 PROGRESS_SECONDS = 3.0  # how often a running job records and logs its progress
 JOIN_SECONDS = 60.0  # how long cancelling waits for a job's thread
 DECODE_THREADS = 2  # a job's image decoders: with the model's one thread, about what `extract` uses per core
-# A background job's threads yield the CPU to the requests it shares it with (Linux nice is per thread): with the
-# model at the same priority, search p99 during a job on a busy 2-core machine was 2.1x idle (bench/reembed.py).
-BACKGROUND_NICE = 10
-
 Progress = Callable[[JobDoc], None]
 
 
@@ -173,10 +169,3 @@ class Jobs:
         for thread in threads:
             thread.join(JOIN_SECONDS)
 
-
-def lower_priority() -> None:
-    """Run this thread at a lower CPU priority (Linux: nice applies per thread); elsewhere, as it is."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
-    except (AttributeError, OSError):  # no per-thread priorities here, or not allowed: run as is
-        pass

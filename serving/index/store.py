@@ -141,7 +141,7 @@ class IndexStore:
                 self._db.insert_thumbnails(new, thumbs)
                 self._db.remember(key, new)
                 generation = self._db.bump()
-            self._cache.after_write(generation, lambda index: index.add_with_ids(vectors, np.asarray(new, np.int64)))
+            self._cache.after_write(generation, new, vectors)
         return new
 
     def put_rows(self, rows: Sequence[StoredRow], vectors: np.ndarray) -> None:
@@ -189,7 +189,7 @@ class IndexStore:
                 self._db.delete(wanted)
                 self._db.remember(key, wanted)
                 generation = self._db.bump()
-            self._cache.after_write(generation, lambda index: self._cache.remove(index, wanted))
+            self._cache.after_write(generation, wanted)
         return wanted
 
     def remove(self, ids: Sequence[int]) -> list[int]:
@@ -202,7 +202,7 @@ class IndexStore:
                     return []
                 self._db.delete(present)
                 generation = self._db.bump()
-            self._cache.after_write(generation, lambda index: self._cache.remove(index, present))
+            self._cache.after_write(generation, present)
         return present
 
     def update(self, item_id: int, metadata: dict[str, Any] | None = None, label: str | None = None,
@@ -217,7 +217,7 @@ class IndexStore:
                 if not self._db.update(item_id, text, label, set_label):
                     return False
                 generation = self._db.bump()
-            self._cache.after_write(generation, lambda index: None)  # the vectors did not change
+            self._cache.after_write(generation)  # the vectors did not change
         return True
 
     def index_field(self, field: Field) -> None:
@@ -362,6 +362,14 @@ class IndexStore:
         """
         return self._cache.rebuild(kind, memory_budget_bytes)
 
+    def building(self) -> bool:
+        """Whether a background FAISS build runs (started when the exact index outgrew ``kinds.FLAT_MAX``)."""
+        return self._cache.building()
+
+    def wait_for_build(self, timeout: float | None = None) -> None:
+        """Wait until no background FAISS build runs."""
+        self._cache.wait_for_build(timeout)
+
     def save(self) -> None:
         """Write the FAISS cache's files (faiss.index, then faiss.json), each atomically."""
         self._cache.save()
@@ -369,6 +377,7 @@ class IndexStore:
     def close(self) -> None:
         """Save the FAISS cache and close SQLite."""
         with self._lock:
+            self._cache.abandon_build()
             self._cache.save()
             self._db.close()
 

@@ -4,16 +4,24 @@ It is loaded from ``faiss.index`` when that file's checksum and generation match
 refilled from SQLite when another process wrote since (the index structure and its IVF training are kept),
 rebuilt when it is missing or unreadable (trying the kinds of ``kinds.candidates`` until one reaches the
 recall target), and saved atomically. The store applies its own writes to it directly.
+
+An index that starts empty (a new collection, a re-embedded generation) is exact (``Flat``) and grows by those
+writes. Once it outgrows ``kinds.FLAT_MAX`` it is rebuilt in the background as the kind its size calls for, as
+Qdrant builds a segment's HNSW past its indexing threshold: the build works on a copy of the vectors without
+holding the store's lock, the writes made meanwhile are replayed onto it, and it replaces the exact index in
+one step under the lock. Requests keep being answered, exactly, until then.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import faiss
 import numpy as np
@@ -21,12 +29,57 @@ import numpy as np
 from corinfomax.core.errors import BadInput
 from corinfomax.core.files import atomic_write, atomic_write_text
 from corinfomax.serving.index import kinds
+from corinfomax.serving.index.priority import lower_priority
 from corinfomax.serving.index.store_sqlite import Database
 
 log = logging.getLogger(__name__)
 
 FAISS_FILE = "faiss.index"
 FAISS_META = "faiss.json"
+COPY_BATCH = 65_536  # vectors added to a new index at a time from an in-memory copy
+# A background build catches up with the writes made meanwhile outside the lock, in rounds, until one round has
+# at most this many left to replay under the lock (or the last round, if writes come faster than they replay).
+REPLAY_UNDER_LOCK = 64
+REPLAY_ROUNDS = 8
+
+Write = tuple[np.ndarray, "np.ndarray | None"]  # (ids, their vectors: added) or (ids, None: removed)
+
+
+def apply(index: faiss.Index, write: Write, hidden: set[int]) -> None:
+    """Apply one write to ``index``; ids a kind cannot remove (HNSW) go into ``hidden`` (hidden from searches
+    until the next rebuild)."""
+    ids, vectors = write
+    if vectors is not None:
+        index.add_with_ids(vectors, ids)
+    elif len(ids):
+        try:
+            index.remove_ids(ids)
+        except RuntimeError:
+            hidden.update(ids.tolist())
+
+
+class Vectors(Protocol):
+    """Where a build reads the vectors it indexes: SQLite (``Database``) or a copy in memory (``Copied``)."""
+
+    def sample(self, dim: int, n: int) -> np.ndarray: ...
+
+    def scan(self, dim: int) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+
+
+class Copied:
+    """The vectors of an exact index, copied out of it: what a background build reads instead of SQLite."""
+
+    def __init__(self, index: faiss.Index) -> None:
+        self.ids = faiss.vector_to_array(index.id_map).copy()
+        self.vectors = kinds.base_of(index).reconstruct_n(0, index.ntotal)
+
+    def sample(self, dim: int, n: int) -> np.ndarray:
+        picked = np.random.default_rng(0).choice(len(self.ids), min(n, len(self.ids)), replace=False)
+        return self.vectors[np.sort(picked)]
+
+    def scan(self, dim: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start in range(0, len(self.ids), COPY_BATCH):
+            yield self.ids[start : start + COPY_BATCH], self.vectors[start : start + COPY_BATCH]
 
 
 class FaissCache:
@@ -38,6 +91,10 @@ class FaissCache:
         self.index: faiss.Index | None = None
         self.meta: dict[str, Any] = {}
         self.tombstones: set[int] = set()
+        # The writes made while a background build runs, to replay onto its index; None when none runs or when
+        # the running one can no longer be brought up to date (another process wrote, the cache was reloaded).
+        self._replay: list[Write] | None = None
+        self._builder: threading.Thread | None = None
 
     def current(self) -> faiss.Index:
         """The in-memory FAISS copy, reloaded from SQLite if another process wrote since."""
@@ -46,19 +103,88 @@ class FaissCache:
         assert self.index is not None
         return self.index
 
-    def after_write(self, generation: int, apply: Callable[[faiss.Index], Any]) -> None:
-        """Apply our own write to the in-memory copy if it was current just before it."""
-        if self.index is not None and self.meta.get("generation") == generation - 1:
-            apply(self.index)
-            self.meta.update(generation=generation, count=int(self.index.ntotal))
-        else:
-            self.index = None  # someone else wrote in between: reload lazily
+    def after_write(self, generation: int, ids: Sequence[int] = (), vectors: np.ndarray | None = None) -> None:
+        """Apply our own write to the in-memory copy if it was current just before it: ``vectors`` added with
+        ``ids``, or without vectors those ``ids`` removed (none: only metadata changed). A background build
+        replays it too; a write that takes the exact index past ``kinds.FLAT_MAX`` starts that build."""
+        if self.index is None or self.meta.get("generation") != generation - 1:
+            self.index, self._replay = None, None  # someone else wrote in between: reload lazily
+            return
+        write: Write = (np.asarray(ids, np.int64), vectors)
+        apply(self.index, write, self.tombstones)
+        self.meta.update(generation=generation, count=int(self.index.ntotal))
+        if self._replay is not None:
+            self._replay.append(write)
+        elif self.outgrown():
+            self._build_in_background()
 
-    def remove(self, index: faiss.Index, ids: list[int]) -> None:
+    def outgrown(self) -> bool:
+        """Whether the index is exact past ``kinds.FLAT_MAX`` and has at least doubled since it was last built
+        (so an index a build made exact on purpose, no other kind reaching the recall target, is tried again
+        only at twice its size), with no build running; never when its kind was asked for (``rebuild(kind)``)."""
+        assert self.index is not None
+        grown = self.index.ntotal > max(kinds.FLAT_MAX, 2 * int(self.meta.get("built_count", 0)))
+        exact = self.meta.get("kind") == "Flat" and not self.meta.get("kind_asked")
+        return exact and grown and not self.building()
+
+    def building(self) -> bool:
+        return self._builder is not None and self._builder.is_alive()
+
+    def wait_for_build(self, timeout: float | None = None) -> None:
+        """Wait until no background build runs (for tests and benches)."""
+        if self._builder is not None:
+            self._builder.join(timeout)
+
+    def abandon_build(self) -> None:
+        """Let a running background build finish unused (the store is closing; the next open starts it again)."""
+        self._replay = None
+
+    def _build_in_background(self) -> None:
+        """Copy the exact index's vectors (a memory copy, under the lock the caller holds) and build the kind
+        their number calls for from the copy in a thread of its own."""
+        copied, replay = Copied(self.index), list[Write]()
+        self._replay = replay
+        self._builder = threading.Thread(target=self._build_and_swap, args=(copied, replay), daemon=True,
+                                         name=f"faiss-build-{self.folder.name}")
+        self._builder.start()
+
+    def _build_and_swap(self, copied: Copied, replay: list[Write]) -> None:
+        """Build, catch up with the writes made meanwhile in rounds outside the lock (each replays what came
+        during the one before), then take the lock for the last few and swap. The swap does not save: an HNSW
+        file of 100k items takes about a second to write, and the store saves its cache when it closes."""
+        lower_priority()
+        started, count = time.perf_counter(), len(copied.ids)
+        log.info("index %s: %d vectors outgrew exact search; building a faster index in the background",
+                 self.folder, count)
         try:
-            index.remove_ids(np.asarray(ids, dtype=np.int64))
-        except RuntimeError:  # HNSW cannot remove: hide the ids until the next rebuild
-            self.tombstones.update(ids)
+            kind, index, figures = self._build_best(kinds.candidates(count, self.dim), count, copied)
+        except Exception:  # the exact index keeps answering; it is tried again once it has doubled
+            log.exception("index %s: the background build failed", self.folder)
+            with self.db.lock:
+                if self._replay is replay:
+                    self._replay = None
+                    self.meta["built_count"] = count
+            return
+        hidden: set[int] = set()  # ids the new index cannot remove (HNSW): its tombstones once swapped in
+        for round_ in itertools.count():
+            with self.db.lock:
+                if self._replay is not replay:
+                    log.info("index %s: background build dropped (the index was reloaded meanwhile)", self.folder)
+                    return
+                writes = replay.copy()
+                replay.clear()
+                if len(writes) <= REPLAY_UNDER_LOCK or round_ == REPLAY_ROUNDS:
+                    for write in writes:
+                        apply(index, write, hidden)
+                    self._replay, self.index, self.tombstones = None, index, hidden  # the exact index had none
+                    self.meta = {"generation": self.meta["generation"], "count": int(index.ntotal),
+                                 "built_count": count, "kind": kind, **figures,
+                                 "build_seconds": round(time.perf_counter() - started, 3)}
+                    break
+            for write in writes:
+                apply(index, write, hidden)
+        log.info("index %s: now %s over %d vectors (recall@10 %.3f), built in %.1fs beside the writes",
+                 self.folder, kind, index.ntotal, figures["recall_at_10"], self.meta["build_seconds"])
 
     def holds_vectors(self) -> bool:
         """Whether ``vectors`` can read vectors back exactly (the kind keeps them uncompressed)."""
@@ -71,7 +197,7 @@ class FaissCache:
 
     def forget(self) -> None:
         """Drop the in-memory copy (after bulk writes that a rebuild will cover)."""
-        self.index, self.meta = None, {}
+        self.index, self.meta, self._replay = None, {}, None
 
     def load(self) -> None:
         """Use faiss.index if it reflects the current generation, else refill it from SQLite."""
@@ -103,6 +229,9 @@ class FaissCache:
             log.info("index %s: FAISS cache is stale (generation %s, SQLite %s); refilling",
                      self.folder, meta.get("generation"), self.db.generation())
             self.refill()
+        with self.db.lock:
+            if self.outgrown():  # grown by writes before the last close, or by an older version
+                self._build_in_background()
 
     def refill(self) -> None:
         """Re-add every SQLite vector to the current index structure (keeps IVF training)."""
@@ -110,7 +239,7 @@ class FaissCache:
             if self.index is None or not self.meta.get("kind"):
                 self.rebuild()
                 return
-            index = self.index
+            index, self._replay = self.index, None
             index.reset()
             generation = self.db.generation()
             for ids, vectors in self.db.scan(self.dim):
@@ -123,15 +252,13 @@ class FaissCache:
         with self.db.lock:
             started = time.perf_counter()
             generation, count = self.db.generation(), self.db.count()
+            self._replay = None  # a background build would be older than this one
+            asked = kind is not None
             tries = [kind] if kind else kinds.candidates(count, self.dim, memory_budget_bytes)
-            for kind in tries:
-                index, figures = self._build(kind, count)
-                if figures["recall_at_10"] >= kinds.RECALL_TARGET or kind == tries[-1]:
-                    break
-                log.warning("index %s: %s reaches recall@10 %.3f < %.2f; trying the next kind",
-                            self.folder, kind, figures["recall_at_10"], kinds.RECALL_TARGET)
-            meta: dict[str, Any] = {"generation": generation, "count": int(index.ntotal), "kind": kind, **figures,
-                                    "build_seconds": round(time.perf_counter() - started, 3)}
+            kind, index, figures = self._build_best(tries, count, self.db)
+            meta: dict[str, Any] = {"generation": generation, "count": int(index.ntotal), "built_count": count,
+                                    "kind": kind, "kind_asked": asked,
+                                    **figures, "build_seconds": round(time.perf_counter() - started, 3)}
             self.index, self.meta = index, meta
             self.tombstones.clear()
             self.save()
@@ -139,8 +266,20 @@ class FaissCache:
                      index.ntotal, meta["recall_at_10"], meta["build_seconds"])
             return dict(meta)
 
-    def _build(self, kind: str, count: int) -> tuple[faiss.Index, dict[str, Any]]:
-        """One FAISS index of ``kind``, trained on a sample and filled from SQLite, with its tuned search."""
+    def _build_best(self, tries: list[str], count: int, source: Vectors) -> tuple[str, faiss.Index, dict[str, Any]]:
+        """The first kind of ``tries`` whose index reaches the recall target (else the last): (kind, index,
+        figures)."""
+        for kind in tries:
+            index, figures = self._build(kind, count, source)
+            if figures["recall_at_10"] >= kinds.RECALL_TARGET or kind == tries[-1]:
+                break
+            log.warning("index %s: %s reaches recall@10 %.3f < %.2f; trying the next kind",
+                        self.folder, kind, figures["recall_at_10"], kinds.RECALL_TARGET)
+        return kind, index, figures
+
+    def _build(self, kind: str, count: int, source: Vectors) -> tuple[faiss.Index, dict[str, Any]]:
+        """One FAISS index of ``kind``, trained on a sample of ``source`` and filled from it, with its tuned
+        search."""
         try:
             base = faiss.index_factory(self.dim, kind, faiss.METRIC_INNER_PRODUCT)
             index = kinds.readable(kinds.with_ids(base), kind)
@@ -148,24 +287,21 @@ class FaissCache:
             raise BadInput(f"FAISS cannot make an index of kind {kind!r}: {err}") from err
         if not index.is_trained:
             lists = kinds.ivf_lists_of(kind)
-            train = self.db.sample(self.dim, min(count, max(kinds.TRAIN_PER_LIST * lists, 10_000), kinds.TRAIN_MAX))
+            train = source.sample(self.dim, min(count, max(kinds.TRAIN_PER_LIST * lists, 10_000), kinds.TRAIN_MAX))
             if len(train) < lists:
                 raise BadInput(f"kind {kind!r} needs at least {lists} vectors to train; the index has {count}")
             index.train(train)
-        for ids, vectors in self.db.scan(self.dim):
+        for ids, vectors in source.scan(self.dim):
             index.add_with_ids(vectors, ids)
-        return index, self._tune(index)
+        return index, self._tune(index, source)
 
-    def _tune(self, index: faiss.Index) -> dict[str, Any]:
-        """Recall@10 against exact search on a sample, with nprobe/efSearch raised to the target."""
-        queries = self.db.sample(self.dim, min(kinds.RECALL_SAMPLE, int(index.ntotal)))
+    def _tune(self, index: faiss.Index, source: Vectors) -> dict[str, Any]:
+        """Recall@10 against exact search (streamed from ``source``) on a sample, with nprobe/efSearch raised to
+        the target."""
+        queries = source.sample(self.dim, min(kinds.RECALL_SAMPLE, int(index.ntotal)))
         if len(queries) == 0:
             return {"recall_at_10": 1.0}
-        return kinds.tune(index, queries, self._exact_top(queries, 10))
-
-    def _exact_top(self, queries: np.ndarray, k: int) -> np.ndarray:
-        """Exact top-k ids by streaming SQLite (no second full copy of the vectors in memory)."""
-        return exact_top(queries, self.db.scan(self.dim), k)[1]
+        return kinds.tune(index, queries, exact_top(queries, source.scan(self.dim), 10)[1])
 
     def save(self) -> None:
         """Write faiss.index then faiss.json, each atomically (json last: it vouches for the index)."""
