@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from datakit import small_folder
 from trainkit import tiny_config
 
-from corinfomax.training import batches, budget, evaluate, run_folder, trainer
+from corinfomax.training import batches, budget, evaluate, run_folder, step, trainer
 from corinfomax.training.checkpoint import CheckpointError, load_checkpoint, non_finite, save_checkpoint
 from corinfomax.training.evaluate import one_cpu_thread as one_thread
 from corinfomax.training.guard import StepGuard
@@ -59,6 +60,19 @@ def test_run_writes_checkpoint_config_and_metrics(data: Path, tmp_path: Path, re
     assert rows[0]["event"] == "data" and rows[0]["images"] == 100 and rows[0]["skipped"] == 0
     assert not [w for w in recwarn if "requires_grad" in str(w.message)]
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+
+
+def test_bf16_autocast_trains_on_any_cpu(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU with native bf16 (AMX, AVX512-BF16) the steps run under bf16 autocast. Forced here on whatever CPU
+    runs the tests: the run trains (its losses differ from float32's from the first step: autocast took effect),
+    every loss is finite, and the loss's running statistics stay float64."""
+    train(tiny_config(data, tmp_path / "fp32"), progress=False)
+    fp32 = [r["loss"] for r in records(tmp_path / "fp32") if "lr" in r]
+    monkeypatch.setattr(step, "bf16_is_fast", lambda device: True)
+    state = load_checkpoint(train(tiny_config(data, tmp_path / "bf16", amp=True), progress=False))
+    bf16 = [r["loss"] for r in records(tmp_path / "bf16") if "lr" in r]
+    assert len(bf16) == len(fp32) == 6 and all(map(math.isfinite, bf16)) and bf16[0] != fp32[0]
+    assert state["loss"]["R1"].dtype == torch.float64
 
 
 @pytest.mark.parametrize("views", [{}, {"local_views": 2, "local_size": 8}], ids=["two views", "multi-crop"])

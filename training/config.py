@@ -67,7 +67,7 @@ class TrainConfig:
     workers: int = 4
     # runtime
     device: str = "auto"
-    amp: bool = True  # bf16 autocast on GPU
+    amp: bool = True  # bf16 autocast where it is faster: CUDA, and CPUs with native bf16 (AMX, AVX512-BF16)
     channels_last: bool = True
     compile: bool = False
     seed: int = 0

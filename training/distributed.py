@@ -45,6 +45,18 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 autocast speeds training up on ``device``: a CUDA GPU, or a CPU with native bf16 (AMX tiles
+    or AVX512-BF16), where oneDNN runs the convolutions in bf16 (a tiny_resnet step at 32 px, batch 128, one
+    thread: 2.2x faster on this project's Xeon with AMX). Without them oneDNN emulates bf16, which is not expected
+    to pay (not measured: every machine this project has run on has AMX)."""
+    if device.type == "cuda":
+        return True
+    native = [getattr(torch.cpu, name, lambda: False) for name in ("_is_amx_tile_supported",
+                                                                   "_is_avx512_bf16_supported")]
+    return device.type == "cpu" and any(check() for check in native)
+
+
 def setup_distributed(device_kind: str) -> Dist:
     """Join the torchrun job described by the environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*), if any."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from corinfomax.core.errors import UserError
+from corinfomax.training.distributed import bf16_is_fast
 from corinfomax.training.metrics_log import log_record
 from corinfomax.training.run import LoopState, Run
 
@@ -29,7 +30,7 @@ def train_step(run: Run, state: LoopState, lr: float, views: list[Tensor], label
     if config.channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     run.guard.save()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and bf16_is_fast(device)):
         f1, z = _project(run.train_model, views, config.global_views)
     out_loss = run.loss_fn(*z)
     run.optimizer.zero_grad(set_to_none=True)

@@ -26,7 +26,13 @@ from corinfomax.training.budget import ScheduleFit, budget_spent, budget_stop
 from corinfomax.training.checkpoint import CHECKPOINT_FILE
 from corinfomax.training.config import ConfigError, TrainConfig, validate
 from corinfomax.training.data import DecodedImages
-from corinfomax.training.distributed import Dist, convert_global_batchnorm, pick_device, setup_distributed
+from corinfomax.training.distributed import (
+    Dist,
+    bf16_is_fast,
+    convert_global_batchnorm,
+    pick_device,
+    setup_distributed,
+)
 from corinfomax.training.evaluate import knn_readout
 from corinfomax.training.guard import StepGuard
 from corinfomax.training.loss import CorInfoMaxLoss
@@ -95,6 +101,7 @@ def _process(config: TrainConfig) -> tuple[Dist, torch.device]:
     device = pick_device(config.device, ddp.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    log.info("training on %s in %s", device, "bf16 autocast" if config.amp and bf16_is_fast(device) else "float32")
     return ddp, device
 
 
