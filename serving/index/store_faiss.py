@@ -8,8 +8,8 @@ recall target), and saved atomically. The store applies its own writes to it dir
 An index that starts empty (a new collection, a re-embedded generation) is exact (``Flat``) and grows by those
 writes. Once it outgrows ``kinds.FLAT_MAX`` it is rebuilt in the background as the kind its size calls for, as
 Qdrant builds a segment's HNSW past its indexing threshold: the build works on a copy of the vectors without
-holding the store's lock, the writes made meanwhile are replayed onto it, and it replaces the exact index in
-one step under the lock. Requests keep being answered, exactly, until then.
+holding the store's lock, the writes made meanwhile are replayed onto it (all but the last few outside the lock),
+and it replaces the exact index under the lock. Requests keep being answered, exactly, until then.
 """
 
 from __future__ import annotations
