@@ -292,7 +292,8 @@ def test_an_exact_index_that_outgrows_flat_is_rebuilt_beside_the_writes(tmp_path
         store.add(vectors[:500])
         release = hold_builds(monkeypatch)
         store.add(vectors[500:501])  # 501 > FLAT_MAX: the build starts, and waits
-        store.add(vectors[501:1200])
+        for start in range(501, 1200, 7):  # 100 writes: more than are replayed under the lock, so rounds run
+            store.add(vectors[start : min(start + 7, 1200)])
         store.delete([1, 600])
         assert store.stats()["kind"] == "Flat" and store.search(vectors[700], k=1)[0][0].id == 701  # answered
         release.set()
