@@ -270,6 +270,24 @@ def test_chosen_kind_that_misses_the_recall_target_falls_back_to_exact(tmp_path:
         assert ix.rebuild("HNSW32")["kind"] == "HNSW32"  # an explicit kind is kept as asked
 
 
+def test_items_deleted_from_hnsw_are_skipped_inside_the_search(tmp_path: Path) -> None:
+    """HNSW cannot remove: its deleted ids are skipped by the search itself, so k hits still come back, and
+    after a rebuild (no deletes pending) the next delete of as many ids hides those ids, not the earlier ones."""
+    vectors = unit(3000, dim=32)
+    with IndexStore(tmp_path / "ix", dim=32) as store:
+        store.add(vectors)
+        store.rebuild(kind="HNSW32")
+        store.delete([5])
+        (hits,) = store.search(vectors[4], k=10)  # item 5's own vector
+        assert len(hits) == 10 and 5 not in [hit.id for hit in hits]
+        store.rebuild(kind="HNSW32")
+        store.delete([6])
+        assert store.stats()["pending_deletes"] == 1
+        found = store.search(vectors[[4, 5, 6]], k=10)
+        assert [len(row) for row in found] == [10] * 3 and 6 not in {hit.id for row in found for hit in row}
+        assert found[2][0].id == 7
+
+
 def hold_builds(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     """From now on a FAISS build waits until the returned event is set (so a test writes beside it)."""
     release, build = threading.Event(), FaissCache._build_best

@@ -95,6 +95,7 @@ class FaissCache:
         # the running one can no longer be brought up to date (another process wrote, the cache was reloaded).
         self._replay: list[Write] | None = None
         self._builder: threading.Thread | None = None
+        self._hidden: tuple[set[int], int, faiss.IDSelector] | None = None  # ``hidden``: for which set, at which size
 
     def current(self) -> faiss.Index:
         """The in-memory FAISS copy, reloaded from SQLite if another process wrote since."""
@@ -186,6 +187,18 @@ class FaissCache:
         log.info("index %s: now %s over %d vectors (recall@10 %.3f), built in %.1fs beside the writes",
                  self.folder, kind, index.ntotal, figures["recall_at_10"], self.meta["build_seconds"])
 
+    def hidden(self) -> faiss.IDSelector | None:
+        """A FAISS selector of every id but the tombstones (None without any), made again only when they change:
+        for 5,000 of them making it took about a third of a 100k-item HNSW search."""
+        if not self.tombstones:
+            return None
+        # A set of tombstones only grows until it is replaced by another (never emptied in place), so the same
+        # set at the same size holds the same ids.
+        if self._hidden is None or self._hidden[0] is not self.tombstones or self._hidden[1] != len(self.tombstones):
+            ids = np.fromiter(self.tombstones, np.int64, len(self.tombstones))
+            self._hidden = (self.tombstones, len(ids), faiss.IDSelectorNot(faiss.IDSelectorBatch(ids)))
+        return self._hidden[2]
+
     def holds_vectors(self) -> bool:
         """Whether ``vectors`` can read vectors back exactly (the kind keeps them uncompressed)."""
         return kinds.holds_vectors(self.meta.get("kind"))
@@ -245,7 +258,7 @@ class FaissCache:
             for ids, vectors in self.db.scan(self.dim):
                 index.add_with_ids(vectors, ids)
             self.meta.update(generation=generation, count=int(index.ntotal))
-            self.tombstones.clear()
+            self.tombstones = set()  # a new set: ``hidden`` tells sets apart by identity
 
     def rebuild(self, kind: str | None = None, memory_budget_bytes: int | None = None) -> dict[str, Any]:
         """Build a FAISS index from SQLite, measure recall@10, save atomically (``IndexStore.rebuild``)."""
@@ -260,7 +273,7 @@ class FaissCache:
                                     "kind": kind, "kind_asked": asked,
                                     **figures, "build_seconds": round(time.perf_counter() - started, 3)}
             self.index, self.meta = index, meta
-            self.tombstones.clear()
+            self.tombstones = set()  # a new set: ``hidden`` tells sets apart by identity
             self.save()
             log.info("index %s: built %s over %d vectors, recall@10 %.3f in %.1fs", self.folder, kind,
                      index.ntotal, meta["recall_at_10"], meta["build_seconds"])

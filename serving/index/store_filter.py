@@ -153,7 +153,7 @@ def _post_filtered(cache: FaissCache, db: Database, queries: np.ndarray, k: int,
                    params: Sequence[Any], numbers: list[int]) -> Iterator[tuple[int, list[tuple[int, float]], bool]]:
     """Per query (its number): the passing hits among FAISS's top ``fetch``, at most ``k``, and whether FAISS gave
     all ``fetch`` (an IVF index whose probed lists ran out gives fewer)."""
-    breadth = search_params(deeper(cache.meta, fetch / k), None)
+    breadth = search_params(deeper(cache.meta, fetch / k), None, cache.hidden())
     index = cache.current()
     scores, ids = index.search(queries, fetch, params=breadth) if breadth else index.search(queries, fetch)
     passing = db.passing({int(i) for i in ids.ravel() if i >= 0}, where, params)  # deleted rows fail too
