@@ -230,8 +230,9 @@ def test_rebuild_approximate_kinds(tmp_path: Path, kind: str) -> None:
         assert [h[0].id for h in store.search(vectors[[i - 1 for i in kept]], k=1)] == kept
         ids = store.add(unit(1, seed=7, dim=32))
         assert store.search(unit(1, seed=7, dim=32), k=1)[0][0].id == ids[0]
-    with IndexStore(tmp_path / "ix", dim=32) as again:  # the kind survives a reopen
+    with IndexStore(tmp_path / "ix", dim=32) as again:  # the index survives a reopen, HNSW's deleted ids too
         assert again.stats()["kind"] == kind and again.stats()["count"] == 2999
+        assert again.stats()["pending_deletes"] == (0 if kind.startswith("IVF") else 2)
         assert [h[0].id for h in again.search(vectors[[i - 1 for i in kept]], k=1)] == kept
     with pytest.raises(BadInput, match="needs at least"):
         IndexStore(tmp_path / "small", dim=32).rebuild(kind="IVF64,Flat")
@@ -303,7 +304,7 @@ def hold_builds(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
 def test_an_exact_index_that_outgrows_flat_is_rebuilt_beside_the_writes(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Grown by writes past FLAT_MAX, the exact index is rebuilt in the background; the adds and deletes made
-    while the build ran are in the index that replaces it; an index opened exact past FLAT_MAX is rebuilt too."""
+    while the build ran are in the index that replaces it, which the store saves when it closes."""
     monkeypatch.setattr(kinds, "FLAT_MAX", 500)
     vectors = unit(1200, dim=32)
     with IndexStore(tmp_path / "ix", dim=32) as store:
@@ -320,10 +321,22 @@ def test_an_exact_index_that_outgrows_flat_is_rebuilt_beside_the_writes(tmp_path
         assert stats["kind"] == "HNSW32" and stats["count"] == stats["faiss_ntotal"] - stats["pending_deletes"]
         kept = [i for i in range(1, 1201) if i not in (1, 600)]
         assert [hits[0].id for hits in store.search(vectors[[i - 1 for i in kept]], k=1)] == kept
-    with IndexStore(tmp_path / "ix", dim=32) as again:  # HNSW with hidden deletes is not saved: built again
-        again.wait_for_build(60)
+    with IndexStore(tmp_path / "ix", dim=32) as again:  # saved at close, deleted ids and all
         assert again.stats()["kind"] == "HNSW32" and again.stats()["count"] == 1198
+        assert again.stats()["pending_deletes"] == 2 and not again.building()
         assert [hits[0].id for hits in again.search(vectors[[i - 1 for i in kept]], k=1)] == kept
+
+
+def test_an_exact_index_opened_past_flat_max_is_rebuilt_in_the_background(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kinds, "FLAT_MAX", 500)
+    vectors = unit(800, dim=32)
+    with IndexStore(tmp_path / "ix", dim=32) as store:  # written by a version without background builds, say
+        store.add_many([(vectors, None, None)], rebuild=False)
+    with IndexStore(tmp_path / "ix", dim=32) as again:
+        again.wait_for_build(60)
+        assert again.stats()["kind"] == "HNSW32"
+        assert [hits[0].id for hits in again.search(vectors, k=1)] == list(range(1, 801))
 
 
 def test_a_background_build_is_dropped_when_another_process_wrote(tmp_path: Path,

@@ -242,6 +242,8 @@ class FaissCache:
             log.info("index %s: FAISS cache is stale (generation %s, SQLite %s); refilling",
                      self.folder, meta.get("generation"), self.db.generation())
             self.refill()
+        elif meta.get("tombstones"):  # deleted from a graph that cannot remove them: in the file, not in SQLite
+            self.tombstones = set(np.setdiff1d(faiss.vector_to_array(index.id_map), self.db.id_list()).tolist())
         with self.db.lock:
             if self.outgrown():  # grown by writes before the last close, or by an older version
                 self._build_in_background()
@@ -319,12 +321,12 @@ class FaissCache:
     def save(self) -> None:
         """Write faiss.index then faiss.json, each atomically (json last: it vouches for the index)."""
         with self.db.lock:
-            if self.index is None or self.tombstones:
-                return  # nothing current to save; a stale cache is rebuilt on the next open
+            if self.index is None:
+                return  # nothing current to save; a stale cache is refilled on the next open
             data = faiss.serialize_index(self.index).tobytes()
             atomic_write(self.folder / FAISS_FILE, lambda handle: handle.write(data))
             # The checksum lets the next open tell a damaged file (same size, other bytes) from a good one.
-            meta = {**self.meta, "sha256": hashlib.sha256(data).hexdigest()}
+            meta = {**self.meta, "tombstones": len(self.tombstones), "sha256": hashlib.sha256(data).hexdigest()}
             atomic_write_text(self.folder / FAISS_META, json.dumps(meta, indent=2))
 
 
