@@ -18,7 +18,7 @@ from PIL import Image
 
 from corinfomax.core.errors import BadInput, ImageError, ImageTooLarge, NotFound
 from corinfomax.core.thumbnails import MAX_BYTES, make_thumbnail
-from corinfomax.serving.index import kinds
+from corinfomax.serving.index import kinds, store_faiss
 from corinfomax.serving.index.backend import IndexMismatch, VectorIndex
 from corinfomax.serving.index.factory import open_index
 from corinfomax.serving.index.filters import parse_filter
@@ -337,6 +337,25 @@ def test_an_exact_index_opened_past_flat_max_is_rebuilt_in_the_background(tmp_pa
         again.wait_for_build(60)
         assert again.stats()["kind"] == "HNSW32"
         assert [hits[0].id for hits in again.search(vectors, k=1)] == list(range(1, 801))
+
+
+def test_an_hnsw_graph_a_fifth_deleted_is_rebuilt_without_them(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_faiss, "VACUUM_MIN", 100)
+    vectors = unit(2000, dim=32)
+    with IndexStore(tmp_path / "ix", dim=32) as store:
+        store.add(vectors)
+        store.rebuild(kind="HNSW32")
+        store.delete(list(range(1, 400)))  # 399 of 2,000: not yet a fifth
+        assert store.stats()["pending_deletes"] == 399 and not store.building()
+        store.delete([400, 401])  # now past it: rebuilt in the background, still as the kind asked for
+        store.delete([402])  # while it builds, or after: hidden either way
+        store.wait_for_build(60)
+        stats = store.stats()
+        assert stats["kind"] == "HNSW32" and stats["faiss_ntotal"] - stats["pending_deletes"] == 1598
+        assert stats["faiss_ntotal"] <= 1599  # the deleted items left the graph
+        kept = list(range(403, 2001))
+        assert [hits[0].id for hits in store.search(vectors[[i - 1 for i in kept]], k=1)] == kept
 
 
 def test_a_background_build_is_dropped_when_another_process_wrote(tmp_path: Path,
