@@ -43,7 +43,8 @@ COPY_BATCH = 65_536  # vectors added to a new index at a time from an in-memory 
 REPLAY_UNDER_LOCK = 64
 REPLAY_ROUNDS = 8
 # An HNSW graph keeps deleted items (skipped by searches: recall@10 held 0.97 with 80% deleted on 100k clustered
-# items); it is rebuilt without them once they are this share of it, so that churn does not grow it for ever.
+# items, in a one-off loop of deletes and searches); it is rebuilt without them once they are this share of it,
+# so that churn does not grow it for ever.
 VACUUM_SHARE = 0.2
 VACUUM_MIN = 1_000
 
@@ -124,8 +125,12 @@ class FaissCache:
         self.meta.update(generation=generation, count=int(self.index.ntotal))
         if self._replay is not None:
             self._replay.append(write)
-        elif self.outgrown() or self.overgrown_by_deletes():
+        elif self.needs_build():
             self._build_in_background()
+
+    def needs_build(self) -> bool:
+        """Whether a background build is due: the exact index outgrown, or an HNSW graph grown by deletes."""
+        return self.outgrown() or self.overgrown_by_deletes()
 
     def outgrown(self) -> bool:
         """Whether the index is exact past ``kinds.FLAT_MAX`` and has at least doubled since it was last built
@@ -261,7 +266,7 @@ class FaissCache:
         elif meta.get("tombstones"):  # deleted from a graph that cannot remove them: in the file, not in SQLite
             self.tombstones = set(np.setdiff1d(faiss.vector_to_array(index.id_map), self.db.id_list()).tolist())
         with self.db.lock:
-            if self.outgrown() or self.overgrown_by_deletes():  # as written before the last close
+            if self.needs_build():  # as written before the last close
                 self._build_in_background()
 
     def refill(self) -> None:

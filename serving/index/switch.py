@@ -96,8 +96,8 @@ def copy(collections: Collections, job: JobDoc, ids: list[int], decoded: Decoded
         target = state.store(job.generation)
         now, there = {row.id: row for row in state.live.stored(ids)}, target.existing(ids)
         keep = [i for i, row in enumerate(decoded.rows) if row.id in now and row.id not in there]
-        rows = [dataclasses.replace(decoded.rows[i], metadata=now[decoded.rows[i].id].metadata,
-                                    label=now[decoded.rows[i].id].label) for i in keep]
+        rows = [dataclasses.replace(row, metadata=now[row.id].metadata, label=now[row.id].label)
+                for row in (decoded.rows[i] for i in keep)]
         target.put_rows(rows, vectors[keep])
         return [i for i in decoded.missing if i in now]
 
