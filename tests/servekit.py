@@ -40,6 +40,7 @@ def post_retrying(http: httpx.Client, path: str, **kwargs: Any) -> httpx.Respons
         resp = http.post(path, **kwargs)
         if resp.status_code != 503:
             return resp
+        assert "retry-after" in resp.headers, f"a 503 without Retry-After: {resp.text}"
         time.sleep(float(resp.headers["retry-after"]))
     return resp
 

@@ -22,6 +22,7 @@ from corinfomax.serving.api.channel import ChannelDropped
 from corinfomax.serving.index.catalog import StaleRoute
 
 log = logging.getLogger("corinfomax.service")
+RETRY_AFTER_S = 1  # a failed index call is retried by the client after this many seconds
 
 
 class Unavailable(BadInput):
@@ -86,7 +87,9 @@ def http_errors(api: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
         try:
             return await api(*args, **kwargs)
         except BadInput as err:
-            return JSONResponse({"error": str(err)}, status_code=err.status)
+            # A 503 (index unreachable or failing) is worth retrying: say when, as the admission gate does.
+            headers = {"retry-after": str(RETRY_AFTER_S)} if err.status == 503 else None
+            return JSONResponse({"error": str(err)}, status_code=err.status, headers=headers)
         finally:
             metrics.handler_finished()
 
