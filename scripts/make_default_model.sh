@@ -4,7 +4,7 @@
 # idle priority by scripts/background_train.sh (one thread, resumable; ~200 s an epoch in bf16 on this CPU's
 # AMX, ~430 in float32), and its run folder reused:
 #   bash scripts/make_default_model.sh                                 # everything
-#   SKIP_TRAIN=1 RUN=runs/v4-cpu bash scripts/make_default_model.sh    # reuse a finished run folder (~7 min)
+#   SKIP_TRAIN=1 RUN=runs/v4-cpu bash scripts/make_default_model.sh    # reuse a finished run folder (~6 min)
 # From a GPU run (bench/gpu_run.py --stages run; its OUT/model parts copied here), int8 to stay under 16 MB:
 #   python bench/gpu_run.py --join OUT/model runs/gpu-r18
 #   SKIP_TRAIN=1 RUN=runs/gpu-r18 PRECISION=int8 NAME=corinfomax-cifar10-r18 bash scripts/make_default_model.sh
